@@ -1,0 +1,664 @@
+"""Hugging Face (torch) BERT/DistilBERT checkpoints <-> Flax ``models.MaskedLM``.
+
+Config mapping (``BertConfig``/``DistilBertConfig`` <-> ``ModelConfig``), tensor
+renaming (torch Linear ``weight [out, in]`` <-> Flax ``kernel [in, out]``),
+loading a checkpoint directory, DistilBERT student initialisation (HF
+``research_projects/distillation/scripts/extract_distilbert.py``) and an
+atomic, verified export loadable by ``transformers.AutoModelForMaskedLM``.
+Params are nested dicts of float32 arrays laid out as documented in
+``models.py``; state dicts are ``dict[str, np.ndarray]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxdistil import models
+from flaxdistil.models import ModelConfig
+
+_SUPPORTED = ('bert', 'distilbert')
+# Tensors present in common checkpoints that have no counterpart in our model:
+# BertModel pooler, BertForPreTraining next-sentence head, non-trainable buffers.
+_IGNORED_SUBSTRINGS = ('position_ids', 'embeddings.token_type_ids')
+_IGNORED_PREFIXES = ('pooler.', 'cls.seq_relationship.')
+
+
+# HF config field -> ModelConfig field. BertConfig uses our names.
+_BERT_FIELDS = {f: f for f in (
+    'vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+    'intermediate_size', 'max_position_embeddings', 'type_vocab_size',
+    'hidden_act', 'layer_norm_eps', 'hidden_dropout_prob',
+    'attention_probs_dropout_prob', 'pad_token_id')}
+_DISTILBERT_FIELDS = {
+    'vocab_size': 'vocab_size', 'dim': 'hidden_size',
+    'n_layers': 'num_hidden_layers', 'n_heads': 'num_attention_heads',
+    'hidden_dim': 'intermediate_size',
+    'max_position_embeddings': 'max_position_embeddings',
+    'activation': 'hidden_act', 'dropout': 'hidden_dropout_prob',
+    'attention_dropout': 'attention_probs_dropout_prob',
+    'pad_token_id': 'pad_token_id'}
+
+
+def config_from_hf(hf_config: Any, *, with_mlm_head: bool = True) -> ModelConfig:
+  """HF config (dict or ``PretrainedConfig``) -> ModelConfig.
+
+  'bert' uses BertConfig names; 'distilbert' maps dim/n_layers/n_heads/
+  hidden_dim/activation/dropout/attention_dropout (LayerNorm eps is hard-coded
+  1e-12 in HF DistilBERT, and there are no token types). Fields missing from
+  the dict take the HF defaults (= ModelConfig defaults).
+
+  Raises:
+    ValueError: model_type missing or not 'bert'/'distilbert' (names it), or a
+      BERT variant we do not implement (relative position embeddings).
+  """
+  c = dict(hf_config.to_dict() if hasattr(hf_config, 'to_dict') else hf_config)
+  model_type = c.get('model_type')
+  if model_type not in _SUPPORTED:
+    raise ValueError(
+        f'Unsupported model_type {model_type!r}: only BERT ("bert") and '
+        f'DistilBERT ("distilbert") checkpoints can be converted.')
+  pos_type = c.get('position_embedding_type') or 'absolute'
+  if pos_type != 'absolute':
+    raise ValueError(
+        f'BERT position_embedding_type {pos_type!r} is not supported; only '
+        f'"absolute" position embeddings are implemented.')
+  fields = _BERT_FIELDS if model_type == 'bert' else _DISTILBERT_FIELDS
+  defaults = ModelConfig()
+  kw = {}
+  for hf_name, name in fields.items():
+    value = c.get(hf_name)
+    if value is None:  # absent, or null pad_token_id
+      value = getattr(defaults, name)
+    kw[name] = type(getattr(defaults, name))(value)
+  if model_type == 'distilbert':
+    kw.update(num_hidden_layers=int(c.get('n_layers', 6)), type_vocab_size=0,
+              layer_norm_eps=1e-12)
+  return ModelConfig(model_type=model_type, with_mlm_head=with_mlm_head, **kw)
+
+
+def config_to_hf(config: ModelConfig):
+  """ModelConfig -> ``transformers.BertConfig`` / ``DistilBertConfig``.
+
+  ``architectures`` is ``[BertForMaskedLM]`` / ``[DistilBertForMaskedLM]`` (or
+  the base model without head), ``tie_word_embeddings=True``.
+
+  Raises:
+    ValueError: DistilBERT with layer_norm_eps != 1e-12 (HF hard-codes it).
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  if config.model_type == 'bert':
+    cls, fields, arch = transformers.BertConfig, _BERT_FIELDS, 'Bert'
+  else:
+    if config.layer_norm_eps != 1e-12:
+      raise ValueError(
+          f'DistilBERT in transformers hard-codes layer_norm_eps=1e-12; a model '
+          f'with layer_norm_eps={config.layer_norm_eps} cannot be exported as '
+          f"DistilBERT. Export it as model_type 'bert' or use 1e-12.")
+    cls, fields, arch = transformers.DistilBertConfig, _DISTILBERT_FIELDS, 'DistilBert'
+  kw = {hf_name: getattr(config, name) for hf_name, name in fields.items()}
+  if config.model_type == 'distilbert':
+    kw['sinusoidal_pos_embds'] = False
+  arch += 'ForMaskedLM' if config.with_mlm_head else 'Model'
+  return cls(**kw, tie_word_embeddings=True, architectures=[arch])
+
+
+def _prefix(config: ModelConfig) -> str:
+  return 'bert.' if config.model_type == 'bert' else 'distilbert.'
+
+
+# (flax sub-path, BERT name, DistilBERT name, kind); kind picks the tensors.
+_EMB_MAP = [
+    (('word_embeddings',), 'word_embeddings', 'word_embeddings', 'emb'),
+    (('position_embeddings',), 'position_embeddings', 'position_embeddings', 'emb'),
+    (('token_type_embeddings',), 'token_type_embeddings', None, 'emb'),
+    (('LayerNorm',), 'LayerNorm', 'LayerNorm', 'ln')]
+_LAYER_MAP = [
+    (('attention', 'query'), 'attention.self.query', 'attention.q_lin', 'lin'),
+    (('attention', 'key'), 'attention.self.key', 'attention.k_lin', 'lin'),
+    (('attention', 'value'), 'attention.self.value', 'attention.v_lin', 'lin'),
+    (('attention', 'output'), 'attention.output.dense', 'attention.out_lin', 'lin'),
+    (('attention_layer_norm',), 'attention.output.LayerNorm', 'sa_layer_norm', 'ln'),
+    (('intermediate',), 'intermediate.dense', 'ffn.lin1', 'lin'),
+    (('output',), 'output.dense', 'ffn.lin2', 'lin'),
+    (('output_layer_norm',), 'output.LayerNorm', 'output_layer_norm', 'ln')]
+_HEAD_MAP = [
+    (('transform',), 'cls.predictions.transform.dense', 'vocab_transform', 'lin'),
+    (('transform_layer_norm',), 'cls.predictions.transform.LayerNorm',
+     'vocab_layer_norm', 'ln'),
+    (('bias',), 'cls.predictions.bias', 'vocab_projector.bias', 'raw')]
+# kind -> (HF suffix, Flax leaf, transpose): torch Linear weight is [out, in].
+_TENSORS = {'lin': (('.weight', 'kernel', True), ('.bias', 'bias', False)),
+            'ln': (('.weight', 'scale', False), ('.bias', 'bias', False)),
+            'emb': (('.weight', 'embedding', False),),
+            'raw': (('', None, False),)}
+
+
+def _name_map(config: ModelConfig):
+  """List of (hf_name, flax_path, transpose, is_head); hf_name as saved by
+  ``*ForMaskedLM.save_pretrained`` (encoder prefixed, tied decoder omitted)."""
+  bert, p, out = config.model_type == 'bert', _prefix(config), []
+
+  def add(hf, path, kind, is_head):
+    for suffix, leaf, transpose in _TENSORS[kind]:
+      out.append((hf + suffix, path + ((leaf,) if leaf else ()), transpose,
+                  is_head))
+  for sub, hf_bert, hf_distil, kind in _EMB_MAP:
+    if bert or hf_distil:
+      add(f'{p}embeddings.{hf_bert if bert else hf_distil}',
+          ('embeddings',) + sub, kind, False)
+  for i in range(config.num_hidden_layers):
+    for sub, hf_bert, hf_distil, kind in _LAYER_MAP:
+      hf = (f'encoder.layer.{i}.{hf_bert}' if bert
+            else f'transformer.layer.{i}.{hf_distil}')
+      add(p + hf, ('encoder', f'layer_{i}') + sub, kind, False)
+  for sub, hf_bert, hf_distil, kind in _HEAD_MAP:
+    add(hf_bert if bert else hf_distil, ('mlm_head',) + sub, kind, True)
+  return out
+
+
+# Tied decoder weight and decoder-bias alias found in older checkpoints.
+_DECODER = {
+    'bert': ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias'),
+    'distilbert': ('vocab_projector.weight', None)}
+
+
+def _is_head_name(name: str) -> bool:
+  return name.startswith(('cls.predictions.', 'vocab_transform.',
+                          'vocab_layer_norm.', 'vocab_projector.'))
+
+
+def _to_numpy(x) -> np.ndarray:
+  if hasattr(x, 'detach'):  # torch tensor, possibly bf16 (no numpy bf16)
+    import torch  # pylint: disable=g-import-not-at-top
+    x = x.detach().cpu()
+    if x.is_floating_point():
+      x = x.to(torch.float32)
+    return x.numpy()
+  return np.asarray(x)
+
+
+def _normalise_names(state_dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """Adds the encoder prefix to unprefixed (BertModel) names, renames legacy
+  LayerNorm gamma/beta, drops ignored tensors."""
+  p = _prefix(config)
+  out = {}
+  for name, value in state_dict.items():
+    if name.endswith('.gamma'):
+      name = name[:-len('.gamma')] + '.weight'
+    elif name.endswith('.beta'):
+      name = name[:-len('.beta')] + '.bias'
+    bare = name[len(p):] if name.startswith(p) else name
+    if (bare.startswith(_IGNORED_PREFIXES)
+        or any(s in bare for s in _IGNORED_SUBSTRINGS)):
+      continue
+    if not name.startswith(p) and not _is_head_name(name):
+      name = p + name
+    out[name] = value
+  return out
+
+
+def _fmt_names(names, limit=25) -> str:
+  names = sorted(names)
+  s = ', '.join(names[:limit])
+  return s + (f', ... ({len(names) - limit} more)' if len(names) > limit else '')
+
+
+def params_from_hf_state_dict(state_dict, config: ModelConfig):
+  """HF torch state dict -> Flax params (nested dict of float32 np.ndarray).
+
+  Accepts ``bert.``/``distilbert.``-prefixed names (``*ForMaskedLM``) and
+  unprefixed names (``BertModel``/``DistilBertModel``, e.g. MiniLM), legacy
+  ``LayerNorm.gamma/beta``, and torch tensors or numpy arrays. Pooler,
+  next-sentence head and ``position_ids``/``token_type_ids`` buffers are
+  ignored. A tied decoder weight (``cls.predictions.decoder.weight`` /
+  ``vocab_projector.weight``) is accepted if it equals the word embeddings. With
+  ``config.with_mlm_head=False`` head tensors are ignored.
+
+  Raises:
+    ValueError: missing or unexpected tensors (lists their names), shape
+      mismatches (lists them), or an untied decoder (not representable).
+  """
+  sd = _normalise_names(state_dict, config)
+  dec_w, dec_b = _DECODER[config.model_type]
+  word = _prefix(config) + 'embeddings.word_embeddings.weight'
+  if not config.with_mlm_head:
+    sd = {k: v for k, v in sd.items() if not _is_head_name(k)}
+  if dec_w in sd:
+    w = sd.pop(dec_w)
+    if word in sd and not np.array_equal(_to_numpy(w), _to_numpy(sd[word])):
+      raise ValueError(
+          f'{dec_w} differs from {word}: the checkpoint has an untied MLM '
+          f'decoder, which this model (tied decoder) cannot represent.')
+  if dec_b in sd:
+    b = sd.pop(dec_b)
+    if 'cls.predictions.bias' not in sd:
+      sd['cls.predictions.bias'] = b
+    elif not np.array_equal(_to_numpy(b), _to_numpy(sd['cls.predictions.bias'])):
+      raise ValueError(f'{dec_b} differs from cls.predictions.bias; they must '
+                       f'be the same (tied) tensor.')
+
+  entries = [e for e in _name_map(config) if config.with_mlm_head or not e[3]]
+  expected = {e[0] for e in entries}
+  missing = expected - set(sd)
+  unexpected = set(sd) - expected
+  if missing or unexpected:
+    msg = [f'Checkpoint does not match a {config.model_type} model with '
+           f'{config.num_hidden_layers} layers '
+           f'(with_mlm_head={config.with_mlm_head}).']
+    if missing:
+      msg.append(f'Missing tensors ({len(missing)}): {_fmt_names(missing)}.')
+    if unexpected:
+      msg.append(f'Unexpected tensors ({len(unexpected)}): '
+                 f'{_fmt_names(unexpected)}.')
+    msg.append('Check that config.json matches the weights file '
+               '(model_type, num_hidden_layers).')
+    raise ValueError(' '.join(msg))
+
+  params, bad_shapes = {}, []
+  abstract = models.unbox(models.abstract_params(config))
+  for hf_name, path, transpose, _ in entries:
+    x = _to_numpy(sd[hf_name]).astype(np.float32)
+    x = x.T if transpose else x
+    want = _get(abstract, path).shape
+    if x.shape != tuple(want):
+      bad_shapes.append(f'{hf_name}: {x.shape} (expected {tuple(want)})')
+      continue
+    _set(params, path, np.ascontiguousarray(x))
+  if bad_shapes:
+    raise ValueError('Tensor shapes do not match the config (shapes in Flax '
+                     'layout): ' + '; '.join(bad_shapes))
+  return params
+
+
+def params_to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
+  """Flax params -> state dict named like ``BertForMaskedLM`` /
+  ``DistilBertForMaskedLM.save_pretrained`` (float32, contiguous; the tied
+  decoder weight is omitted as transformers does). Without an MLM head only the
+  prefixed encoder tensors are returned.
+
+  Raises:
+    ValueError: a parameter the config requires is missing from ``params``.
+  """
+  params = models.unbox(params)
+  out = {}
+  for hf_name, path, transpose, is_head in _name_map(config):
+    if is_head and not config.with_mlm_head:
+      continue
+    try:
+      x = np.asarray(_get(params, path), dtype=np.float32)
+    except KeyError as e:
+      raise ValueError(f'params has no {"/".join(path)} (needed for '
+                       f'{hf_name}); params do not match the config.') from e
+    out[hf_name] = np.ascontiguousarray(x.T if transpose else x)
+  return out
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _looks_like_local_path(s: str) -> bool:
+  return (os.path.isabs(s) or s.startswith(('.', '~')) or s.count('/') > 1
+          or os.sep != '/' and os.sep in s)
+
+
+def _resolve_model_dir(path_or_name: str) -> str:
+  path = os.path.expanduser(path_or_name)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise ValueError(f'{path_or_name!r} is a file; pass the directory that '
+                     f'contains config.json and model.safetensors.')
+  if _looks_like_local_path(path_or_name):
+    raise FileNotFoundError(
+        f'Model directory {path_or_name!r} does not exist. Pass a directory '
+        f'with config.json and model.safetensors (or pytorch_model.bin), or a '
+        f'Hugging Face Hub name like "bert-base-uncased".')
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    return huggingface_hub.snapshot_download(
+        path_or_name,
+        allow_patterns=['config.json', '*.safetensors', '*.safetensors.index.json',
+                        'pytorch_model.bin', 'pytorch_model.bin.index.json'])
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f'{path_or_name!r} is not a local directory and could not be fetched '
+        f'from the Hugging Face Hub ({type(e).__name__}: {e}). Pass an existing '
+        f'local model directory, or check the name and network access.') from e
+
+
+def _read_config(model_dir: str) -> dict:
+  path = os.path.join(model_dir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'No config.json in {model_dir!r}; it is needed to know the '
+        f'architecture. Save the model with save_pretrained().')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); re-create it with '
+                     f'save_pretrained().') from e
+
+
+def _load_weights_file(path: str) -> dict:
+  try:
+    if path.endswith('.safetensors'):
+      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+      with safe_open(path, framework='pt') as f:
+        return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
+    import torch  # pylint: disable=g-import-not-at-top
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    return {k: _to_numpy(v) for k, v in sd.items()}
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f'Could not read weights file {path} ({type(e).__name__}: {e}). The '
+        f'file is corrupt or truncated; re-download or re-export it.') from e
+
+
+def _read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
+  for single, index in (('model.safetensors', 'model.safetensors.index.json'),
+                        ('pytorch_model.bin', 'pytorch_model.bin.index.json')):
+    if os.path.isfile(os.path.join(model_dir, single)):
+      return _load_weights_file(os.path.join(model_dir, single))
+    index_path = os.path.join(model_dir, index)
+    if os.path.isfile(index_path):
+      try:
+        with open(index_path, encoding='utf-8') as f:
+          shards = sorted(set(json.load(f)['weight_map'].values()))
+      except (ValueError, KeyError) as e:
+        raise ValueError(f'{index_path} is not a valid shard index ({e}).') from e
+      sd = {}
+      for shard in shards:
+        sd.update(_load_weights_file(os.path.join(model_dir, shard)))
+      return sd
+  raise FileNotFoundError(
+      f'No weights in {model_dir!r}: expected model.safetensors (or a '
+      f'model.safetensors.index.json, or pytorch_model.bin). Found: '
+      f'{sorted(os.listdir(model_dir))}.')
+
+
+def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None):
+  """Loads a HF BERT/DistilBERT checkpoint -> (ModelConfig, float32 params).
+
+  Args:
+    path_or_name: local directory with config.json and model.safetensors /
+      sharded safetensors / pytorch_model.bin; only if no such directory exists
+      and the string does not look like a path, a Hub repo id (downloaded with
+      ``huggingface_hub.snapshot_download``).
+    with_mlm_head: None = auto (True if the checkpoint contains an MLM head);
+      False drops any head; True requires one.
+
+  Raises:
+    FileNotFoundError: directory, config.json or weights file missing, or Hub
+      download failed.
+    ValueError: config not BERT/DistilBERT, corrupt weights file, head requested
+      but absent, or tensors not matching the config.
+  """
+  model_dir = _resolve_model_dir(path_or_name)
+  hf_config = _read_config(model_dir)
+  model_type = hf_config.get('model_type')
+  if model_type not in _SUPPORTED:
+    raise ValueError(
+        f'{model_dir}: config.json has model_type {model_type!r}; only BERT '
+        f'("bert") and DistilBERT ("distilbert") checkpoints are supported.')
+  state_dict = _read_state_dict(model_dir)
+  has_head = any(_is_head_name(k) for k in state_dict)
+  if with_mlm_head is None:
+    with_mlm_head = has_head
+  elif with_mlm_head and not has_head:
+    raise ValueError(
+        f'{model_dir} has no MLM head (architectures='
+        f'{hf_config.get("architectures")}); load it with with_mlm_head=False '
+        f'or use a *ForMaskedLM checkpoint.')
+  config = config_from_hf(hf_config, with_mlm_head=with_mlm_head)
+  return config, params_from_hf_state_dict(state_dict, config)
+
+
+def select_teacher_layers(num_teacher_layers: int,
+                          num_student_layers: int) -> list[int]:
+  """Teacher layer indices copied into the student, evenly spread.
+
+  ``round(linspace(0, Lt - 1, Ls))`` (numpy round-half-to-even); keeps the first
+  and last layer. 12 -> 6 gives [0, 2, 4, 7, 9, 11], the layers HF
+  ``extract_distilbert.py`` uses for distilbert-base-uncased.
+
+  Raises:
+    ValueError: num_student_layers < 1 or > num_teacher_layers.
+  """
+  if not 1 <= num_student_layers <= num_teacher_layers:
+    raise ValueError(
+        f'Cannot pick {num_student_layers} student layers from '
+        f'{num_teacher_layers} teacher layers; need 1 <= student <= teacher.')
+  idx = np.round(np.linspace(0, num_teacher_layers - 1, num_student_layers))
+  layers = [int(i) for i in idx]
+  assert len(set(layers)) == len(layers), layers
+  return layers
+
+
+def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
+                              student_config: ModelConfig, layers=None):
+  """DistilBERT-style student initialisation from teacher weights.
+
+  Copies word + position embeddings and the embedding LayerNorm (token-type
+  embeddings only if the student is also 'bert'; HF extract_distilbert drops
+  them), teacher layers ``layers`` (default ``select_teacher_layers``) into
+  student layers 0..Ls-1, and the MLM head if the student has one. If the
+  student has fewer positions, the first rows of the position table are kept.
+
+  Returns:
+    Student params (nested dict of float32 numpy arrays, copies), same
+    structure as ``models.init_params(student_config, ...)``.
+
+  Raises:
+    ValueError: width mismatch (hidden_size / num_attention_heads /
+      intermediate_size / vocab_size) with a hint to use random init, bad
+      ``layers``, or a student head without a teacher head.
+  """
+  t, s = teacher_config, student_config
+  # Only shapes must agree; activation / dropout / dtype are the student's own.
+  for field in ('hidden_size', 'num_attention_heads', 'intermediate_size',
+                'vocab_size'):
+    if getattr(t, field) != getattr(s, field):
+      raise ValueError(
+          f'Cannot initialise the student from the teacher: {field} differs '
+          f'(teacher {getattr(t, field)}, student {getattr(s, field)}). Use '
+          f"random init (student.init='random') or a student with the "
+          f"teacher's width.")
+  if s.max_position_embeddings > t.max_position_embeddings:
+    raise ValueError(
+        f'Student max_position_embeddings {s.max_position_embeddings} > teacher '
+        f'{t.max_position_embeddings}; the extra positions cannot be copied.')
+  if layers is None:
+    layers = select_teacher_layers(t.num_hidden_layers, s.num_hidden_layers)
+  layers = [int(i) for i in layers]
+  if (len(layers) != s.num_hidden_layers
+      or any(not 0 <= i < t.num_hidden_layers for i in layers)):
+    raise ValueError(
+        f'layers={layers} must list {s.num_hidden_layers} teacher layer '
+        f'indices in [0, {t.num_hidden_layers}).')
+  if s.with_mlm_head and 'mlm_head' not in teacher_params:
+    raise ValueError('The student has an MLM head but the teacher params have '
+                     'none; load the teacher with its MLM head.')
+  tp = models.unbox(teacher_params)
+  # Host numpy copies (like load_hf_model): the caller places/shards them.
+  copy = lambda tree: jax.tree_util.tree_map(
+      lambda x: np.array(x, dtype=np.float32), tree)
+  emb = tp['embeddings']
+  student_emb = {
+      'word_embeddings': copy(emb['word_embeddings']),
+      'position_embeddings': {'embedding': np.array(
+          emb['position_embeddings']['embedding'][:s.max_position_embeddings],
+          dtype=np.float32)},
+      'LayerNorm': copy(emb['LayerNorm']),
+  }
+  if s.has_token_types:
+    if not t.has_token_types or t.type_vocab_size != s.type_vocab_size:
+      raise ValueError("A 'bert' student needs the teacher's token-type "
+                       "embeddings (same type_vocab_size); use 'distilbert'.")
+    student_emb['token_type_embeddings'] = copy(emb['token_type_embeddings'])
+  out = {
+      'embeddings': student_emb,
+      'encoder': {f'layer_{j}': copy(tp['encoder'][f'layer_{i}'])
+                  for j, i in enumerate(layers)},
+  }
+  if s.with_mlm_head:
+    out['mlm_head'] = copy(tp['mlm_head'])
+  return out
+
+
+_TORCH_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _verify_export(model_dir: str, params, config: ModelConfig, dtype: str,
+                   atol: float) -> float:
+  """Loads ``model_dir`` with transformers and compares logits to Flax."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+      model_dir, output_loading_info=True, dtype=torch.float32)
+  problems = {k: sorted(v) for k, v in info.items() if v}
+  if problems:
+    raise ValueError(f'Export verification failed: transformers reported '
+                     f'loading problems {problems}.')
+  want_cls = ('BertForMaskedLM' if config.model_type == 'bert'
+              else 'DistilBertForMaskedLM')
+  if type(model).__name__ != want_cls:
+    raise ValueError(f'Export verification failed: loaded as '
+                     f'{type(model).__name__}, expected {want_cls}.')
+  model.eval()
+  # Fixed batch [2, T]: odd T, second row padded after (T + 1) // 2 tokens.
+  t = min(13, config.max_position_embeddings)
+  ids = np.random.default_rng(1234).integers(0, config.vocab_size, (2, t))
+  mask = np.ones((2, t), np.int32)
+  mask[1, (t + 1) // 2:] = 0
+  ids = np.where(mask == 1, ids, config.pad_token_id).astype(np.int32)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+  # Compare against the weights as actually stored (rounded to `dtype`).
+  stored = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(x, jnp.float32).astype(dtype).astype(jnp.float32),
+      models.unbox(params))
+  flax_cfg = dataclasses.replace(config, dtype=jnp.float32, remat=False)
+  ours = models.MaskedLM(flax_cfg).apply({'params': stored}, ids, mask).logits
+  max_diff = float(np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max())
+  if not np.isfinite(max_diff) or max_diff > atol:
+    raise ValueError(
+        f'Export verification failed: max |logits(torch) - logits(flax)| = '
+        f'{max_diff:.3g} > atol {atol:g}. Nothing was written.')
+  return max_diff
+
+
+def export_hf(params, config: ModelConfig, out_dir: str, *,
+              tokenizer_path: str | None = None, model_card: str | None = None,
+              dtype: str = 'float32', verify: bool = True, atol: float = 1e-4,
+              overwrite: bool = False) -> dict:
+  """Writes a transformers ``*ForMaskedLM`` directory atomically.
+
+  Writes config.json, model.safetensors (tensors in ``dtype``), tokenizer files
+  (``AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained``) and
+  README.md (``model_card`` text, skipped if None) into a temporary directory
+  beside ``out_dir``. If ``verify``, loads it with
+  ``AutoModelForMaskedLM.from_pretrained(output_loading_info=True)`` (no
+  missing/unexpected/mismatched keys allowed) and compares float32 logits on a
+  fixed padded batch with the Flax model (max abs diff over real tokens <=
+  ``atol``). Only then is the directory renamed to ``out_dir``; on any failure
+  the temporary directory is deleted and nothing is left behind.
+
+  Params must be host-local / fully addressable (gather sharded params first).
+
+  Returns:
+    {'path': absolute out_dir, 'max_abs_diff': float or None if not verified}.
+
+  Raises:
+    FileExistsError: out_dir exists and overwrite=False.
+    ValueError: no MLM head, unknown dtype, tokenizer larger than vocab_size,
+      or verification failure.
+    FileNotFoundError / ValueError: tokenizer_path cannot be loaded.
+  """
+  if not config.with_mlm_head:
+    raise ValueError('export_hf needs a model with an MLM head '
+                     '(config.with_mlm_head=True).')
+  if dtype not in _TORCH_DTYPES:
+    raise ValueError(f'dtype must be one of {_TORCH_DTYPES}, got {dtype!r}.')
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  if os.path.exists(out_dir) and (not overwrite or not os.path.isdir(out_dir)):
+    raise FileExistsError(f'{out_dir} already exists; pass overwrite=True (only '
+                          f'for a directory) or choose another directory.')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    hf_config = config_to_hf(config)
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(tmp)
+    tdtype = getattr(torch, dtype)
+    tensors = {k: torch.from_numpy(v).to(tdtype).contiguous()
+               for k, v in params_to_hf_state_dict(params, config).items()}
+    save_file(tensors, os.path.join(tmp, 'model.safetensors'),
+              metadata={'format': 'pt'})
+    if tokenizer_path is not None:
+      _save_tokenizer(tokenizer_path, tmp, config)
+    if model_card is not None:
+      with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
+        f.write(model_card)
+    max_diff = _verify_export(tmp, params, config, dtype, atol) if verify else None
+    _move_into_place(tmp, out_dir, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {'path': out_dir, 'max_abs_diff': max_diff}
+
+
+def _save_tokenizer(tokenizer_path: str, target: str, config: ModelConfig):
+  import transformers  # pylint: disable=g-import-not-at-top
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'Could not load tokenizer from {tokenizer_path!r} '
+                     f'({type(e).__name__}: {e}); pass a directory with '
+                     f'tokenizer files (vocab.txt / tokenizer.json).') from e
+  if len(tok) > config.vocab_size:
+    raise ValueError(
+        f'Tokenizer {tokenizer_path!r} has {len(tok)} tokens but the model '
+        f'vocab_size is {config.vocab_size}; use the tokenizer the model was '
+        f'trained with.')
+  tok.save_pretrained(target)
+
+
+def _move_into_place(tmp: str, out_dir: str, overwrite: bool):
+  """Renames tmp -> out_dir; an existing out_dir is swapped out, not merged."""
+  if not os.path.exists(out_dir):
+    os.rename(tmp, out_dir)
+    return
+  if not overwrite:
+    raise FileExistsError(f'{out_dir} appeared during export; not replacing it.')
+  backup = tmp + '.old'  # unique: tmp came from mkdtemp
+  os.rename(out_dir, backup)
+  try:
+    os.rename(tmp, out_dir)
+  except BaseException:
+    os.rename(backup, out_dir)
+    raise
+  shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,600 @@
+"""Input pipeline for MLM distillation: tokenize, pack, cache, mask and batch (pure numpy).
+
+Flow: `load_tokenizer` -> `load_packed_dataset` (documents -> packed `[N, T]` int32 windows, cached as
+.npy) -> `BatchIterator` (shuffled global batches, BERT masking, host slicing, prefetch thread) and
+`eval_batches` (fixed masked batches). `streaming_batches` packs on the fly for corpora that do not fit
+in memory. Nothing here imports jax: the train loop puts the numpy batches on devices.
+
+Behaviour matched (HF / Google code):
+- packing: HF examples/pytorch/language-modeling/run_mlm.py `group_texts` (concatenate, cut blocks),
+  but each block is `[CLS] w [SEP]`, documents are separated by `[SEP]`, the last block is padded.
+- masking: Google BERT `create_pretraining_data.py` / HF `DataCollatorForLanguageModeling`
+  (15% of real tokens, of those 80% [MASK], 10% random token, 10% unchanged, labels -100 elsewhere).
+- `token_probs` / `mlm_smoothing`: HF `examples/research_projects/distillation/distiller.py`
+  `prepare_batch_mlm` (sample a fixed number of positions without replacement, weight
+  count**-smoothing, as computed in its `train.py`).
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100   # label value for positions without an MLM target (torch CrossEntropy default)
+_CACHE_VERSION = 1    # bump when the packing layout changes so old .npy caches are not reused
+_BUILDERS = {'.txt': 'text', '.text': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
+_TOKENIZE_BATCH = 1000  # documents per encode_batch call: large enough for Rust threads to share work
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+def load_tokenizer(path_or_name: str):
+  """Loads a fast (Rust `tokenizers`-backed) tokenizer with [CLS]/[SEP]/[PAD]/[MASK] defined.
+
+  Accepts a local directory (tokenizer.json and/or vocab.txt, e.g. a bare BERT tokenizer dir with no
+  `tokenizer_class`, which transformers v5's AutoTokenizer loads without special tokens, so BERT
+  WordPiece is assumed there) or a hub name. Returns a `transformers.PreTrainedTokenizerFast`.
+  Raises FileNotFoundError for a missing local path, ValueError when the tokenizer is not fast or
+  lacks one of the special tokens.
+  """
+  import transformers  # lazy: the .npy cache-hit path of training never needs it
+  looks_local = path_or_name.startswith(('/', './', '../', '~')) or os.path.exists(path_or_name)
+  path = os.path.expanduser(path_or_name)
+  if looks_local and not os.path.isdir(path):
+    what = 'is a file, not a directory' if os.path.exists(path) else 'does not exist'
+    raise FileNotFoundError(f'Tokenizer path {path_or_name!r} {what}; pass the directory that holds '
+                            'tokenizer.json or vocab.txt (e.g. the teacher model directory).')
+  required = ('cls_token', 'sep_token', 'pad_token', 'mask_token')
+  missing = lambda t: [n for n in required if getattr(t, n + '_id', None) is None]
+  tok, error = None, None
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+  except Exception as e:  # noqa: BLE001 - re-raised below with a fix if no fallback works
+    error = e
+  if os.path.isdir(path) and (tok is None or missing(tok)) and any(
+      os.path.exists(os.path.join(path, f)) for f in ('vocab.txt', 'tokenizer.json')):
+    try:
+      tok = transformers.BertTokenizerFast.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+      error = e
+  if tok is None:
+    raise ValueError(f'Could not load a tokenizer from {path_or_name!r} ({error}); pass a local '
+                     'directory with tokenizer.json or vocab.txt, or a hub name when online.')
+  if not getattr(tok, 'is_fast', False):
+    raise ValueError(f'Tokenizer {path_or_name!r} is a slow (pure Python) tokenizer; packing needs a '
+                     'fast one: provide tokenizer.json (save it with a fast tokenizer).')
+  if missing(tok):
+    raise ValueError(f'Tokenizer {path_or_name!r} lacks {missing(tok)}; MLM packing needs [CLS], '
+                     '[SEP], [PAD] and [MASK]: add them to tokenizer_config.json.')
+  return tok
+
+
+# ----------------------------------------------------------------------------------------- packing
+def _builder_for(path: str) -> str:
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in _BUILDERS:
+    raise ValueError(f'Unsupported data file extension {ext!r} for {path}; use one of '
+                     f'{sorted(_BUILDERS)} (text: one paragraph per line, blank line between documents; '
+                     'json/parquet: a "text" column).')
+  return _BUILDERS[ext]
+
+
+def _check_files(files: Sequence[str]) -> list[str]:
+  if isinstance(files, (str, os.PathLike)):
+    files = [files]
+  files = [os.fspath(f) for f in files]
+  if not files:
+    raise ValueError('No data files given; pass at least one .txt/.json/.jsonl/.parquet file.')
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise FileNotFoundError(f'Data file(s) not found: {missing}; fix the paths (relative paths are '
+                            f'resolved against {os.getcwd()}).')
+  list(map(_builder_for, files))  # unsupported extensions fail before any work
+  return files
+
+
+def _check_utf8(path: str, chunk: int = 16 << 20) -> None:
+  """Raises ValueError naming `path` and the byte offset if it is not valid UTF-8 (~1 s per GB)."""
+  decoder, offset = codecs.getincrementaldecoder('utf-8')(), 0
+  with open(path, 'rb') as f:
+    while True:
+      data = f.read(chunk)
+      try:
+        decoder.decode(data, final=not data)
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{path} is not valid UTF-8 (byte {e.object[e.start]:#04x} near offset '
+                         f'{offset + e.start}); re-encode it as UTF-8, e.g. '
+                         f'`iconv -f latin1 -t utf-8 {path} > fixed.txt`.') from None
+      if not data:
+        return
+      offset += len(data)
+
+
+def _load_documents(path: str, hf_cache_dir: str, streaming: bool = False):
+  """One `datasets` dataset of documents (column 'text') for one file."""
+  import datasets  # lazy import: ~1 s, only needed on a cache miss
+  datasets.disable_progress_bars()
+  builder = _builder_for(path)
+  kwargs = {'sample_by': 'paragraph'} if builder == 'text' else {}  # paragraph = blank-line block
+  try:
+    ds = datasets.load_dataset(builder, data_files=[path], split='train', cache_dir=hf_cache_dir,
+                               streaming=streaming, **kwargs)
+  except Exception as e:  # datasets wraps reader errors in DatasetGenerationError
+    cause = e
+    while cause is not None and not isinstance(cause, UnicodeDecodeError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+      raise ValueError(f'{path} is not valid UTF-8 ({cause}); re-encode it as UTF-8.') from e
+    raise
+  names = ds.column_names
+  if names is not None and 'text' not in names:
+    raise ValueError(f'{path} has no "text" column (columns: {names}); rename the document column '
+                     'to "text".')
+  return ds
+
+
+def _backend(tokenizer):
+  """A copy of the Rust tokenizer with truncation/padding off so no document is cut."""
+  from tokenizers import Tokenizer
+  backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+  backend.no_truncation()
+  backend.no_padding()
+  return backend
+
+
+def _tokenize_documents(texts: list[str], backend) -> list[np.ndarray]:
+  """Batched Rust tokenization (parallel over documents), no special tokens; int32 id arrays."""
+  encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+  return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+
+def _wrap_windows(flat: np.ndarray, max_seq_length: int, cls_id: int, sep_id: int,
+                  pad_id: int) -> np.ndarray:
+  """flat [n] ids -> [ceil(n/(T-2)), T] int32 rows `[CLS] w [SEP]`; last `[CLS] w [SEP] PAD..`."""
+  width = max_seq_length - 2
+  n = len(flat)
+  rows = -(-n // width)
+  body = np.full((rows * width,), pad_id, np.int32)
+  body[:n] = flat
+  out = np.empty((rows, max_seq_length), np.int32)
+  out[:, 0] = cls_id
+  out[:, 1:-1] = body.reshape(rows, width)
+  out[:, -1] = sep_id
+  rest = n - (rows - 1) * width
+  if rows and rest < width:  # last partial window: [SEP] right after its tokens, then padding
+    out[-1, 1 + rest] = sep_id
+    out[-1, 2 + rest:] = pad_id
+  return out
+
+
+def _concat_documents(docs: Iterable[np.ndarray], sep_id: int) -> np.ndarray:
+  """Documents joined with one [SEP] after each non-empty document."""
+  sep = np.array([sep_id], np.int32)
+  parts = []
+  for d in docs:
+    if len(d):
+      parts += [d, sep]
+  return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+
+def _cache_path(cache_dir: str, files: list[str], tokenizer, max_seq_length: int,
+                max_documents: int | None) -> str:
+  stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+  # The serialized backend covers vocab, normalizer (lowercasing) and special tokens.
+  tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+  key = json.dumps([_CACHE_VERSION, stats, tok_hash, max_seq_length, max_documents])
+  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+  return os.path.join(cache_dir, f'packed_T{max_seq_length}_{digest}.npy')
+
+
+def load_packed_dataset(files: list[str], tokenizer, max_seq_length: int, *,
+                        cache_dir: str | None, max_documents: int | None = None) -> np.ndarray:
+  """Tokenizes and packs documents into fixed windows; returns `packed: [N, max_seq_length] int32`.
+
+  Documents: text files via `datasets` 'text' with `sample_by='paragraph'` (a document = a blank-line
+  separated block, its lines joined by newlines, which the tokenizer treats as spaces);
+  .json/.jsonl/.parquet use their 'text' column (one row = one document). All documents (the first
+  `max_documents` of them, in file order, if given) are tokenized without special tokens, concatenated
+  with one [SEP] after each document except the last, and cut into windows of `max_seq_length - 2`
+  tokens, each stored as `[CLS] w [SEP]`; the last partial window is `[CLS] w [SEP]` followed by
+  `pad_token_id`. So long lines are split across rows, no token is dropped, and only the last row
+  has padding (same block scheme as HF run_mlm.py `group_texts`, which however drops the remainder).
+
+  The result is cached as `<cache_dir>/packed_T{T}_{hash}.npy`, keyed by (absolute file paths, sizes,
+  mtimes, serialized tokenizer, max_seq_length, max_documents); writes are atomic (tmp + os.replace)
+  so concurrent jobs never read half files. `datasets`' own Arrow cache goes to
+  `<cache_dir>/hf_datasets` (a temporary dir deleted afterwards when `cache_dir` is None).
+
+  Raises FileNotFoundError (missing files, listed), ValueError (max_seq_length < 8, unsupported
+  extension, non-UTF-8 file, missing 'text' column, no tokens at all).
+  """
+  if max_seq_length < 8:
+    raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8 (typically 128 or 512).')
+  files = _check_files(files)
+  cache_path = None
+  if cache_dir is not None:
+    cache_path = _cache_path(cache_dir, files, tokenizer, max_seq_length, max_documents)
+    if os.path.exists(cache_path):
+      packed = np.load(cache_path)
+      log.info('Loaded %d packed sequences from cache %s', len(packed), cache_path)
+      return packed
+  for f in files:
+    if _builder_for(f) in ('text', 'json'):
+      _check_utf8(f)
+  start = time.time()
+  backend = _backend(tokenizer)
+  docs: list[np.ndarray] = []
+  num_docs = 0
+  with contextlib.ExitStack() as stack:
+    if cache_dir is None:
+      hf_cache = stack.enter_context(tempfile.TemporaryDirectory(prefix='flaxdistil_hf_'))
+    else:
+      hf_cache = os.path.join(cache_dir, 'hf_datasets')
+    for f in files:
+      if os.path.getsize(f) == 0:  # datasets' text builder raises on empty files
+        continue
+      for batch in _load_documents(f, hf_cache).iter(batch_size=_TOKENIZE_BATCH):
+        texts = batch['text']
+        if max_documents is not None:
+          texts = texts[:max_documents - num_docs]
+        num_docs += len(texts)
+        docs += _tokenize_documents([t or '' for t in texts], backend)
+        if max_documents is not None and num_docs >= max_documents:
+          break
+      if max_documents is not None and num_docs >= max_documents:
+        break
+  flat = _concat_documents(docs, tokenizer.sep_token_id)[:-1]  # the last [SEP] comes from the window
+  if len(flat) == 0:
+    raise ValueError(f'Empty dataset: no tokens after tokenizing {files} ({num_docs} documents); '
+                     'check that the files contain text (and max_documents > 0).')
+  packed = _wrap_windows(flat, max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                         tokenizer.pad_token_id)
+  log.info('Packed %d documents (%d tokens) into %d sequences of %d in %.1fs', num_docs, len(flat),
+           len(packed), max_seq_length, time.time() - start)
+  if cache_path is not None:
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix='.tmp_', suffix='.npy')
+    try:
+      with os.fdopen(fd, 'wb') as fh:
+        np.save(fh, packed)
+      os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared between users/jobs
+      os.replace(tmp, cache_path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+      raise
+  return packed
+
+
+# ----------------------------------------------------------------------------------------- masking
+def token_probabilities(packed: np.ndarray, vocab_size: int, smoothing: float,
+                        special_token_ids) -> np.ndarray:
+  """`[vocab_size] float32` masking weights `max(count, 1) ** -smoothing`, 0 for special tokens.
+
+  As HF distillation `train.py` (`--mlm_smoothing`, 0.7 in DistilBERT): frequent tokens are masked less
+  often. Counts come from `packed` (the training set).
+  """
+  ids = np.asarray(packed).ravel()
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f'Token ids span [{ids.min()}, {ids.max()}] but vocab_size={vocab_size}; pass '
+                     'the tokenizer/model vocabulary size.')
+  counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)
+  probs = np.maximum(counts, 1.0) ** -float(smoothing)
+  probs[np.asarray(list(special_token_ids), dtype=np.int64)] = 0.0
+  return probs.astype(np.float32)
+
+
+def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, mask_token_id: int,
+                vocab_size: int, special_token_ids, mlm_probability: float = 0.15,
+                token_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """BERT masking. `input_ids: [B, T]` -> (`masked_input_ids: [B, T] int32`, `labels: [B, T] int32`).
+
+  Without `token_probs`: every non-special token is selected independently with `mlm_probability`
+  (HF DataCollatorForLanguageModeling). With `token_probs [V]`: exactly
+  `round(mlm_probability * num_real_tokens)` positions are drawn without replacement with weight
+  `token_probs[id]` (HF distiller.prepare_batch_mlm, which uses ceil and counts [CLS]/[SEP]; weighted
+  sampling done via exponential keys = Efraimidis-Spirakis, same law as torch.multinomial).
+  Selected positions: 80% -> `mask_token_id`, 10% -> uniform random id in [0, vocab_size), 10% kept;
+  `labels` holds the original id there and -100 elsewhere. `special_token_ids` are never selected and
+  must include the pad id (tokenizer.all_special_ids does). Random draws have fixed shapes, so the
+  result is a pure function of the rng state and input.
+  """
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f'input_ids must be [batch, seq_len], got shape {ids.shape}.')
+  if not 0.0 <= mlm_probability <= 1.0:
+    raise ValueError(f'mlm_probability={mlm_probability} must be in [0, 1].')
+  special = np.isin(ids, np.asarray(list(special_token_ids), dtype=np.int64))
+  select_u = rng.random(ids.shape)
+  action_u = rng.random(ids.shape)
+  random_ids = rng.integers(0, vocab_size, ids.shape, dtype=np.int64)
+  if token_probs is None:
+    selected = (select_u < mlm_probability) & ~special
+  else:
+    token_probs = np.asarray(token_probs, np.float64)
+    if token_probs.ndim != 1 or ids.max(initial=0) >= len(token_probs):
+      raise ValueError(f'token_probs must be [vocab_size] covering every id (shape '
+                       f'{token_probs.shape}, max id {ids.max(initial=0)}).')
+    weights = np.where(special, 0.0, token_probs[ids])
+    k = int(np.floor(mlm_probability * np.count_nonzero(~special) + 0.5))
+    k = min(k, np.count_nonzero(weights > 0))
+    selected = np.zeros(ids.size, bool)
+    if k > 0:
+      with np.errstate(divide='ignore'):
+        keys = np.where(weights > 0, -np.log1p(-select_u) / weights, np.inf).ravel()
+      selected[np.argpartition(keys, k - 1)[:k]] = True
+    selected = selected.reshape(ids.shape)
+  labels = np.where(selected, ids, IGNORE_INDEX).astype(np.int32)
+  masked = np.where(selected & (action_u < 0.8), mask_token_id, ids)
+  masked = np.where(selected & (action_u >= 0.8) & (action_u < 0.9), random_ids, masked)
+  return masked.astype(np.int32), labels
+
+
+# ----------------------------------------------------------------------------------------- batching
+def _batch(ids: np.ndarray, rng, pad_token_id: int, mask_kwargs: dict) -> dict[str, np.ndarray]:
+  kwargs = dict(mask_kwargs)
+  kwargs['special_token_ids'] = sorted(set(kwargs['special_token_ids']) | {pad_token_id})
+  masked, labels = mask_tokens(ids, rng, **kwargs)
+  return {'input_ids': masked, 'attention_mask': (ids != pad_token_id).astype(np.int32),
+          'labels': labels}
+
+
+class _Failure(tuple):
+  exc = property(lambda self: self[0])  # an exception raised in the prefetch thread
+
+
+class _BatchSource:
+  """Stateless-in-effect batch maker (the permutation cache is only a speed-up).
+
+  Kept apart from BatchIterator so the prefetch thread does not reference the iterator, which can
+  then be garbage collected (its __del__ stops the thread) when a caller forgets close().
+  """
+
+  def __init__(self, packed, seed, global_batch_size, pad_token_id, mask_kwargs):
+    self.packed, self.seed, self.global_batch_size = packed, seed, global_batch_size
+    self.pad_token_id, self.mask_kwargs = pad_token_id, mask_kwargs
+    self.perms: dict[int, np.ndarray] = {}
+    self.lock = threading.Lock()
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    with self.lock:
+      if epoch not in self.perms:
+        if len(self.perms) >= 4:  # only neighbouring epochs are ever needed
+          self.perms.pop(min(self.perms))
+        self.perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(
+            len(self.packed))
+      return self.perms[epoch]
+
+  def global_batch(self, step: int) -> dict[str, np.ndarray]:
+    n = len(self.packed)
+    g = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
+    rows = np.empty_like(g)
+    for epoch in np.unique(g // n):
+      sel = g // n == epoch
+      rows[sel] = self.permutation(int(epoch))[g[sel] % n]
+    rng = np.random.default_rng([self.seed, 1, step])
+    return _batch(self.packed[rows], rng, self.pad_token_id, self.mask_kwargs)
+
+
+def _produce(make_batch, step: int, out: queue.Queue, stop: threading.Event) -> None:
+  """Prefetch thread body: puts batches step, step+1, ... (or one _Failure) until `stop`."""
+  while not stop.is_set():
+    try:
+      item: Any = make_batch(step)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+      item = _Failure((e,))
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        break
+      except queue.Full:
+        continue
+    if isinstance(item, _Failure):
+      return
+    step += 1
+
+
+class BatchIterator:
+  """Infinite iterator of host-local MLM batches from `packed [N, T]`.
+
+  Each item: `{'input_ids', 'attention_mask', 'labels'}`, int32 `[global_batch_size/process_count, T]`.
+  The global batch of step s is a pure function of (seed, s): row g in [s*B, (s+1)*B) is
+  `perm_e[g % N]` with e = g // N and `perm_e = default_rng([seed, 0, e]).permutation(N)` (batches may
+  straddle epochs; nothing is dropped), masked with `default_rng([seed, 1, s])` over the whole global
+  batch, after which this host keeps rows `[p*B/P, (p+1)*B/P)`. Hence `start_step=k` resumes exactly
+  and P hosts together see the single-host batch. (The spec's `[seed, epoch]` perm seed was given a 0
+  tag because numpy's SeedSequence([a, b]) == SeedSequence([a, b, 0]), i.e. it collided with the
+  masking stream of step 0.) `step` = the next step `__next__` returns.
+
+  With `prefetch > 0` a daemon thread fills a bounded queue of `prefetch` batches; an exception there
+  is re-raised by `__next__`; `close()` (or `with`, or garbage collection) stops it. `pad_token_id`
+  (default 0, BERT) sets attention_mask and is never masked. Raises ValueError for empty `packed`,
+  global_batch_size not divisible by process_count, bad process_index, negative seed/start_step.
+  """
+
+  def __init__(self, packed: np.ndarray, *, global_batch_size: int, seed: int, start_step: int = 0,
+               process_index: int = 0, process_count: int = 1, mask_token_id: int, vocab_size: int,
+               special_token_ids, mlm_probability: float = 0.15,
+               token_probs: np.ndarray | None = None, prefetch: int = 2, pad_token_id: int = 0):
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or len(packed) == 0:
+      raise ValueError(f'packed must be a non-empty [N, seq_len] array, got shape {packed.shape}.')
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise ValueError(f'global_batch_size={global_batch_size} is not divisible by process_count='
+                       f'{process_count}; use a multiple of the number of processes.')
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} not in [0, process_count={process_count}).')
+    if seed < 0 or start_step < 0:
+      raise ValueError(f'seed={seed} and start_step={start_step} must be >= 0.')
+    self.step = int(start_step)
+    self.global_batch_size = global_batch_size
+    self.local_batch_size = global_batch_size // process_count
+    self.process_index = process_index
+    mask_kwargs = dict(mask_token_id=mask_token_id, vocab_size=vocab_size,
+                       special_token_ids=list(special_token_ids),
+                       mlm_probability=mlm_probability, token_probs=token_probs)
+    self._source = _BatchSource(packed, int(seed), global_batch_size, pad_token_id, mask_kwargs)
+    self._stop = threading.Event()
+    self._queue: queue.Queue | None = None
+    self._thread: threading.Thread | None = None
+    if prefetch > 0:
+      self._queue = queue.Queue(maxsize=prefetch)
+      self._thread = threading.Thread(
+          target=_produce, args=(self._local_maker(), self.step, self._queue, self._stop),
+          daemon=True, name='flaxdistil-prefetch')
+      self._thread.start()
+
+  def _local_maker(self):
+    source, lo, size = self._source, self.process_index * self.local_batch_size, self.local_batch_size
+    return lambda step: {k: v[lo:lo + size] for k, v in source.global_batch(step).items()}
+
+  def global_batch(self, step: int) -> dict[str, np.ndarray]:
+    """The full (all hosts) batch of `step`: arrays `[global_batch_size, T]` int32."""
+    return self._source.global_batch(step)
+
+  def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
+    """This host's rows of `global_batch(step)`: `[global_batch_size/process_count, T]` int32."""
+    return self._local_maker()(step)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._stop.is_set():
+      raise RuntimeError('BatchIterator is closed; create a new one with start_step=it.step.')
+    if self._queue is None:
+      item = self.batch_for_step(self.step)
+    else:
+      while True:
+        try:
+          item = self._queue.get(timeout=1.0)
+          break
+        except queue.Empty:
+          if not self._thread.is_alive() and self._queue.empty():
+            raise RuntimeError('Prefetch thread stopped without a batch.') from None
+      if isinstance(item, _Failure):
+        self.close()
+        raise item.exc
+    self.step += 1
+    return item
+
+  def close(self) -> None:
+    """Stops the prefetch thread (idempotent)."""
+    self._stop.set()
+    if self._thread is not None:
+      with contextlib.suppress(queue.Empty):
+        while True:  # unblock a producer waiting on a full queue
+          self._queue.get_nowait()
+      self._thread.join(timeout=5.0)
+
+  def __enter__(self):  # `with BatchIterator(...) as it:` closes the thread on exit
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    with contextlib.suppress(Exception):
+      self.close()
+
+
+def eval_batches(packed_eval: np.ndarray, batch_size: int, seed: int, num_sequences: int | None,
+                 **mask_kwargs) -> list[dict[str, np.ndarray]]:
+  """Fixed evaluation batches over the first `num_sequences` rows (None = all; capped at N).
+
+  Returns a list of `{'input_ids', 'attention_mask', 'labels'}` int32 `[batch_size, T]`; batch i is
+  masked with `default_rng([seed, 2, i])`, so every call gives identical batches. The last batch is
+  filled up with all-pad rows (attention_mask 0, labels -100) to keep shapes static. `mask_kwargs` go
+  to `mask_tokens` (`mask_token_id`, `vocab_size`, `special_token_ids`, ...), plus optional
+  `pad_token_id` (default 0).
+  """
+  pad_token_id = mask_kwargs.pop('pad_token_id', 0)
+  if batch_size <= 0:
+    raise ValueError(f'batch_size={batch_size} must be positive.')
+  packed_eval = np.asarray(packed_eval)
+  rows = packed_eval if num_sequences is None else packed_eval[:num_sequences]
+  out = []
+  for i in range(-(-len(rows) // batch_size)):
+    chunk = rows[i * batch_size:(i + 1) * batch_size]
+    if len(chunk) < batch_size:
+      fill = np.full((batch_size - len(chunk), rows.shape[1]), pad_token_id, rows.dtype)
+      chunk = np.concatenate([chunk, fill])
+    out.append(_batch(chunk, np.random.default_rng([seed, 2, i]), pad_token_id, mask_kwargs))
+  return out
+
+
+def streaming_batches(files: list[str], tokenizer, max_seq_length: int, *, global_batch_size: int,
+                      seed: int, start_position: int = 0, process_index: int = 0,
+                      process_count: int = 1, mlm_probability: float = 0.15,
+                      token_probs: np.ndarray | None = None, num_epochs: int | None = None,
+                      cache_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Packs on the fly from `datasets` streaming=True; yields batches like `BatchIterator`.
+
+  Same window layout as `load_packed_dataset` and the same masking (`default_rng([seed, 1, step])`
+  on the global batch, host slice `[p*B/P, (p+1)*B/P)`), so `position` (= number of global batches
+  consumed = step) is all a checkpoint needs: resume with `start_position=step`.
+  Limits: no shuffling (corpus order; shuffle the files offline), resuming re-tokenizes and skips
+  `start_position * B` windows (linear cost), each epoch ends with one padded window, and epochs
+  repeat forever unless `num_epochs` is set. No UTF-8 pre-check (files may be huge); decode errors
+  surface as ValueError when reached.
+  """
+  if max_seq_length < 8:
+    raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8.')
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by process_count='
+                     f'{process_count}; use a multiple of the number of processes.')
+  files = _check_files(files)
+  backend = _backend(tokenizer)
+  cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+  mask_kwargs = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                     special_token_ids=list(tokenizer.all_special_ids),
+                     mlm_probability=mlm_probability, token_probs=token_probs)
+  width, local = max_seq_length - 2, global_batch_size // process_count
+
+  def windows() -> Iterator[np.ndarray]:
+    epoch = 0  # an own temp dir keeps datasets' lock files out of ~/.cache; removed with the stream
+    own_tmp = None if cache_dir else tempfile.TemporaryDirectory(prefix='flaxdistil_hf_')
+    hf_cache = cache_dir or own_tmp.name
+    while num_epochs is None or epoch < num_epochs:
+      buf, produced = np.zeros((0,), np.int32), False
+      for f in files:
+        if os.path.getsize(f) == 0:
+          continue
+        try:
+          for batch in _load_documents(f, hf_cache, streaming=True).iter(batch_size=_TOKENIZE_BATCH):
+            docs = _tokenize_documents([t or '' for t in batch['text']], backend)
+            buf = np.concatenate([buf, _concat_documents(docs, sep_id)])
+            full = (len(buf) - 1) // width  # keep >= 1 token so the final [SEP] can be dropped
+            if full > 0:
+              yield from _wrap_windows(buf[:full * width], max_seq_length, cls_id, sep_id, pad_id)
+              buf, produced = buf[full * width:], True
+        except UnicodeDecodeError as e:
+          raise ValueError(f'{f} is not valid UTF-8 ({e}); re-encode it as UTF-8.') from e
+      if len(buf) > 1 or (len(buf) == 1 and buf[0] != sep_id):
+        yield from _wrap_windows(buf[:-1] if buf[-1] == sep_id else buf, max_seq_length, cls_id,
+                                 sep_id, pad_id)
+      elif not produced:
+        raise ValueError(f'Empty dataset: no tokens after tokenizing {files}; check the files.')
+      epoch += 1
+
+  stream, step = windows(), 0
+  while True:
+    rows = [row for _, row in zip(range(global_batch_size), stream)]
+    if len(rows) < global_batch_size:
+      return  # num_epochs reached: the incomplete last global batch is dropped
+    if step >= start_position:
+      rng = np.random.default_rng([seed, 1, step])
+      batch = _batch(np.stack(rows), rng, pad_id, mask_kwargs)
+      lo = process_index * local
+      yield {k: v[lo:lo + local] for k, v in batch.items()}
+    step += 1

@@ -1,0 +1,205 @@
+"""Distillation and MLM objectives as pure `(sum, count)` functions.
+
+Every loss here returns a pair `(sum, count)` of float32 scalars instead of a
+mean, so that averages stay token-weighted however the global batch is split
+(over devices, hosts or gradient-accumulation microbatches): the caller sums
+the pairs and divides once. Logits are cast to float32 before any softmax.
+
+The terms follow HF's DistilBERT `examples/research_projects/distillation/
+distiller.py` (Sanh et al., 2019, "DistilBERT, a distilled version of BERT",
+Sec. 2 "triple loss"):
+
+  loss = alpha_ce  * T^2 * KL(softmax(t/T) || softmax(s/T))     (Hinton et al., 2015, Eq. 2)
+       + alpha_mlm * CE(s, labels)                               (masked tokens only)
+       + alpha_cos * (1 - cos(h_s, h_t))                         (last hidden states)
+       + alpha_mse * sum_v (s - t)^2                             (optional; HF: MSELoss(sum) / num_tokens)
+"""
+
+from typing import Mapping, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Pair = Tuple[jax.Array, jax.Array]  # (sum, count), both float32 scalars
+
+IGNORE_INDEX = -100  # label value of positions that are not predicted (HF convention)
+
+
+def _f32(x):
+  return jnp.asarray(x, jnp.float32)
+
+
+def kl_div_loss(student_logits, teacher_logits, weights, temperature: float) -> Pair:
+  """Temperature-scaled KL(teacher || student), summed over weighted tokens.
+
+  Matches HF distiller's `ce_loss_fct = nn.KLDivLoss(reduction="batchmean")`
+  applied to `log_softmax(s/T)` and `softmax(t/T)` and multiplied by `T**2`
+  (the gradient-magnitude correction of Hinton et al., 2015).
+
+  Args:
+    student_logits: `[batch, seq_len, vocab_size]` any float dtype.
+    teacher_logits: `[batch, seq_len, vocab_size]` any float dtype.
+    weights: `[batch, seq_len]` 0/1 (or real) weights; padding must be 0.
+    temperature: softmax temperature T > 0.
+
+  Returns:
+    `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars.
+  """
+  t = _f32(temperature)
+  s_logp = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)
+  t_logp = jax.nn.log_softmax(_f32(teacher_logits) / t, axis=-1)
+  # KL(p_t || p_s) = sum p_t (log p_t - log p_s); exp(log p) avoids a second softmax pass.
+  kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)  # [B, T]
+  w = _f32(weights)
+  return jnp.sum(kl * w) * t * t, jnp.sum(w)
+
+
+def mlm_cross_entropy(logits, labels) -> Pair:
+  """Masked-LM cross-entropy over positions whose label is not -100.
+
+  Matches `nn.CrossEntropyLoss(ignore_index=-100)` of HF `BertForMaskedLM`.
+
+  Args:
+    logits: `[batch, seq_len, vocab_size]` any float dtype.
+    labels: `[batch, seq_len]` int32 token ids, -100 where not predicted.
+
+  Returns:
+    `(sum of token NLL, number of predicted tokens)`, float32 scalars.
+  """
+  logits = _f32(logits)
+  valid = labels != IGNORE_INDEX
+  safe = jnp.where(valid, labels, 0)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  nll = (logz - gold) * valid
+  return jnp.sum(nll), jnp.sum(_f32(valid))
+
+
+def accuracy(logits, labels) -> Pair:
+  """Top-1 accuracy over positions whose label is not -100: `(correct, count)`."""
+  valid = labels != IGNORE_INDEX
+  correct = (jnp.argmax(logits, axis=-1) == labels) & valid
+  return jnp.sum(_f32(correct)), jnp.sum(_f32(valid))
+
+
+def agreement(student_logits, teacher_logits, weights) -> Pair:
+  """Fraction of weighted positions where student and teacher top-1 agree."""
+  same = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
+  w = _f32(weights)
+  return jnp.sum(_f32(same) * w), jnp.sum(w)
+
+
+def cosine_embedding_loss(student_hidden, teacher_hidden, weights) -> Pair:
+  """`1 - cos(h_s, h_t)` per token, summed over weighted tokens.
+
+  Matches HF distiller's `nn.CosineEmbeddingLoss(reduction="mean")` with target
+  1 on the last hidden states of non-padding tokens. Student and teacher must
+  have the same hidden size.
+
+  Args:
+    student_hidden: `[batch, seq_len, hidden_size]`.
+    teacher_hidden: `[batch, seq_len, hidden_size]`.
+    weights: `[batch, seq_len]`.
+
+  Returns:
+    `(sum of w * (1 - cos), sum of w)`, float32 scalars.
+
+  Raises:
+    ValueError: hidden sizes differ.
+  """
+  if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
+    raise ValueError(
+        f'alpha_cos needs equal hidden sizes, got student {student_hidden.shape[-1]} vs '
+        f'teacher {teacher_hidden.shape[-1]}; set distill.alpha_cos=0 for a narrower student.')
+  s, t = _f32(student_hidden), _f32(teacher_hidden)
+  eps = 1e-8  # torch.nn.functional.cosine_similarity's eps
+  cos = jnp.sum(s * t, -1) / (
+      jnp.maximum(jnp.linalg.norm(s, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(t, axis=-1), eps))
+  w = _f32(weights)
+  return jnp.sum((1.0 - cos) * w), jnp.sum(w)
+
+
+def mse_logits_loss(student_logits, teacher_logits, weights) -> Pair:
+  """Squared error between logits, summed over vocab and weighted tokens.
+
+  Matches HF distiller's `nn.MSELoss(reduction="sum")(s, t) / num_tokens`.
+  Returns `(sum, count)` float32 scalars.
+  """
+  d = _f32(student_logits) - _f32(teacher_logits)
+  w = _f32(weights)
+  return jnp.sum(jnp.sum(d * d, -1) * w), jnp.sum(w)
+
+
+class DistillWeights(NamedTuple):
+  """The objective's coefficients (HF distiller names)."""
+  temperature: float = 2.0
+  alpha_ce: float = 5.0
+  alpha_mlm: float = 2.0
+  alpha_cos: float = 1.0
+  alpha_mse: float = 0.0
+  restrict_ce_to_mask: bool = False
+
+
+def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
+                       w: DistillWeights) -> dict:
+  """All `(sum, count)` pairs of the objective for one (micro)batch.
+
+  Terms whose alpha is 0 are not computed at all (no teacher forward is needed
+  when only alpha_mlm is non-zero).
+
+  Args:
+    student_out: `models.ModelOutput` of the student (`logits [B, T, V]`,
+      `hidden_states[-1] [B, T, H]`).
+    teacher_out: the teacher's `ModelOutput`, or None when training plain MLM.
+    batch: dict with `attention_mask [B, T]` and `labels [B, T]` (-100 = none).
+    w: coefficients.
+
+  Returns:
+    dict term name -> (sum, count); names: 'ce', 'mlm', 'cos', 'mse'.
+  """
+  labels = batch['labels']
+  token_w = batch['attention_mask']
+  if w.restrict_ce_to_mask:
+    token_w = (labels != IGNORE_INDEX).astype(jnp.int32)
+  terms = {}
+  if w.alpha_mlm:
+    terms['mlm'] = mlm_cross_entropy(student_out.logits, labels)
+  if w.alpha_ce:
+    terms['ce'] = kl_div_loss(student_out.logits, teacher_out.logits, token_w, w.temperature)
+  if w.alpha_mse:
+    terms['mse'] = mse_logits_loss(student_out.logits, teacher_out.logits, token_w)
+  if w.alpha_cos:
+    terms['cos'] = cosine_embedding_loss(
+        student_out.hidden_states[-1], teacher_out.hidden_states[-1], batch['attention_mask'])
+  return terms
+
+
+def term_counts(batch: Mapping[str, jax.Array], w: DistillWeights) -> dict:
+  """Normalisers of each term computed from the batch alone (no model).
+
+  Used to scale microbatch losses by the *global* count so that summed
+  microbatch gradients equal the gradient of the global token-weighted mean.
+  """
+  labels, mask = batch['labels'], batch['attention_mask']
+  n_masked = jnp.sum(_f32(labels != IGNORE_INDEX))
+  n_tokens = jnp.sum(_f32(mask))
+  kl_n = n_masked if w.restrict_ce_to_mask else n_tokens
+  counts = {}
+  if w.alpha_mlm:
+    counts['mlm'] = n_masked
+  if w.alpha_ce:
+    counts['ce'] = kl_n
+  if w.alpha_mse:
+    counts['mse'] = kl_n
+  if w.alpha_cos:
+    counts['cos'] = n_tokens
+  return counts
+
+
+def combine(terms: dict, counts: dict, w: DistillWeights) -> jax.Array:
+  """`sum_k alpha_k * sum_k / count_k` with counts from `term_counts` (max 1)."""
+  alphas = {'ce': w.alpha_ce, 'mlm': w.alpha_mlm, 'cos': w.alpha_cos, 'mse': w.alpha_mse}
+  total = jnp.zeros((), jnp.float32)
+  for k, (s, _) in terms.items():
+    total = total + alphas[k] * s / jnp.maximum(counts[k], 1.0)
+  return total

@@ -1,0 +1,410 @@
+"""BERT / DistilBERT masked language models in Flax linen.
+
+One post-LayerNorm transformer encoder serves both the teacher (BERT, HF
+``BertForMaskedLM`` / ``BertModel`` without pooler) and the student (DistilBERT,
+HF ``DistilBertForMaskedLM`` / ``DistilBertModel``). The two HF architectures
+compute the same function; DistilBERT only drops the token-type embeddings (and
+the pooler, which we never build). Using a single parameter tree layout for both
+lets a student be initialised from teacher subtrees directly (see
+``hf_conversion.init_student_from_teacher``).
+
+Parameter tree (kernels are ``[in, out]``, i.e. the transpose of torch Linear)::
+
+  embeddings/word_embeddings/embedding          [V, H]   ('vocab', 'embed')
+  embeddings/position_embeddings/embedding      [P, H]   (None, 'embed')
+  embeddings/token_type_embeddings/embedding    [T, H]   (None, 'embed')   bert only
+  embeddings/LayerNorm/{scale,bias}             [H]      ('embed',)
+  encoder/layer_{i}/attention/{query,key,value}/kernel [H, H] ('embed', 'heads'), bias ('heads',)
+  encoder/layer_{i}/attention/output/kernel     [H, H]   ('heads', 'embed'), bias ('embed',)
+  encoder/layer_{i}/attention_layer_norm        [H]
+  encoder/layer_{i}/intermediate/kernel         [H, I]   ('embed', 'mlp'), bias ('mlp',)
+  encoder/layer_{i}/output/kernel               [I, H]   ('mlp', 'embed'), bias ('embed',)
+  encoder/layer_{i}/output_layer_norm           [H]
+  mlm_head/transform/kernel                     [H, H]   ('embed', None), bias (None,)
+  mlm_head/transform_layer_norm                 [H]
+  mlm_head/bias                                 [V]      ('vocab',)
+
+The MLM decoder is tied to the word embeddings (HF ``tie_word_embeddings=True``):
+``logits = word_embeddings.attend(h) + mlm_head.bias``.
+
+This module deliberately imports no config (ml_collections) or IO code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# HF ``_init_weights``: normal(initializer_range=0.02) for Linear/Embedding weights.
+_INIT_STD = 0.02
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # HF "gelu" is the exact erf formulation (torch.nn.functional.gelu default).
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+    # HF "gelu_new" / "gelu_pytorch_tanh" are the tanh approximation.
+    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'relu': jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters, named like HF ``BertConfig``.
+
+  ``model_type='bert'`` has token-type embeddings (HF BertForMaskedLM/BertModel);
+  ``'distilbert'`` has none (HF DistilBertForMaskedLM/DistilBertModel) and
+  ``type_vocab_size`` is ignored. ``dtype`` is the compute dtype (e.g.
+  ``jnp.bfloat16``); parameters are always float32.
+
+  Raises:
+    ValueError: unknown model_type / hidden_act, or hidden_size not divisible by
+      num_attention_heads.
+  """
+  model_type: str = 'bert'
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  hidden_act: str = 'gelu'
+  layer_norm_eps: float = 1e-12
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  pad_token_id: int = 0
+  with_mlm_head: bool = True
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.model_type not in ('bert', 'distilbert'):
+      raise ValueError(
+          f"ModelConfig.model_type must be 'bert' or 'distilbert', got "
+          f'{self.model_type!r}.')
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(
+          f'ModelConfig.hidden_act {self.hidden_act!r} is not supported; use '
+          f'one of {sorted(_ACTIVATIONS)}.')
+    if self.hidden_size % self.num_attention_heads != 0:
+      raise ValueError(
+          f'hidden_size ({self.hidden_size}) must be divisible by '
+          f'num_attention_heads ({self.num_attention_heads}); change one of them.')
+    if self.model_type == 'bert' and self.type_vocab_size < 1:
+      raise ValueError(
+          "model_type 'bert' needs type_vocab_size >= 1 (token-type embeddings); "
+          "use model_type 'distilbert' for a model without token types.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def has_token_types(self) -> bool:
+    return self.model_type == 'bert'
+
+
+class ModelOutput(flax.struct.PyTreeNode):
+  """Model outputs.
+
+  Attributes:
+    logits: [batch, seq_len, vocab_size] in the compute dtype, or None when the
+      model was built with ``with_mlm_head=False``.
+    hidden_states: tuple of num_hidden_layers + 1 arrays [batch, seq_len, hidden]
+      (embedding output first, then every layer output), as HF
+      ``output_hidden_states=True``.
+    attentions: tuple of num_hidden_layers float32 arrays
+      [batch, heads, seq_len, seq_len] of attention probabilities (before
+      dropout), or None unless ``output_attentions=True``.
+  """
+  logits: jax.Array | None
+  hidden_states: tuple[jax.Array, ...]
+  attentions: tuple[jax.Array, ...] | None = None
+
+
+def _init(names, init=None):
+  """Parameter initializer annotated with logical axis names."""
+  if init is None:
+    init = nn.initializers.normal(stddev=_INIT_STD)
+  return nn.with_logical_partitioning(init, names)
+
+
+def _dense(config: ModelConfig, features: int, names, name: str) -> nn.Dense:
+  kernel_names, bias_names = names
+  return nn.Dense(
+      features,
+      dtype=config.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_init(kernel_names),
+      bias_init=_init(bias_names, nn.initializers.zeros),
+      name=name)
+
+
+def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+  # use_fast_variance=False: two-pass variance like torch.nn.LayerNorm; the
+  # E[x^2]-E[x]^2 shortcut loses precision and breaks 1e-4 parity with HF.
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps,
+      dtype=config.dtype,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      scale_init=_init(('embed',), nn.initializers.ones),
+      bias_init=_init(('embed',), nn.initializers.zeros),
+      name=name)
+
+
+class Embeddings(nn.Module):
+  """Word + position (+ token type) embeddings, LayerNorm, dropout.
+
+  Matches HF ``BertEmbeddings`` (absolute positions 0..T-1 regardless of padding)
+  and DistilBERT ``Embeddings`` (no token types).
+  """
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.word_embeddings = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+        param_dtype=jnp.float32, embedding_init=_init(('vocab', 'embed')))
+    self.position_embeddings = nn.Embed(
+        cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype,
+        param_dtype=jnp.float32, embedding_init=_init((None, 'embed')))
+    if cfg.has_token_types:
+      self.token_type_embeddings = nn.Embed(
+          cfg.type_vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+          param_dtype=jnp.float32, embedding_init=_init((None, 'embed')))
+    self.LayerNorm = _layer_norm(cfg, 'LayerNorm')  # pylint: disable=invalid-name
+    self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    """input_ids/token_type_ids: [B, T] int -> [B, T, H] compute dtype."""
+    seq_len = input_ids.shape[1]
+    x = self.word_embeddings(input_ids)
+    x = x + self.position_embeddings(jnp.arange(seq_len)[None, :])
+    if self.config.has_token_types:
+      if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+      x = x + self.token_type_embeddings(token_type_ids)
+    x = self.LayerNorm(x)
+    x = self.dropout(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
+
+  def attend(self, x):
+    """Tied decoder: x [B, T, H] -> [B, T, V] = x @ word_embeddings.T."""
+    return self.word_embeddings.attend(x)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention (HF ``BertSelfAttention`` + output dense).
+
+  Scores and softmax are computed in float32 even for bf16 compute.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool):
+    """x: [B, T, H]; bias: [B, 1, 1, T] float32 additive mask.
+
+    Returns (output [B, T, H], probs [B, heads, T, T] float32).
+    """
+    cfg = self.config
+    b, t, _ = x.shape
+    qkv_names = (('embed', 'heads'), ('heads',))
+    split = lambda y: y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+    q = split(_dense(cfg, cfg.hidden_size, qkv_names, 'query')(x))
+    k = split(_dense(cfg, cfg.hidden_size, qkv_names, 'key')(x))
+    v = split(_dense(cfg, cfg.hidden_size, qkv_names, 'value')(x))
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5) + bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    dropped = nn.Dropout(cfg.attention_probs_dropout_prob)(
+        probs, deterministic=deterministic)
+    ctx = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(cfg.dtype), v)
+    ctx = ctx.reshape(b, t, cfg.hidden_size)
+    out = _dense(cfg, cfg.hidden_size, (('heads', 'embed'), ('embed',)),
+                 'output')(ctx)
+    return out, probs
+
+
+class TransformerLayer(nn.Module):
+  """Post-LN encoder layer (HF ``BertLayer`` / DistilBERT ``TransformerBlock``)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool = True):
+    """x: [B, T, H] -> ([B, T, H], attention probs [B, heads, T, T])."""
+    cfg = self.config
+    attn, probs = SelfAttention(cfg, name='attention')(x, bias, deterministic)
+    attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
+    x = _layer_norm(cfg, 'attention_layer_norm')(x + attn)
+    h = _dense(cfg, cfg.intermediate_size, (('embed', 'mlp'), ('mlp',)),
+               'intermediate')(x)
+    h = _ACTIVATIONS[cfg.hidden_act](h)
+    h = nn.with_logical_constraint(h, ('act_batch', 'act_len', 'act_mlp'))
+    h = _dense(cfg, cfg.hidden_size, (('mlp', 'embed'), ('embed',)), 'output')(h)
+    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    x = _layer_norm(cfg, 'output_layer_norm')(x + h)
+    x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
+    return x, probs
+
+
+class Encoder(nn.Module):
+  """Stack of ``num_hidden_layers`` TransformerLayers named ``layer_{i}``."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool):
+    cfg = self.config
+    layer_cls = TransformerLayer
+    if cfg.remat:
+      # Argument 0 is the module itself, so `deterministic` is argnum 3.
+      layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
+    hidden_states, attentions = [x], []
+    for i in range(cfg.num_hidden_layers):
+      x, probs = layer_cls(cfg, name=f'layer_{i}')(x, bias, deterministic)
+      hidden_states.append(x)
+      attentions.append(probs)
+    return tuple(hidden_states), tuple(attentions)
+
+
+class MLMHead(nn.Module):
+  """Transform + LayerNorm + tied decoder + bias.
+
+  Matches HF ``BertOnlyMLMHead`` (dense, hidden_act, LayerNorm, decoder) and
+  DistilBERT's ``vocab_transform``/``activation``/``vocab_layer_norm``/
+  ``vocab_projector``.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, embeddings: Embeddings):
+    """x: [B, T, H] -> logits [B, T, V] (compute dtype)."""
+    cfg = self.config
+    h = _dense(cfg, cfg.hidden_size, (('embed', None), (None,)), 'transform')(x)
+    h = _ACTIVATIONS[cfg.hidden_act](h)
+    h = _layer_norm(cfg, 'transform_layer_norm')(h)
+    bias = self.param('bias', _init(('vocab',), nn.initializers.zeros),
+                      (cfg.vocab_size,), jnp.float32)
+    logits = embeddings.attend(h) + bias.astype(cfg.dtype)
+    return nn.with_logical_constraint(logits, ('act_batch', 'act_len', 'vocab'))
+
+
+class MaskedLM(nn.Module):
+  """BERT / DistilBERT encoder with optional tied MLM head.
+
+  Matches HF ``BertForMaskedLM`` / ``DistilBertForMaskedLM`` (or, with
+  ``config.with_mlm_head=False``, ``BertModel`` without pooler /
+  ``DistilBertModel``) in eval mode to ~1e-5 in float32.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    self.embeddings = Embeddings(self.config)
+    self.encoder = Encoder(self.config)
+    if self.config.with_mlm_head:
+      self.mlm_head = MLMHead(self.config)
+
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
+               deterministic: bool = True,
+               output_attentions: bool = False) -> ModelOutput:
+    """Runs the model.
+
+    Args:
+      input_ids: [batch, seq_len] int32 token ids.
+      attention_mask: [batch, seq_len] int (1 = token, 0 = padding). Padded keys
+        get an additive ``finfo(float32).min`` bias like HF; outputs at padded
+        query positions are meaningless.
+      token_type_ids: [batch, seq_len] int32 or None (= all zeros, as HF). Ignored
+        for ``model_type='distilbert'``, which has no token types.
+      deterministic: False enables dropout and needs a 'dropout' rng.
+      output_attentions: also return per-layer attention probabilities.
+
+    Returns:
+      ModelOutput (see its docstring for shapes).
+
+    Raises:
+      ValueError: input_ids not rank 2, attention_mask / token_type_ids shape
+        differs from input_ids, or seq_len > max_position_embeddings.
+    """
+    cfg = self.config
+    if input_ids.ndim != 2:
+      raise ValueError(
+          f'input_ids must be [batch, seq_len], got shape {input_ids.shape}.')
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(
+          f'attention_mask shape {attention_mask.shape} must equal input_ids '
+          f'shape {input_ids.shape}.')
+    if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+      raise ValueError(
+          f'token_type_ids shape {token_type_ids.shape} must equal input_ids '
+          f'shape {input_ids.shape} (or pass None).')
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+      raise ValueError(
+          f'seq_len {input_ids.shape[1]} exceeds max_position_embeddings '
+          f'{cfg.max_position_embeddings}; truncate or pack inputs to at most '
+          f'{cfg.max_position_embeddings} tokens.')
+    if not cfg.has_token_types:
+      token_type_ids = None
+
+    # [B, 1, 1, T]: 0 for tokens, most negative float32 for padded keys (HF).
+    bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    x = self.embeddings(input_ids, token_type_ids, deterministic)
+    hidden_states, attentions = self.encoder(x, bias, deterministic)
+    logits = None
+    if cfg.with_mlm_head:
+      logits = self.mlm_head(hidden_states[-1], self.embeddings)
+    return ModelOutput(
+        logits=logits,
+        hidden_states=hidden_states,
+        attentions=attentions if output_attentions else None)
+
+
+def unbox(tree):
+  """Strips ``nn.Partitioned`` metadata boxes: boxed tree -> plain arrays."""
+  return nn.meta.unbox(tree)
+
+
+def _dummy_inputs(config: ModelConfig, seq_len: int):
+  seq_len = min(seq_len, config.max_position_embeddings)
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return ids, jnp.ones((1, seq_len), jnp.int32)
+
+
+def _init_boxed(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
+  ids, mask = _dummy_inputs(config, seq_len)
+  return MaskedLM(config).init({'params': rng}, ids, mask)['params']
+
+
+def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
+  """Randomly initialised float32 params (HF ``_init_weights``), unboxed.
+
+  Kernels/embeddings ~ normal(0.02), biases 0, LayerNorm scale 1.
+  """
+  fn = jax.jit(functools.partial(_init_boxed, config, seq_len=seq_len))
+  return unbox(fn(rng))
+
+
+def abstract_params(config: ModelConfig):
+  """Boxed tree of ``jax.ShapeDtypeStruct`` (no memory, no compute).
+
+  Leaves are ``nn.Partitioned`` with logical axis names; use
+  ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding`` on it.
+  """
+  return jax.eval_shape(
+      functools.partial(_init_boxed, config), jax.random.PRNGKey(0))
+
+
+def count_params(params) -> int:
+  """Number of scalar parameters (boxed, unboxed or abstract tree)."""
+  leaves = jax.tree_util.tree_leaves(unbox(params))
+  return int(sum(int(np.prod(x.shape)) for x in leaves))

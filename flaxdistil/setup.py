@@ -1,0 +1,256 @@
+"""From a config to everything the train loop needs, with clear input errors.
+
+`build_run(config, workdir)` loads the tokenizer and the teacher, derives and
+initialises the student, builds the mesh, packs the data and validates the
+combination; every problem found here raises `ConfigError` naming the fix,
+before any expensive work starts.
+"""
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxdistil import hf_conversion
+from flaxdistil import input_pipeline
+from flaxdistil import losses
+from flaxdistil import models
+from flaxdistil import sharding
+from flaxdistil import synthetic
+
+
+class ConfigError(ValueError):
+  """A config or input problem; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `train.train_and_evaluate` needs; params are host numpy trees."""
+  student_config: models.ModelConfig
+  student_model: Any
+  student_params: Any
+  teacher_config: models.ModelConfig | None
+  teacher_model: Any
+  teacher_params: Any
+  mesh: Any
+  rules: tuple
+  teacher_rules: tuple
+  weights: losses.DistillWeights
+  fingerprint: dict
+  train_batches: Callable[[int], Any]   # start_step -> BatchIterator
+  eval_batches: Callable[[], list]
+  info: dict                            # provenance for checkpoints' metadata and model cards
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks it is writable (a read-only path fails here)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'--workdir {workdir!r} is not writable ({e.strerror}); pass a directory you '
+                      'can write to.') from e
+
+
+def _dtype(name: str):
+  try:
+    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[name]
+  except KeyError:
+    raise ConfigError(f'dtype={name!r}: use "float32" or "bfloat16".') from None
+
+
+def _teacher_has_forward(d) -> bool:
+  return bool(d.alpha_ce or d.alpha_cos or d.alpha_mse)
+
+
+def load_teacher(config, vocab_size: int):
+  """`(ModelConfig, numpy params)` of the teacher, or `(None, None)` if none is needed."""
+  t = config.teacher
+  needed = _teacher_has_forward(config.distill) or config.student.init == 'teacher'
+  if not needed:
+    return None, None
+  if t.path:
+    if not os.path.isdir(t.path) and (os.path.sep in t.path or t.path.startswith('.')):
+      raise ConfigError(f'teacher.path {t.path!r} does not exist; pass a Hugging Face BERT directory '
+                        '(config.json + model.safetensors or pytorch_model.bin) or a hub name.')
+    try:
+      tcfg, tparams = hf_conversion.load_hf_model(t.path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+      raise ConfigError(f'Cannot load teacher from {t.path!r}: {e}') from e
+  elif t.random_init:
+    tcfg = models.ModelConfig(
+        model_type='bert', vocab_size=vocab_size, hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings)
+    tparams = jax.device_get(models.init_params(tcfg, jax.random.PRNGKey(config.seed + 1)))
+  else:
+    raise ConfigError('The objective needs a teacher (alpha_ce/alpha_cos/alpha_mse > 0 or '
+                      'student.init="teacher") but teacher.path is empty; set teacher.path, '
+                      'or set those alphas to 0 and student.init="random" for plain MLM.')
+  if _teacher_has_forward(config.distill) and not tcfg.with_mlm_head and (
+      config.distill.alpha_ce or config.distill.alpha_mse):
+    raise ConfigError(f'Teacher {t.path!r} has no MLM head (a plain BertModel): set '
+                      'distill.alpha_ce=0 and distill.alpha_mse=0 and distill via hidden states.')
+  return tcfg, tparams
+
+
+def student_config(config, tcfg: models.ModelConfig | None, vocab_size: int) -> models.ModelConfig:
+  """The DistilBERT student's shape: 0 in a field means "the teacher's value"."""
+  s = config.student
+  pick = lambda v, attr, default: v if v else (getattr(tcfg, attr) if tcfg else default)
+  return models.ModelConfig(
+      model_type='distilbert',
+      vocab_size=tcfg.vocab_size if tcfg else vocab_size,
+      hidden_size=pick(s.hidden_size, 'hidden_size', 768),
+      num_hidden_layers=s.num_hidden_layers,
+      num_attention_heads=pick(s.num_attention_heads, 'num_attention_heads', 12),
+      intermediate_size=pick(s.intermediate_size, 'intermediate_size', 3072),
+      max_position_embeddings=pick(s.max_position_embeddings, 'max_position_embeddings', 512),
+      hidden_dropout_prob=s.hidden_dropout_prob,
+      attention_probs_dropout_prob=s.attention_probs_dropout_prob,
+      dtype=_dtype(config.dtype), remat=config.remat)
+
+
+def init_student(config, scfg, tcfg, tparams):
+  """Student params (numpy): from the teacher, from an HF checkpoint, or random."""
+  init = config.student.init
+  if init == 'teacher':
+    try:
+      return hf_conversion.init_student_from_teacher(
+          tparams, tcfg, scfg, layers=list(config.student.layers) or None)
+    except ValueError as e:
+      raise ConfigError(f'student.init="teacher": {e}') from e
+  if init == 'pretrained':
+    pcfg, params = hf_conversion.load_hf_model(config.student.path)
+    if (pcfg.hidden_size, pcfg.num_hidden_layers) != (scfg.hidden_size, scfg.num_hidden_layers):
+      raise ConfigError(f'student.path {config.student.path!r} has {pcfg.num_hidden_layers} layers x '
+                        f'{pcfg.hidden_size}; set student.num_hidden_layers/hidden_size to match.')
+    return params
+  if init == 'random':
+    return jax.device_get(models.init_params(scfg, jax.random.PRNGKey(config.seed + 2)))
+  raise ConfigError(f'student.init={init!r}: use "teacher", "random" or "pretrained".')
+
+
+def _files_id(files) -> list:
+  return [[os.path.basename(f), os.path.getsize(f)] for f in files if os.path.exists(f)]
+
+
+def build_run(config, workdir: str) -> Run:
+  """Validates `config` and builds models, params, mesh and data for the loop.
+
+  Raises:
+    ConfigError: with the problem and the fix (missing paths, vocab mismatch,
+      max_seq_length above max_position_embeddings, batch not divisible by
+      devices x microbatches, empty dataset, teacher without MLM head...).
+  """
+  d = config.data
+  train_files, eval_files, tok_path = list(d.train_files), list(d.eval_files), d.tokenizer
+  if d.synthetic:
+    paths = synthetic.write_corpus(os.path.join(workdir, 'synthetic'), seed=config.seed)
+    train_files, eval_files, tok_path = paths['train_files'], paths['eval_files'], paths['tokenizer']
+  tok_path = tok_path or config.teacher.path
+  if not tok_path:
+    raise ConfigError('No tokenizer: set data.tokenizer (or teacher.path, whose tokenizer is used).')
+  if not train_files:
+    raise ConfigError('data.train_files is empty; list text/json/parquet files (or data.synthetic=True).')
+  try:
+    tokenizer = input_pipeline.load_tokenizer(tok_path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'Cannot load tokenizer from {tok_path!r}: {e}') from e
+  vocab_size = len(tokenizer)
+
+  tcfg, tparams = load_teacher(config, vocab_size)
+  if tcfg is not None:
+    if vocab_size > tcfg.vocab_size:
+      raise ConfigError(
+          f'Tokenizer {tok_path!r} has {vocab_size} tokens but the teacher\'s vocab_size is '
+          f'{tcfg.vocab_size}: they do not belong together; use the teacher\'s own tokenizer '
+          '(data.tokenizer="" takes it from teacher.path).')
+    tcfg = dataclasses.replace(tcfg, dtype=_dtype(config.dtype), remat=config.remat)
+  scfg = student_config(config, tcfg, vocab_size)
+  for name, cfg in (('teacher', tcfg), ('student', scfg)):
+    if cfg is not None and d.max_seq_length > cfg.max_position_embeddings:
+      raise ConfigError(
+          f'data.max_seq_length={d.max_seq_length} exceeds the {name}\'s max_position_embeddings='
+          f'{cfg.max_position_embeddings}; use --config.data.max_seq_length<={cfg.max_position_embeddings}.')
+  sparams = init_student(config, scfg, tcfg, tparams)
+
+  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
+  rules = sharding.rules_tuple(config.mesh.logical_axis_rules)
+  t_rules = sharding.rules_tuple(config.teacher.logical_axis_rules or rules)
+  gbs, nmb = d.global_batch_size, config.optim.num_microbatches
+  if gbs % jax.process_count():
+    raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {jax.process_count()} hosts.')
+  try:
+    sharding.check_batch_divisibility(gbs, nmb, mesh, rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+  weights = losses.DistillWeights(
+      temperature=config.distill.temperature, alpha_ce=config.distill.alpha_ce,
+      alpha_mlm=config.distill.alpha_mlm, alpha_cos=config.distill.alpha_cos,
+      alpha_mse=config.distill.alpha_mse, restrict_ce_to_mask=config.distill.restrict_ce_to_mask)
+  if tcfg is not None and weights.alpha_cos and tcfg.hidden_size != scfg.hidden_size:
+    raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
+                      f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
+
+  cache_dir = d.cache_dir or os.path.join(workdir, 'data_cache')
+  try:
+    packed = input_pipeline.load_packed_dataset(train_files, tokenizer, d.max_seq_length,
+                                                cache_dir=cache_dir)
+    packed_eval = input_pipeline.load_packed_dataset(eval_files, tokenizer, d.max_seq_length,
+                                                     cache_dir=cache_dir) if eval_files else None
+  except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(str(e)) from e
+  special_ids = sorted(set(tokenizer.all_special_ids))
+  mask_kwargs = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=vocab_size,
+                     special_token_ids=special_ids, mlm_probability=config.distill.mlm_probability)
+  token_probs = None
+  if config.distill.mlm_smoothing:
+    token_probs = input_pipeline.token_probabilities(packed, scfg.vocab_size,
+                                                     config.distill.mlm_smoothing, special_ids)
+  logging.info('train: %d packed sequences of %d tokens; eval: %s', len(packed), d.max_seq_length,
+               None if packed_eval is None else len(packed_eval))
+
+  def train_batches(start_step: int):
+    return input_pipeline.BatchIterator(
+        packed, global_batch_size=gbs, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        token_probs=token_probs, **mask_kwargs)
+
+  def eval_batches():
+    if packed_eval is None:
+      return []
+    bs = d.eval_batch_size
+    shards = sharding.num_batch_shards(mesh, rules)
+    bs = max(shards, bs - bs % shards)
+    return input_pipeline.eval_batches(packed_eval, bs, config.seed + 12345,
+                                       d.eval_num_sequences or None, **mask_kwargs)
+
+  strip = lambda c: None if c is None else {k: v for k, v in dataclasses.asdict(c).items()
+                                            if k not in ('dtype', 'remat')}
+  fingerprint = {
+      'student_config': strip(scfg), 'teacher_config': strip(tcfg),
+      'global_batch_size': gbs, 'max_seq_length': d.max_seq_length, 'seed': config.seed,
+      'train_data': _files_id(train_files), 'student_init': config.student.init,
+      'tokenizer_vocab': hashlib.sha1(
+          ' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16],
+  }
+  return Run(
+      student_config=scfg, student_model=models.MaskedLM(scfg), student_params=sparams,
+      teacher_config=tcfg, teacher_model=models.MaskedLM(tcfg) if tcfg else None,
+      teacher_params=tparams, mesh=mesh, rules=rules, teacher_rules=t_rules, weights=weights,
+      fingerprint=fingerprint, train_batches=train_batches, eval_batches=eval_batches,
+      info={'teacher': config.teacher.path or ('random' if tcfg else None),
+            'tokenizer': os.path.abspath(tok_path) if os.path.isdir(tok_path) else tok_path,
+            'train_files': [os.path.abspath(f) for f in train_files],
+            'student_init': config.student.init,
+            'distill': config.distill.to_dict()})

@@ -1,0 +1,173 @@
+"""Device mesh, logical-axis sharding rules and global batches.
+
+One code path for every topology: `jax.jit` with `NamedSharding`s over a
+`jax.sharding.Mesh` (what `pjit` became; `pmap` is in maintenance mode in
+current JAX and is not used). Parameters and activations carry logical axis
+names (`vocab`, `embed`, `heads`, `mlp`, `act_batch`, ...; see `models.py`),
+and `logical_axis_rules` from the config map them onto mesh axes, as in
+MaxText/t5x:
+
+  pure data parallel   mesh_shape (-1, 1, 1)  over ('data', 'fsdp', 'tensor')
+  FSDP (ZeRO-3)        mesh_shape (1, -1, 1)  params + optimizer state sharded on `embed`
+  tensor parallel      mesh_shape (1, 1, -1)  attention heads / MLP / vocab split
+"""
+
+import contextlib
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Default rules (t5x/MaxText style). A mesh axis of size 1 makes its rule a no-op,
+# so the same rules serve every mesh shape.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ('act_batch', ('data', 'fsdp')),
+    ('act_len', None),
+    ('act_embed', None),
+    ('act_mlp', 'tensor'),
+    ('act_heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+)
+
+
+def create_mesh(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
+                devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a `Mesh` over all (global) devices.
+
+  Args:
+    mesh_shape: one size per axis; exactly one entry may be -1 ("the rest").
+    mesh_axes: axis names, e.g. ('data', 'fsdp', 'tensor').
+    devices: defaults to `jax.devices()` (all hosts).
+
+  Raises:
+    ValueError: lengths differ, more than one -1, or the product does not
+      equal the number of devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(mesh_shape)
+  if len(shape) != len(mesh_axes):
+    raise ValueError(f'mesh.shape {tuple(shape)} and mesh.axes {tuple(mesh_axes)} differ in length.')
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh.shape {tuple(shape)} may contain at most one -1.')
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f'mesh.shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}.')
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(
+        f'mesh.shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are '
+        f'available; use -1 for one axis to take the rest.')
+  try:
+    from jax.experimental import mesh_utils  # topology-aware device order on TPU
+    dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # pylint: disable=broad-except
+    dev_array = np.asarray(devices).reshape(shape)
+  kwargs = {}
+  if hasattr(jax.sharding, 'AxisType'):
+    # Auto axes = classic GSPMD propagation; newer JAX defaults to Explicit.
+    kwargs['axis_types'] = (jax.sharding.AxisType.Auto,) * len(shape)
+  return Mesh(dev_array, tuple(mesh_axes), **kwargs)
+
+
+def rules_tuple(rules) -> tuple:
+  """Normalises config rules (lists from ConfigDict) into a hashable tuple."""
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+    out.append((name, axes))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  """Mesh + logical rules active while tracing, so `with_logical_constraint` applies."""
+  set_mesh = getattr(jax, 'set_mesh', None) or getattr(jax.sharding, 'use_mesh', None)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(set_mesh(mesh) if set_mesh else mesh)
+    stack.enter_context(nn.logical_axis_rules(rules_tuple(rules)))
+    yield
+
+
+def logical_to_shardings(logical_specs, mesh: Mesh, rules) -> Any:
+  """Tree of logical `PartitionSpec`s -> tree of `NamedSharding`s."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules_tuple(rules))
+
+
+def param_shardings(abstract_boxed_params, mesh: Mesh, rules) -> Any:
+  """`NamedSharding` per parameter from the model's logical annotations.
+
+  Args:
+    abstract_boxed_params: `jax.eval_shape` of `model.init(...)['params']`,
+      still holding `nn.LogicallyPartitioned` boxes (`models.abstract_params`).
+  """
+  specs = nn.get_partition_spec(abstract_boxed_params)
+  return logical_to_shardings(specs, mesh, rules)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, p_shardings,
+                        mesh: Mesh) -> Any:
+  """Optimizer state sharded like the parameters it mirrors, scalars replicated."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, p_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+  """Sharding of `[batch, seq_len]` inputs: rows over ('data', 'fsdp')."""
+  spec = nn.logical_to_mesh_axes(('act_batch', 'act_len'), rules_tuple(rules))
+  return NamedSharding(mesh, spec)
+
+
+def num_batch_shards(mesh: Mesh, rules) -> int:
+  """How many ways the batch dimension is split (a batch must divide by it)."""
+  spec = batch_sharding(mesh, rules).spec
+  axes = spec[0] if len(spec) else None
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def make_global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
+                      global_batch_size: int) -> dict:
+  """Host-local numpy rows -> global `jax.Array`s (one call on every host).
+
+  Each host passes only the rows it read (`global_batch_size / process_count`
+  of them, in process order); `jax.make_array_from_process_local_data`
+  assembles the global `[global_batch_size, seq_len]` array without any host
+  holding all of it.
+  """
+  out = {}
+  for k, v in host_batch.items():
+    global_shape = (global_batch_size,) + tuple(v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+  return out
+
+
+def check_batch_divisibility(global_batch_size: int, num_microbatches: int, mesh: Mesh,
+                             rules) -> None:
+  """Raises ValueError unless every microbatch splits evenly over the batch shards."""
+  shards = num_batch_shards(mesh, rules)
+  if global_batch_size % num_microbatches:
+    raise ValueError(
+        f'data.global_batch_size={global_batch_size} is not divisible by '
+        f'optim.num_microbatches={num_microbatches}.')
+  micro = global_batch_size // num_microbatches
+  if micro % shards:
+    raise ValueError(
+        f'microbatch of {micro} sequences (global_batch_size={global_batch_size} / '
+        f'num_microbatches={num_microbatches}) is not divisible by the {shards} batch shards of '
+        f'mesh {dict(mesh.shape)}; choose global_batch_size as a multiple of '
+        f'{shards * num_microbatches}.')

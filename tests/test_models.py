@@ -1,0 +1,301 @@
+"""MaskedLM properties: param counts vs transformers, tree/axis names, init,
+masking, dropout, remat, bf16, config validation."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from flaxdistil import models
+from flaxdistil.models import MaskedLM, ModelConfig
+
+SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=16)
+
+
+def _cfg(model_type='bert', **kw):
+  return ModelConfig(model_type=model_type, **{**SMALL, **kw})
+
+
+def _inputs(batch=3, seq=9, vocab=97, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, vocab, size=(batch, seq)).astype(np.int32)
+  mask = np.ones((batch, seq), np.int32)
+  mask[1, 5:] = 0
+  mask[2, 2:] = 0
+  ids[mask == 0] = 0
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@pytest.fixture(scope='module')
+def bert_params():
+  return models.init_params(_cfg('bert'), jax.random.PRNGKey(0))
+
+
+def _torch_count(model):
+  return sum(p.numel() for p in model.parameters())  # tied weights once
+
+
+def test_param_count_bert_base_matches_transformers():
+  ours = models.count_params(models.abstract_params(ModelConfig()))
+  with torch.device('meta'):  # shapes only: no memory, no init time
+    theirs = _torch_count(transformers.BertForMaskedLM(transformers.BertConfig()))
+  assert ours == theirs == 109_514_298
+
+
+def test_param_count_distilbert_base_matches_transformers():
+  cfg = ModelConfig(model_type='distilbert', num_hidden_layers=6,
+                    type_vocab_size=0)
+  ours = models.count_params(models.abstract_params(cfg))
+  with torch.device('meta'):
+    theirs = _torch_count(
+        transformers.DistilBertForMaskedLM(transformers.DistilBertConfig()))
+  assert ours == theirs == 66_985_530
+
+
+def test_param_count_encoder_only_matches_bertmodel_without_pooler():
+  hf = transformers.BertConfig(
+      vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=16)
+  theirs = _torch_count(transformers.BertModel(hf, add_pooling_layer=False))
+  ours = models.count_params(models.abstract_params(_cfg(with_mlm_head=False)))
+  assert ours == theirs
+
+
+def test_param_tree_names_and_shapes(bert_params):
+  shapes = jax.tree_util.tree_map(lambda x: x.shape, bert_params)
+  assert set(shapes) == {'embeddings', 'encoder', 'mlm_head'}
+  assert shapes['embeddings']['word_embeddings']['embedding'] == (97, 32)
+  assert shapes['embeddings']['position_embeddings']['embedding'] == (16, 32)
+  assert shapes['embeddings']['token_type_embeddings']['embedding'] == (2, 32)
+  assert set(shapes['encoder']) == {'layer_0', 'layer_1'}
+  layer = shapes['encoder']['layer_1']
+  assert set(layer) == {'attention', 'attention_layer_norm', 'intermediate',
+                        'output', 'output_layer_norm'}
+  assert set(layer['attention']) == {'query', 'key', 'value', 'output'}
+  assert layer['intermediate']['kernel'] == (32, 64)
+  assert layer['output']['kernel'] == (64, 32)
+  assert shapes['mlm_head'] == {
+      'transform': {'kernel': (32, 32), 'bias': (32,)},
+      'transform_layer_norm': {'scale': (32,), 'bias': (32,)},
+      'bias': (97,)}
+  leaves = jax.tree_util.tree_leaves(bert_params)
+  assert all(x.dtype == jnp.float32 for x in leaves)
+
+
+def test_distilbert_has_same_tree_minus_token_types(bert_params):
+  d = models.init_params(_cfg('distilbert'), jax.random.PRNGKey(0))
+  assert 'token_type_embeddings' not in d['embeddings']
+  b = dict(bert_params, embeddings={
+      k: v for k, v in bert_params['embeddings'].items()
+      if k != 'token_type_embeddings'})
+  assert (jax.tree_util.tree_structure(b) == jax.tree_util.tree_structure(d))
+
+
+def test_logical_axis_names():
+  specs = nn.get_partition_spec(models.abstract_params(_cfg()))
+  P = jax.sharding.PartitionSpec
+  emb, layer, head = specs['embeddings'], specs['encoder']['layer_0'], specs['mlm_head']
+  assert emb['word_embeddings']['embedding'] == P('vocab', 'embed')
+  assert emb['position_embeddings']['embedding'] == P(None, 'embed')
+  assert emb['token_type_embeddings']['embedding'] == P(None, 'embed')
+  assert emb['LayerNorm']['scale'] == P('embed')
+  for n in ('query', 'key', 'value'):
+    assert layer['attention'][n]['kernel'] == P('embed', 'heads')
+    assert layer['attention'][n]['bias'] == P('heads')
+  assert layer['attention']['output']['kernel'] == P('heads', 'embed')
+  assert layer['attention']['output']['bias'] == P('embed')
+  assert layer['intermediate']['kernel'] == P('embed', 'mlp')
+  assert layer['intermediate']['bias'] == P('mlp')
+  assert layer['output']['kernel'] == P('mlp', 'embed')
+  assert layer['output_layer_norm']['bias'] == P('embed')
+  assert head['transform']['kernel'] == P('embed', None)
+  assert head['bias'] == P('vocab')
+  # Every leaf is boxed, so sharding code sees no unannotated params.
+  boxed = jax.tree_util.tree_leaves(
+      models.abstract_params(_cfg()), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(x, nn.Partitioned) for x in boxed)
+
+
+def test_init_statistics_follow_hf_init_weights(bert_params):
+  p = bert_params
+  w = np.asarray(p['embeddings']['word_embeddings']['embedding'])  # 3104 values
+  k = np.asarray(p['encoder']['layer_0']['intermediate']['kernel'])  # 2048 values
+  assert abs(w.std() - 0.02) < 0.001 and abs(k.std() - 0.02) < 0.001
+  assert abs(w.mean()) < 0.002
+  assert np.all(np.asarray(p['encoder']['layer_0']['intermediate']['bias']) == 0)
+  assert np.all(np.asarray(p['embeddings']['LayerNorm']['scale']) == 1)
+  assert np.all(np.asarray(p['encoder']['layer_1']['output_layer_norm']['bias']) == 0)
+  assert np.all(np.asarray(p['mlm_head']['bias']) == 0)
+
+
+def test_outputs_shapes_and_attention_properties(bert_params):
+  cfg = _cfg()
+  ids, mask = _inputs()
+  out = MaskedLM(cfg).apply({'params': bert_params}, ids, mask,
+                            output_attentions=True)
+  assert out.logits.shape == (3, 9, 97) and out.logits.dtype == jnp.float32
+  assert len(out.hidden_states) == 3
+  assert all(h.shape == (3, 9, 32) for h in out.hidden_states)
+  assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 4, 9, 9)
+  probs = np.asarray(out.attentions[1])
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  # Padded keys get exactly zero probability.
+  assert np.all(probs[1, :, :, 5:] == 0) and np.all(probs[2, :, :, 2:] == 0)
+  assert MaskedLM(cfg).apply({'params': bert_params}, ids, mask).attentions is None
+
+
+def test_padding_does_not_change_real_token_outputs(bert_params):
+  """Extra padding, with arbitrary ids under it, leaves real positions intact."""
+  cfg = _cfg()
+  ids, mask = _inputs()
+  out = MaskedLM(cfg).apply({'params': bert_params}, ids, mask).logits
+  junk = jnp.where(mask == 0, 17, ids)
+  out2 = MaskedLM(cfg).apply({'params': bert_params}, junk, mask).logits
+  longer_ids = jnp.pad(ids, ((0, 0), (0, 4)))
+  longer_mask = jnp.pad(mask, ((0, 0), (0, 4)))
+  out3 = MaskedLM(cfg).apply({'params': bert_params}, longer_ids, longer_mask).logits
+  real = np.asarray(mask).astype(bool)
+  np.testing.assert_allclose(np.asarray(out2)[real], np.asarray(out)[real], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out3)[:, :9][real], np.asarray(out)[real],
+                             atol=1e-5)
+
+
+def test_token_type_ids_matter_for_bert_only(bert_params):
+  ids, mask = _inputs()
+  tt = jnp.ones_like(ids)
+  m = MaskedLM(_cfg())
+  a = m.apply({'params': bert_params}, ids, mask).logits
+  b = m.apply({'params': bert_params}, ids, mask, tt).logits
+  z = m.apply({'params': bert_params}, ids, mask, jnp.zeros_like(ids)).logits
+  assert np.abs(np.asarray(a - b)).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(z))
+  dcfg = _cfg('distilbert')
+  dp = models.init_params(dcfg, jax.random.PRNGKey(0))
+  d1 = MaskedLM(dcfg).apply({'params': dp}, ids, mask).logits
+  d2 = MaskedLM(dcfg).apply({'params': dp}, ids, mask, tt).logits
+  np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+
+
+def test_dropout_only_when_not_deterministic(bert_params):
+  m = MaskedLM(_cfg())
+  ids, mask = _inputs()
+  det = m.apply({'params': bert_params}, ids, mask).logits
+  det2 = m.apply({'params': bert_params}, ids, mask, deterministic=True).logits
+  np.testing.assert_array_equal(np.asarray(det), np.asarray(det2))
+  r = lambda s: {'dropout': jax.random.PRNGKey(s)}
+  a = m.apply({'params': bert_params}, ids, mask, deterministic=False, rngs=r(1)).logits
+  a2 = m.apply({'params': bert_params}, ids, mask, deterministic=False, rngs=r(1)).logits
+  b = m.apply({'params': bert_params}, ids, mask, deterministic=False, rngs=r(2)).logits
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
+  assert np.abs(np.asarray(a - b)).max() > 1e-3
+  assert np.abs(np.asarray(a - det)).max() > 1e-3
+  with pytest.raises(Exception, match='dropout'):
+    m.apply({'params': bert_params}, ids, mask, deterministic=False)
+
+
+def test_remat_same_values_and_grads(bert_params):
+  ids, mask = _inputs()
+
+  def loss(p, cfg):
+    out = MaskedLM(cfg).apply({'params': p}, ids, mask)
+    return jnp.sum(out.logits ** 2) * 1e-3
+
+  f = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  v1, g1 = f(bert_params, _cfg())
+  v2, g2 = f(bert_params, _cfg(remat=True))
+  np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4)
+  assert np.abs(np.asarray(g1['encoder']['layer_0']['attention']['query']['kernel'])).max() > 0
+
+
+def test_bf16_compute_close_to_fp32(bert_params):
+  ids, mask = _inputs()
+  f32 = MaskedLM(_cfg()).apply({'params': bert_params}, ids, mask)
+  bf = MaskedLM(_cfg(dtype=jnp.bfloat16)).apply({'params': bert_params}, ids, mask,
+                                                output_attentions=True)
+  assert bf.logits.dtype == jnp.bfloat16
+  assert bf.attentions[0].dtype == jnp.float32  # softmax kept in float32
+  real = np.asarray(mask).astype(bool)
+  diff = np.abs(np.asarray(bf.logits, np.float32) - np.asarray(f32.logits))[real]
+  assert diff.max() < 0.1
+
+
+def test_encoder_only_has_no_head_and_no_logits():
+  cfg = _cfg(with_mlm_head=False)
+  p = models.init_params(cfg, jax.random.PRNGKey(0))
+  assert 'mlm_head' not in p
+  out = MaskedLM(cfg).apply({'params': p}, *_inputs())
+  assert out.logits is None and out.hidden_states[-1].shape == (3, 9, 32)
+
+
+@pytest.mark.parametrize('name', ['gelu', 'gelu_new', 'relu'])
+def test_activations_match_transformers(name):
+  x = np.linspace(-6, 6, 101, dtype=np.float32)
+  ours = np.asarray(models._ACTIVATIONS[name](jnp.asarray(x)))  # pylint: disable=protected-access
+  theirs = transformers.activations.ACT2FN[name](torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_exact_and_tanh_gelu_differ():
+  x = jnp.linspace(-3, 3, 61)
+  diff = models._ACTIVATIONS['gelu'](x) - models._ACTIVATIONS['gelu_new'](x)  # pylint: disable=protected-access
+  assert float(jnp.abs(diff).max()) > 1e-4
+
+
+def test_logical_constraints_work_under_mesh_and_rules(bert_params):
+  """With rules + a mesh active, jitted outputs equal the unconstrained ones."""
+  ids, mask = _inputs(batch=4)
+  ref = MaskedLM(_cfg()).apply({'params': bert_params}, ids, mask).logits
+  devices = np.array(jax.devices()[:2] if len(jax.devices()) >= 2 else jax.devices())
+  mesh = jax.sharding.Mesh(devices, ('data',))
+  rules = (('act_batch', 'data'), ('act_len', None), ('act_embed', None),
+           ('act_mlp', None), ('vocab', None))
+  fn = jax.jit(lambda p, i, m: MaskedLM(_cfg()).apply({'params': p}, i, m).logits)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out = fn(bert_params, ids, mask)
+  if len(devices) >= 2:  # the logits constraint ('act_batch' -> 'data') applied
+    assert out.sharding.spec[0] == 'data'
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors(bert_params):
+  m = MaskedLM(_cfg())
+  ids, mask = _inputs()
+  with pytest.raises(ValueError, match='attention_mask shape'):
+    m.apply({'params': bert_params}, ids, mask[:, :4])
+  with pytest.raises(ValueError, match='max_position_embeddings'):
+    long = jnp.ones((1, 17), jnp.int32)
+    m.apply({'params': bert_params}, long, long)
+  with pytest.raises(ValueError, match=r'\[batch, seq_len\]'):
+    m.apply({'params': bert_params}, ids[0], mask[0])
+
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(model_type='roberta'), "'bert' or 'distilbert'"),
+    (dict(hidden_act='swish'), 'hidden_act'),
+    (dict(hidden_size=30), 'divisible'),
+    (dict(type_vocab_size=0), 'type_vocab_size'),
+])
+def test_config_validation(kw, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(_cfg(), **kw)
+
+
+def test_count_params_on_boxed_unboxed_and_abstract(bert_params):
+  cfg = _cfg()
+  n = models.count_params(bert_params)
+  assert n == models.count_params(models.abstract_params(cfg))
+  boxed = MaskedLM(cfg).init(jax.random.PRNGKey(0), *_inputs())['params']
+  assert n == models.count_params(boxed)
+  # 97*32 + 16*32 + 2*32 + 64 + 2 layers + head
+  layer = 4 * (32 * 32 + 32) + 64 + (32 * 64 + 64) + (64 * 32 + 32) + 64
+  head = 32 * 32 + 32 + 64 + 97
+  assert n == 97 * 32 + 16 * 32 + 2 * 32 + 64 + 2 * layer + head

@@ -1,0 +1,190 @@
+"""Train step and loop: sharded == single device, accumulation == big batch, exact resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from flaxdistil import losses
+from flaxdistil import models
+from flaxdistil import sharding
+from flaxdistil import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = sharding.rules_tuple(tiny.get_config().mesh.logical_axis_rules)
+AXES = ('data', 'fsdp', 'tensor')
+
+
+def _setup(dropout=0.0):
+  tcfg = models.ModelConfig(model_type='bert', vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=32)
+  scfg = models.ModelConfig(model_type='distilbert', vocab_size=96, hidden_size=32,
+                            num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=32, hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout)
+  tparams = models.init_params(tcfg, jax.random.PRNGKey(0))
+  sparams = models.init_params(scfg, jax.random.PRNGKey(1))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 96, size=(16, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[3, 7:] = 0
+  mask[10, 4:] = 0
+  ids[mask == 0] = 0
+  labels = np.where((rng.random(ids.shape) < 0.3) & (mask == 1), ids, -100).astype(np.int32)
+  batch = {'input_ids': ids, 'attention_mask': mask.astype(np.int32), 'labels': labels}
+  return tcfg, scfg, tparams, sparams, batch
+
+
+def _one_step(mesh_shape, num_microbatches=1, devices=None, dropout=0.0):
+  tcfg, scfg, tparams, sparams, batch = _setup(dropout)
+  cfg = tiny.get_config()
+  tx, _ = train.make_optimizer(cfg.optim, 10)
+  mesh = sharding.create_mesh(mesh_shape, AXES, devices=devices)
+  shard, _ = train.state_layout(scfg, tx, mesh, RULES)
+  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, RULES)
+  params = jax.device_put(sparams, shard['params'])
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+           'opt_state': jax.jit(tx.init, out_shardings=shard['opt_state'])(params),
+           'rng': jax.random.PRNGKey(0), 'num_skipped': jnp.zeros((), jnp.int32)}
+  step = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                               losses.DistillWeights(alpha_mse=0.1), num_microbatches)
+  b_shard = sharding.batch_sharding(mesh, RULES)
+  with sharding.mesh_context(mesh, RULES):
+    fn = jax.jit(step, in_shardings=(shard, t_shard, b_shard))
+    new_state, metrics = fn(state, jax.device_put(tparams, t_shard),
+                            jax.device_put(batch, b_shard))
+  return jax.device_get(new_state['params']), jax.device_get(metrics), new_state
+
+
+def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def single_device():
+  return _one_step((1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
+def test_sharded_step_equals_single_device(single_device, mesh_shape):
+  assert jax.device_count() == 8, 'conftest sets 8 host devices'
+  ref_params, ref_metrics, _ = single_device
+  params, metrics, state = _one_step(mesh_shape)
+  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
+  for k in ('loss_ce', 'loss_mlm', 'loss_cos', 'loss_mse'):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5)
+  _assert_trees_close(params, ref_params)
+  # The parameters really are distributed as the mesh says.
+  w = state['params']['encoder']['layer_0']['intermediate']['kernel']
+  n_shards = len({(s.index[0].start, s.index[1].start) for s in w.addressable_shards})
+  expected = mesh_shape[1] * mesh_shape[2]  # ('embed'->fsdp, 'mlp'->tensor)
+  assert n_shards == expected
+
+
+def test_gradient_accumulation_equals_one_big_batch(single_device):
+  ref_params, ref_metrics, _ = single_device
+  params, metrics, _ = _one_step((8, 1, 1), num_microbatches=2)
+  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
+  _assert_trees_close(params, ref_params)
+  params4, metrics4, _ = _one_step((1, 1, 1), num_microbatches=4, devices=jax.devices()[:1])
+  np.testing.assert_allclose(metrics4['loss'], ref_metrics['loss'], rtol=1e-5)
+  _assert_trees_close(params4, ref_params)
+
+
+def test_step_changes_only_student_and_skips_nonfinite():
+  tcfg, scfg, tparams, sparams, batch = _setup()
+  optim = tiny.get_config().optim
+  optim.warmup_steps = 0  # non-zero learning rate at step 0
+  tx, _ = train.make_optimizer(optim, 10)
+  step = jax.jit(train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                                       losses.DistillWeights(), 1))
+  state = {'step': jnp.zeros((), jnp.int32), 'params': sparams, 'opt_state': tx.init(sparams),
+           'rng': jax.random.PRNGKey(0), 'num_skipped': jnp.zeros((), jnp.int32)}
+  t_before = jax.tree.map(np.array, tparams)
+  new, m = step(state, tparams, batch)
+  assert bool(m['finite']) and int(new['num_skipped']) == 0
+  _assert_trees_close(tparams, t_before, rtol=0, atol=0)
+  delta = np.abs(new['params']['encoder']['layer_0']['output']['kernel'] -
+                 sparams['encoder']['layer_0']['output']['kernel']).max()
+  assert delta > 0
+  bad = jax.tree.map(lambda x: x, tparams)
+  bad['mlm_head']['bias'] = bad['mlm_head']['bias'].at[0].set(jnp.nan)
+  new2, m2 = step(new, bad, batch)
+  assert not bool(m2['finite']) and int(new2['num_skipped']) == 1
+  _assert_trees_close(new2['params'], new['params'], rtol=0, atol=0)
+  assert int(new2['step']) == 2
+
+
+def _run(workdir, **overrides):
+  cfg = tiny.get_config()
+  for k, v in overrides.items():
+    node = cfg
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return train.train_and_evaluate(cfg, str(workdir))
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    recs = [json.loads(l) for l in f]
+  return {r['step']: r['loss'] for r in recs if r['kind'] == 'train'}
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  full = _run(tmp_path / 'full')
+  first = _run(tmp_path / 'split', steps_per_run=7)  # stops between checkpoints
+  assert first['step'] == 7 and not first['done']
+  resumed = _run(tmp_path / 'split')
+  assert full['step'] == resumed['step'] == 20
+  assert _train_losses(tmp_path / 'full') == _train_losses(tmp_path / 'split')
+  from flaxdistil import export
+  _, p_full, _, _ = export.load_student(str(tmp_path / 'full'))
+  _, p_split, _, _ = export.load_student(str(tmp_path / 'split'))
+  _assert_trees_close(p_full, p_split, rtol=0, atol=0)
+  # Distillation learns: loss falls and the eval records exist for student and teacher.
+  losses_full = _train_losses(tmp_path / 'full')
+  assert losses_full[20] < losses_full[5]
+  assert 0.0 <= full['student']['accuracy'] <= 1.0 and 'agreement' in full['student']
+  assert full['teacher']['num_tokens'] == full['student']['num_tokens'] > 0
+
+
+def test_resume_with_incompatible_config_is_refused(tmp_path):
+  _run(tmp_path, num_train_steps=2)
+  with pytest.raises(ValueError, match='global_batch_size'):
+    _run(tmp_path, num_train_steps=4, **{'data.global_batch_size': 32})
+  # Harmless changes are accepted.
+  summary = _run(tmp_path, num_train_steps=4, eval_every_steps=3, log_every_steps=1)
+  assert summary['step'] == 4
+
+
+def test_main_cli_two_steps_then_resume_and_bad_input(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  cmd = [sys.executable, '-m', 'flaxdistil.main', '--config', 'configs/tiny.py',
+         '--workdir', str(tmp_path / 'w')]
+  r = subprocess.run(cmd + ['--config.num_train_steps=2'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = subprocess.run(cmd + ['--config.num_train_steps=3'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'Resumed from' in r.stderr
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'w' / 'checkpoints') if d.isdigit())
+  assert steps[-1] == 3
+  with open(tmp_path / 'w' / 'metrics.jsonl') as f:
+    recs = [json.loads(l) for l in f]
+  assert [r['step'] for r in recs if r['kind'] == 'train'] == [2, 3]
+  r = subprocess.run(cmd + ['--config.data.max_seq_length=128'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2
+  assert 'max_position_embeddings=64' in r.stderr
