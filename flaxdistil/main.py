@@ -19,6 +19,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exports.')
 flags.DEFINE_bool('multihost', None, 'Call jax.distributed.initialize(); default: auto-detect.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for clusters JAX cannot detect (e.g. CPU hosts).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process index (with --coordinator_address).')
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -27,6 +31,9 @@ _MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'SLURM_NTAS
 
 
 def _maybe_initialize_distributed():
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    return
   multihost = FLAGS.multihost
   if multihost is None:
     multihost = any(os.environ.get(k) for k in _MULTIHOST_ENV) and os.environ.get(

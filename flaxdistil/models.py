@@ -236,7 +236,11 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-  """Post-LN encoder layer (HF ``BertLayer`` / DistilBERT ``TransformerBlock``)."""
+  """Post-LN encoder layer (HF ``BertLayer`` / DistilBERT ``TransformerBlock``).
+
+  Dropout follows BERT for both model types (HF DistilBERT has no dropout after
+  the attention output projection); eval-mode outputs are identical.
+  """
   config: ModelConfig
 
   @nn.compact

@@ -6,6 +6,7 @@ context (an MLM loss can fall) while everything is generated from a seed.
 """
 
 import os
+import tempfile
 
 import numpy as np
 
@@ -36,12 +37,14 @@ def write_corpus(directory: str, *, seed: int = 0, vocab_words: int = 300,
            'eval_files': [os.path.join(directory, 'valid.txt')]}
   if all(os.path.exists(p) for p in paths['train_files'] + paths['eval_files']):
     return paths
+  # Several processes of one run may write at once: build privately, then rename.
+  staging = tempfile.mkdtemp(prefix='.synthetic', dir=directory)
   rng = np.random.default_rng(seed)
   words = _words(rng, vocab_words)
   vocab = SPECIAL_TOKENS + ['.', ','] + words
   from transformers import BertTokenizerFast  # pylint: disable=g-import-not-at-top
   # transformers v5 takes the vocab itself (`vocab_file=` is silently ignored there).
-  BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(directory)
+  BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(staging)
   # Sparse transition matrix: each word is followed by one of 4 likely words.
   nxt = rng.integers(0, len(words), size=(len(words), 4))
 
@@ -56,11 +59,12 @@ def write_corpus(directory: str, *, seed: int = 0, vocab_words: int = 300,
       sents.append(' '.join(toks) + ' .')
     return ' '.join(sents)
 
-  for path, n, s in ((paths['train_files'][0], train_documents, seed + 1),
-                     (paths['eval_files'][0], eval_documents, seed + 2)):
+  for name, n, s in (('train.txt', train_documents, seed + 1),
+                     ('valid.txt', eval_documents, seed + 2)):
     r = np.random.default_rng(s)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    with open(os.path.join(staging, name), 'w') as f:
       f.write('\n\n'.join(document(r) for _ in range(n)) + '\n')
-    os.replace(tmp, path)
+  for name in sorted(os.listdir(staging), key=lambda n: n.endswith('.txt')):  # text files last
+    os.replace(os.path.join(staging, name), os.path.join(directory, name))
+  os.rmdir(staging)
   return paths

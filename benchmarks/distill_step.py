@@ -1,0 +1,429 @@
+r"""Throughput of one distillation step: flaxdistil (JAX) vs. HF distiller.py-style PyTorch.
+
+A step = teacher forward (no grad) + student forward/backward + global-norm
+clipping + AdamW update, for bert-base-uncased (12 x 768, vocab 30522) ->
+6-layer DistilBERT shapes with random weights. The JAX side is the project's
+real step (`train.make_train_step` / `make_optimizer` / `state_layout`,
+`models.MaskedLM`, a data-parallel `sharding` mesh over all local devices,
+hyper-parameters of `configs/distilbert.py`). The PyTorch side is written the
+way HF `examples/research_projects/distillation/distiller.py` does it:
+transformers `BertForMaskedLM` teacher (eval, no_grad), `DistilBertForMaskedLM`
+student, KLDivLoss(batchmean) * T^2 over non-pad tokens + CE on masked tokens +
+CosineEmbeddingLoss on last hidden states, AdamW with distiller's param groups,
+`clip_grad_norm_`, `loss.item()` every step; bf16 autocast when --dtype bfloat16.
+
+Launch (from the repository root):
+
+  # GPU (H100 / H200), bf16, the paper's microbatch of 64 sequences:
+  python benchmarks/distill_step.py --batch_size 64 --dtype bfloat16 --steps 20 --warmup 3 \
+      --json_out /tmp/distill_step_gpu.json
+  # CPU smoke run at full bert-base shapes (a few minutes on 2 cores):
+  python benchmarks/distill_step.py --batch_size 4 --steps 3 --warmup 1 --json_out /tmp/cpu.json
+  # JAX only / tiny shapes:
+  python benchmarks/distill_step.py --skip_torch --hidden_size 128 --vocab_size 1024
+
+MFU = model FLOPs per step / step time / peak FLOP/s, model FLOPs = matmuls only
+(PaLM convention): teacher fwd 2*N_t*tokens, student fwd+bwd 6*N_s*tokens, N =
+layer matmul weights + MLM transform + tied vocab projection (H*V), plus
+attention 4*T*H per token per layer (x3 for the student). Peak: --peak_tflops,
+else dense datasheet peaks per device kind (H100/H200 bf16 989, fp32 = TF32
+494.5), else (CPU, unknown kinds) a measured big matmul in the compute dtype.
+Peak memory: JAX memory_stats()['peak_bytes_in_use'] (GPU/TPU) else
+compiled.memory_analysis() temp + argument (CPU); torch max_memory_allocated
+(GPU) else process RSS growth (CPU). The documented peak driver, the
+full-vocab logits [microbatch, seq, vocab] x bytes x 2 models, is reported.
+PyTorch runs first, then JAX; see benchmarks/README.md for the fairness notes
+(TF32, XLA preallocation off, per-step loss.item() as distiller does).
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+# Let PyTorch and JAX share one GPU; peak_bytes_in_use is exact either way.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+
+from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
+from flaxdistil import losses, models, sharding, train  # pylint: disable=wrong-import-position
+
+# Dense (no sparsity) peak TFLOP/s by device_kind substring: (bfloat16, float32).
+# float32 on GPU = TF32 tensor cores (JAX's default matmul precision there);
+# TPUs run float32 matmuls as bf16 passes by default.
+PEAK_TFLOPS = (
+    ('h100 pcie', (756.0, 378.0)),
+    ('h100', (989.0, 494.5)),
+    ('h200', (989.0, 494.5)),
+    ('gh200', (989.0, 494.5)),
+    ('a100', (312.0, 156.0)),
+    ('tpu v4', (275.0, 275.0)),
+    ('tpu v5 lite', (197.0, 197.0)),
+    ('tpu v5', (459.0, 459.0)),
+    ('tpu v6 lite', (918.0, 918.0)),
+)
+GIB = 1024 ** 3
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--batch_size', type=int, default=32, help='global batch (sequences per step)')
+  p.add_argument('--seq_len', type=int, default=128)
+  p.add_argument('--steps', type=int, default=10, help='timed steps')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                 help='compute dtype (params and optimizer state stay float32)')
+  p.add_argument('--teacher_layers', type=int, default=12)
+  p.add_argument('--student_layers', type=int, default=6)
+  p.add_argument('--hidden_size', type=int, default=768, help='heads = hidden/64, FFN = 4*hidden')
+  p.add_argument('--vocab_size', type=int, default=30522)
+  p.add_argument('--num_microbatches', type=int, default=1, help='gradient accumulation factor')
+  p.add_argument('--peak_tflops', type=float, default=0.0,
+                 help='peak TFLOP/s for MFU; 0 = per-device-kind default or measured')
+  p.add_argument('--skip_torch', action='store_true', help='time only the JAX step')
+  p.add_argument('--json_out', default='', help='write all results to this JSON file')
+  a = p.parse_args(argv)
+  if a.hidden_size % 64:
+    p.error(f'--hidden_size {a.hidden_size} must be a multiple of 64 (head size 64, as bert-base).')
+  if a.batch_size % a.num_microbatches:
+    p.error(f'--batch_size {a.batch_size} is not divisible by --num_microbatches {a.num_microbatches}.')
+  if a.steps < 1 or a.warmup < 0:
+    p.error('--steps must be >= 1 and --warmup >= 0.')
+  return a
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def model_flops(a) -> dict:
+  """Analytic model FLOPs of one step (matmuls only; see module docstring)."""
+  h, v, t = a.hidden_size, a.vocab_size, a.seq_len
+  per_layer = 4 * h * h + 2 * h * (4 * h)          # q, k, v, o + FFN in/out
+  head = h * h + h * v                             # MLM transform + tied vocab projection
+  n_t, n_s = a.teacher_layers * per_layer + head, a.student_layers * per_layer + head
+  attn = 4 * t * h                                 # QK^T and PV per token per layer (fwd)
+  tokens = a.batch_size * t
+  teacher = tokens * (2 * n_t + a.teacher_layers * attn)
+  student = tokens * 3 * (2 * n_s + a.student_layers * attn)
+  return {'teacher_matmul_params': n_t, 'student_matmul_params': n_s, 'tokens_per_step': tokens,
+          'teacher_fwd_flops': teacher, 'student_fwd_bwd_flops': student,
+          'flops_per_step': teacher + student}
+
+
+def peak_flops(a, device) -> tuple[float, str]:
+  """(peak FLOP/s, where it came from) for MFU."""
+  if a.peak_tflops > 0:
+    return a.peak_tflops * 1e12, '--peak_tflops'
+  kind = device.device_kind.lower()
+  if device.platform != 'cpu':
+    for key, (bf16, fp32) in PEAK_TFLOPS:
+      if key in kind:
+        return (bf16 if a.dtype == 'bfloat16' else fp32) * 1e12, f'datasheet ({device.device_kind}, {a.dtype})'
+  # CPU or an unknown accelerator: the best of a few large matmuls in the compute dtype.
+  n = 2048 if device.platform == 'cpu' else 8192
+  x = jax.device_put(jnp.ones((n, n), getattr(jnp, a.dtype)), device)
+  mm = jax.jit(lambda u, w: u @ w)
+  mm(x, x).block_until_ready()
+  best = float('inf')
+  for _ in range(3):
+    t0 = time.perf_counter()
+    mm(x, x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best, f'measured {n}x{n} {a.dtype} matmul on {device.device_kind}'
+
+
+def make_batch(a) -> dict:
+  """Packed-looking MLM batch: no padding, [CLS] ... [SEP], 15% of tokens predicted."""
+  rng = np.random.default_rng(0)
+  low = min(1000, a.vocab_size // 2)  # skip [unused]/special ids of the bert vocab
+  ids = rng.integers(low, a.vocab_size, size=(a.batch_size, a.seq_len), dtype=np.int32)
+  ids[:, 0], ids[:, -1] = 101 % a.vocab_size, 102 % a.vocab_size
+  chosen = rng.random(ids.shape) < 0.15
+  chosen[:, 0] = chosen[:, -1] = False
+  labels = np.where(chosen, ids, losses.IGNORE_INDEX).astype(np.int32)
+  return {'input_ids': np.where(chosen, 103 % a.vocab_size, ids).astype(np.int32),
+          'attention_mask': np.ones_like(ids), 'labels': labels}
+
+
+def _rss_bytes() -> int:
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _maxrss_bytes() -> int:
+  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return r if sys.platform == 'darwin' else r * 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- JAX
+
+def run_jax(a, host_batch) -> dict:
+  cfg = distilbert_config.get_config()
+  dtype = getattr(jnp, a.dtype)
+  tcfg = models.ModelConfig(model_type='bert', vocab_size=a.vocab_size, hidden_size=a.hidden_size,
+                            num_hidden_layers=a.teacher_layers,
+                            num_attention_heads=a.hidden_size // 64,
+                            intermediate_size=4 * a.hidden_size, dtype=dtype)
+  scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=a.student_layers)
+  d = cfg.distill
+  weights = losses.DistillWeights(temperature=d.temperature, alpha_ce=d.alpha_ce,
+                                  alpha_mlm=d.alpha_mlm, alpha_cos=d.alpha_cos,
+                                  alpha_mse=d.alpha_mse, restrict_ce_to_mask=d.restrict_ce_to_mask)
+
+  # Pure data parallelism over this host's devices (mesh (-1, 1, 1) of the recipe).
+  mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
+  rules = sharding.rules_tuple(cfg.mesh.logical_axis_rules)
+  sharding.check_batch_divisibility(a.batch_size, a.num_microbatches, mesh, rules)
+  tx, _ = train.make_optimizer(cfg.optim, cfg.num_train_steps)
+  state_shard, _ = train.state_layout(scfg, tx, mesh, rules)
+  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, rules)
+  b_shard = sharding.batch_sharding(mesh, rules)
+  replicated = state_shard['step']
+
+  t_params = jax.device_put(models.init_params(tcfg, jax.random.PRNGKey(0)), t_shard)
+  params = jax.device_put(models.init_params(scfg, jax.random.PRNGKey(1)), state_shard['params'])
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated), 'params': params,
+           'opt_state': jax.jit(tx.init, out_shardings=state_shard['opt_state'])(params),
+           'rng': jax.device_put(jax.random.PRNGKey(2), replicated),
+           'num_skipped': jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+  batch = sharding.make_global_batch(host_batch, b_shard, a.batch_size)
+
+  step_fn = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights,
+                                  a.num_microbatches)
+  t0 = time.perf_counter()
+  with sharding.mesh_context(mesh, rules):  # logical constraints apply while tracing
+    compiled = jax.jit(step_fn, in_shardings=(state_shard, t_shard, b_shard),
+                       out_shardings=(state_shard, replicated),
+                       donate_argnums=(0,)).lower(state, t_params, batch).compile()
+  compile_s = time.perf_counter() - t0
+
+  for _ in range(a.warmup):
+    state, metrics = compiled(state, t_params, batch)
+  jax.block_until_ready((state, t_params))
+  t0 = time.perf_counter()
+  for _ in range(a.steps):  # dispatch is asynchronous, as in the train loop
+    state, metrics = compiled(state, t_params, batch)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t0) / a.steps
+
+  out = {'step_time_s': step_s, 'compile_s': compile_s, 'loss': float(metrics['loss']),
+         'finite': bool(metrics['finite']),
+         'teacher_params': models.count_params(t_params),
+         'student_params': models.count_params(state['params'])}
+  stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
+  ma = compiled.memory_analysis()
+  if all('peak_bytes_in_use' in s for s in stats):
+    out['peak_memory_bytes'] = max(s['peak_bytes_in_use'] for s in stats)
+    out['peak_memory_source'] = "max over devices of memory_stats()['peak_bytes_in_use']"
+  elif ma is not None:
+    out['peak_memory_bytes'] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes)
+    out['peak_memory_source'] = 'compiled.memory_analysis() temp + argument (per device)'
+  if ma is not None:
+    out['memory_analysis'] = {k: int(getattr(ma, f'{k}_size_in_bytes', 0))
+                              for k in ('temp', 'argument', 'output', 'alias', 'generated_code')}
+  try:  # XLA's own count, a cross-check only (while-loop bodies may be counted once)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out['xla_cost_analysis_flops'] = float(cost['flops'])
+  except Exception:  # pylint: disable=broad-except
+    pass
+  del state, t_params, batch, compiled
+  gc.collect()
+  return out
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def run_torch(a, host_batch) -> dict:
+  """The same step as HF distiller.py `Distiller.step` + `optimize` (fp32 or bf16 autocast)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  cfg = distilbert_config.get_config()
+  d, o = cfg.distill, cfg.optim
+  dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  cuda = dev.type == 'cuda'
+  if cuda and a.dtype == 'float32':
+    torch.backends.cuda.matmul.allow_tf32 = True  # = JAX's default fp32 matmul precision on GPU
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+  torch.manual_seed(0)
+  gc.collect()
+  rss0 = _rss_bytes()
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+
+  heads, ffn = a.hidden_size // 64, 4 * a.hidden_size
+  teacher = transformers.BertForMaskedLM(transformers.BertConfig(
+      vocab_size=a.vocab_size, hidden_size=a.hidden_size, num_hidden_layers=a.teacher_layers,
+      num_attention_heads=heads, intermediate_size=ffn)).to(dev).eval()
+  student = transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+      vocab_size=a.vocab_size, dim=a.hidden_size, n_layers=a.student_layers, n_heads=heads,
+      hidden_dim=ffn)).to(dev).train()
+  no_decay = ['bias', 'LayerNorm.weight']  # distiller.py's param groups, verbatim
+  named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+  groups = [{'params': [p for n, p in named if not any(nd in n for nd in no_decay)],
+             'weight_decay': o.weight_decay},
+            {'params': [p for n, p in named if any(nd in n for nd in no_decay)],
+             'weight_decay': 0.0}]
+  optimizer = torch.optim.AdamW(groups, lr=o.learning_rate, eps=o.eps, betas=(o.b1, o.b2))
+  scheduler = transformers.get_linear_schedule_with_warmup(optimizer, o.warmup_steps,
+                                                           cfg.num_train_steps)
+  ce_loss_fct = nn.KLDivLoss(reduction='batchmean')
+  lm_loss_fct = nn.CrossEntropyLoss(ignore_index=-100)
+  cosine_loss_fct = nn.CosineEmbeddingLoss(reduction='mean')
+  temp = d.temperature
+
+  full = {k: torch.from_numpy(v).long().to(dev) for k, v in host_batch.items()}
+  micro = [{k: v.chunk(a.num_microbatches)[i] for k, v in full.items()}
+           for i in range(a.num_microbatches)]
+
+  def loss_fn(mb):
+    input_ids, attn_mask, lm_labels = mb['input_ids'], mb['attention_mask'].bool(), mb['labels']
+    s_out = student(input_ids=input_ids, attention_mask=attn_mask.long(), output_hidden_states=True)
+    with torch.no_grad():
+      t_out = teacher(input_ids=input_ids, attention_mask=attn_mask.long(), output_hidden_states=True)
+    s_logits, t_logits = s_out.logits, t_out.logits
+    mask = attn_mask.unsqueeze(-1).expand_as(s_logits)  # KL over non-pad tokens
+    s_slct = torch.masked_select(s_logits, mask).view(-1, s_logits.size(-1))
+    t_slct = torch.masked_select(t_logits, mask).view(-1, s_logits.size(-1))
+    loss_ce = ce_loss_fct(nn.functional.log_softmax(s_slct / temp, dim=-1),
+                          nn.functional.softmax(t_slct / temp, dim=-1)) * temp ** 2
+    loss = d.alpha_ce * loss_ce
+    loss = loss + d.alpha_mlm * lm_loss_fct(s_logits.view(-1, s_logits.size(-1)), lm_labels.view(-1))
+    s_h, t_h = s_out.hidden_states[-1], t_out.hidden_states[-1]
+    hmask = attn_mask.unsqueeze(-1).expand_as(s_h)
+    s_h = torch.masked_select(s_h, hmask).view(-1, s_h.size(-1))
+    t_h = torch.masked_select(t_h, hmask).view(-1, s_h.size(-1))
+    target = s_h.new(s_h.size(0)).fill_(1)
+    return loss + d.alpha_cos * cosine_loss_fct(s_h, t_h, target)
+
+  def step():
+    total = 0.0
+    for mb in micro:
+      with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == 'bfloat16'):
+        loss = loss_fn(mb)
+      (loss / a.num_microbatches).backward()
+      total += loss.item() / a.num_microbatches  # distiller logs loss.item() every iteration
+    nn.utils.clip_grad_norm_(student.parameters(), o.grad_clip_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    return total
+
+  for _ in range(a.warmup):
+    step()
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(a.steps):
+    loss = step()
+  sync()
+  out = {'step_time_s': (time.perf_counter() - t0) / a.steps, 'loss': loss,
+         'teacher_params': sum(p.numel() for p in teacher.parameters()),
+         'student_params': sum(p.numel() for p in student.parameters()),
+         'attn_implementation': student.config._attn_implementation}  # pylint: disable=protected-access
+  if cuda:
+    out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated())
+    out['peak_memory_source'] = 'torch.cuda.max_memory_allocated()'
+  else:
+    out['peak_memory_bytes'] = max(_maxrss_bytes() - rss0, 0)
+    out['peak_memory_source'] = 'process peak RSS - RSS before building the models'
+  out.update(device=str(torch.cuda.get_device_name() if cuda else 'cpu'),
+             num_threads=torch.get_num_threads(), version=torch.__version__,
+             transformers_version=transformers.__version__)
+  del teacher, student, optimizer, micro, full
+  gc.collect()
+  if cuda:
+    torch.cuda.empty_cache()  # hand the memory back before JAX runs
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def main(argv=None):
+  a = parse_args(argv)
+  device = jax.local_devices()[0]
+  flops = model_flops(a)
+  host_batch = make_batch(a)
+  load0 = os.getloadavg()
+  mb = a.batch_size // a.num_microbatches
+  logits_bytes = mb * a.seq_len * a.vocab_size * jnp.dtype(a.dtype).itemsize * 2
+  print(f'devices: {jax.local_device_count()} x {device.device_kind} ({device.platform}); '
+        f'jax {jax.__version__}; batch {a.batch_size} x {a.seq_len}, {a.dtype}, '
+        f'teacher {a.teacher_layers}x{a.hidden_size} -> student {a.student_layers}x{a.hidden_size}, '
+        f'vocab {a.vocab_size}, {a.num_microbatches} microbatch(es)', flush=True)
+
+  torch_res = None
+  if not a.skip_torch:
+    print('timing PyTorch (HF distiller.py-style step) ...', flush=True)
+    torch_res = run_torch(a, host_batch)
+  print('timing JAX (flaxdistil train_step) ...', flush=True)
+  jax_res = run_jax(a, host_batch)
+  peak, peak_src = peak_flops(a, device)
+  peak_total = peak * jax.local_device_count()  # MFU over every device of the mesh
+
+  for r in filter(None, (jax_res, torch_res)):
+    r['tokens_per_s'] = flops['tokens_per_step'] / r['step_time_s']
+    r['model_tflops_per_s'] = flops['flops_per_step'] / r['step_time_s'] / 1e12
+    r['mfu'] = flops['flops_per_step'] / r['step_time_s'] / peak_total
+  if torch_res is not None and (torch_res['device'] == 'cpu') != (device.platform == 'cpu'):
+    torch_res['mfu'] = None  # e.g. a CPU-only torch beside a GPU JAX: one peak does not fit both
+    print('WARNING: PyTorch ran on', torch_res['device'], 'but JAX on', device.platform)
+  ratio = jax_res['tokens_per_s'] / torch_res['tokens_per_s'] if torch_res else None
+
+  rows = [('step time (ms)', lambda r: f"{r['step_time_s'] * 1e3:.1f}"),
+          ('tokens/s', lambda r: f"{r['tokens_per_s']:,.0f}"),
+          ('model TFLOP/s', lambda r: f"{r['model_tflops_per_s']:.3f}"),
+          ('MFU', lambda r: '-' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"),
+          ('peak memory (GiB)', lambda r: f"{r.get('peak_memory_bytes', float('nan')) / GIB:.2f}"),
+          ('loss (last step)', lambda r: f"{r['loss']:.4f}"),
+          ('params teacher / student', lambda r: f"{r['teacher_params']:,} / {r['student_params']:,}")]
+  cols = [('JAX flaxdistil', jax_res)] + ([('PyTorch HF distiller-style', torch_res)] if torch_res else [])
+  print('\n| metric | ' + ' | '.join(c for c, _ in cols) + ' |')
+  print('|---|' + '---|' * len(cols))
+  for name, fmt in rows:
+    print(f'| {name} | ' + ' | '.join(fmt(r) for _, r in cols) + ' |')
+  print()
+  if ratio is not None:
+    print(f'JAX / PyTorch tokens/s: {ratio:.2f}x')
+  print(f"JAX compile (excluded from timing): {jax_res['compile_s']:.1f} s")
+  print(f"model FLOPs/step: {flops['flops_per_step'] / 1e9:,.1f} GFLOP (teacher fwd "
+        f"{flops['teacher_fwd_flops'] / 1e9:,.1f} + student fwd+bwd "
+        f"{flops['student_fwd_bwd_flops'] / 1e9:,.1f}); N_t={flops['teacher_matmul_params']:,}, "
+        f"N_s={flops['student_matmul_params']:,} matmul params incl. vocab projection")
+  if 'xla_cost_analysis_flops' in jax_res:
+    print(f"XLA cost_analysis FLOPs/step (cross-check): {jax_res['xla_cost_analysis_flops'] / 1e9:,.1f} GFLOP")
+  print(f'peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_src}); host load average '
+        f'{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after (CPU timings are noisy when > cores)')
+  print(f"JAX peak memory source: {jax_res.get('peak_memory_source')}"
+        + (f"; PyTorch: {torch_res['peak_memory_source']}" if torch_res else ''))
+  print(f'full-vocab logits per microbatch (peak driver): [{mb}, {a.seq_len}, {a.vocab_size}] x '
+        f'{jnp.dtype(a.dtype).itemsize} B x 2 models = {logits_bytes / GIB:.3f} GiB '
+        f'(+ float32 copies in the losses)')
+
+  if a.json_out:
+    result = {'args': vars(a), 'device_kind': device.device_kind, 'platform': device.platform,
+              'num_devices': jax.local_device_count(), 'jax_version': jax.__version__,
+              'host': platform.node(), 'cpu_count': os.cpu_count(),
+              'loadavg_before': load0, 'loadavg_after': os.getloadavg(),
+              'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'flops': flops,
+              'peak_flops_per_device': peak, 'peak_flops_source': peak_src,
+              'logits_bytes_per_microbatch': logits_bytes, 'jax': jax_res, 'torch': torch_res,
+              'jax_over_torch_tokens_per_s': ratio}
+    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
+    with open(a.json_out, 'w') as f:
+      json.dump(result, f, indent=1, default=str)
+    print(f'wrote {a.json_out}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,50 @@
+"""Two real processes (loopback coordinator, 2 CPU devices each) == one process with 4 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ['--config', 'configs/tiny.py', '--config.num_train_steps=4', '--config.eval_every_steps=0',
+        '--config.log_every_steps=2', '--config.checkpoint.async_save=False']
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_PLATFORMS='cpu')
+
+
+def test_two_processes_train_the_same_model_as_one(tmp_path):
+  port = _free_port()
+  multi = [subprocess.Popen(
+      [sys.executable, '-m', 'flaxdistil.main', *ARGS, '--workdir', str(tmp_path / 'multi'),
+       f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  single = subprocess.run(
+      [sys.executable, '-m', 'flaxdistil.main', *ARGS, '--workdir', str(tmp_path / 'single')],
+      cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
+  outs = [p.communicate(timeout=600)[0] for p in multi]
+  assert single.returncode == 0, single.stderr[-3000:]
+  for p, out in zip(multi, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'process 0/2, 2 local / 4 global devices' in outs[0]
+  # Only process 0 writes logs.
+  assert os.path.exists(tmp_path / 'multi' / 'metrics.jsonl')
+  from flaxdistil import export  # restores each checkpoint onto one CPU device
+  _, p_multi, _, step_m = export.load_student(str(tmp_path / 'multi'))
+  _, p_single, _, step_s = export.load_student(str(tmp_path / 'single'))
+  assert step_m == step_s == 4
+  import jax
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_multi),
+                          jax.tree_util.tree_leaves(p_single)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
