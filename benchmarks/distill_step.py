@@ -22,18 +22,11 @@ Launch (from the repository root):
   # JAX only / tiny shapes:
   python benchmarks/distill_step.py --skip_torch --hidden_size 128 --vocab_size 1024
 
-MFU = model FLOPs per step / step time / peak FLOP/s, model FLOPs = matmuls only
-(PaLM convention): teacher fwd 2*N_t*tokens, student fwd+bwd 6*N_s*tokens, N =
-layer matmul weights + MLM transform + tied vocab projection (H*V), plus
-attention 4*T*H per token per layer (x3 for the student). Peak: --peak_tflops,
-else dense datasheet peaks per device kind (H100/H200 bf16 989, fp32 = TF32
-494.5), else (CPU, unknown kinds) a measured big matmul in the compute dtype.
-Peak memory: JAX memory_stats()['peak_bytes_in_use'] (GPU/TPU) else
-compiled.memory_analysis() temp + argument (CPU); torch max_memory_allocated
-(GPU) else process RSS growth (CPU). The documented peak driver, the
-full-vocab logits [microbatch, seq, vocab] x bytes x 2 models, is reported.
-PyTorch runs first, then JAX; see benchmarks/README.md for the fairness notes
-(TF32, XLA preallocation off, per-step loss.item() as distiller does).
+MFU = model FLOPs per step / step time / peak FLOP/s, with model FLOPs = teacher fwd
+2*N_t*tokens + student fwd+bwd 6*N_s*tokens + attention, N including the vocab
+projection; peak from --peak_tflops, a per-device-kind table (H100/H200 bf16 989)
+or, on CPU, a measured matmul. Accounting, memory sources and fairness notes
+(TF32, XLA preallocation off, loss.item() per step): benchmarks/README.md.
 """
 
 import argparse
@@ -57,20 +50,11 @@ import numpy as np
 from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
 from flaxdistil import losses, models, sharding, train  # pylint: disable=wrong-import-position
 
-# Dense (no sparsity) peak TFLOP/s by device_kind substring: (bfloat16, float32).
-# float32 on GPU = TF32 tensor cores (JAX's default matmul precision there);
-# TPUs run float32 matmuls as bf16 passes by default.
-PEAK_TFLOPS = (
-    ('h100 pcie', (756.0, 378.0)),
-    ('h100', (989.0, 494.5)),
-    ('h200', (989.0, 494.5)),
-    ('gh200', (989.0, 494.5)),
-    ('a100', (312.0, 156.0)),
-    ('tpu v4', (275.0, 275.0)),
-    ('tpu v5 lite', (197.0, 197.0)),
-    ('tpu v5', (459.0, 459.0)),
-    ('tpu v6 lite', (918.0, 918.0)),
-)
+# Dense peak TFLOP/s by device_kind substring: (bfloat16, float32). float32 on GPU = TF32
+# tensor cores (JAX's default matmul precision there); TPUs run float32 dots as bf16 passes.
+PEAK_TFLOPS = (('h100 pcie', (756.0, 378.0)), ('h100', (989.0, 494.5)), ('h200', (989.0, 494.5)),
+               ('a100', (312.0, 156.0)), ('tpu v4', (275.0, 275.0)), ('tpu v5 lite', (197.0, 197.0)),
+               ('tpu v5', (459.0, 459.0)), ('tpu v6 lite', (918.0, 918.0)))
 GIB = 1024 ** 3
 
 
@@ -78,15 +62,14 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--batch_size', type=int, default=32, help='global batch (sequences per step)')
-  p.add_argument('--seq_len', type=int, default=128)
+  for name, default in (('seq_len', 128), ('teacher_layers', 12), ('student_layers', 6),
+                        ('vocab_size', 30522)):
+    p.add_argument(f'--{name}', type=int, default=default)
   p.add_argument('--steps', type=int, default=10, help='timed steps')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
   p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                  help='compute dtype (params and optimizer state stay float32)')
-  p.add_argument('--teacher_layers', type=int, default=12)
-  p.add_argument('--student_layers', type=int, default=6)
   p.add_argument('--hidden_size', type=int, default=768, help='heads = hidden/64, FFN = 4*hidden')
-  p.add_argument('--vocab_size', type=int, default=30522)
   p.add_argument('--num_microbatches', type=int, default=1, help='gradient accumulation factor')
   p.add_argument('--peak_tflops', type=float, default=0.0,
                  help='peak TFLOP/s for MFU; 0 = per-device-kind default or measured')
@@ -101,8 +84,6 @@ def parse_args(argv=None):
     p.error('--steps must be >= 1 and --warmup >= 0.')
   return a
 
-
-# ----------------------------------------------------------------------------- accounting
 
 def model_flops(a) -> dict:
   """Analytic model FLOPs of one step (matmuls only; see module docstring)."""
@@ -133,11 +114,7 @@ def peak_flops(a, device) -> tuple[float, str]:
   x = jax.device_put(jnp.ones((n, n), getattr(jnp, a.dtype)), device)
   mm = jax.jit(lambda u, w: u @ w)
   mm(x, x).block_until_ready()
-  best = float('inf')
-  for _ in range(3):
-    t0 = time.perf_counter()
-    mm(x, x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
+  best = min(_timed(lambda: mm(x, x).block_until_ready()) for _ in range(3))
   return 2 * n ** 3 / best, f'measured {n}x{n} {a.dtype} matmul on {device.device_kind}'
 
 
@@ -154,14 +131,15 @@ def make_batch(a) -> dict:
           'attention_mask': np.ones_like(ids), 'labels': labels}
 
 
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
 def _rss_bytes() -> int:
   with open('/proc/self/statm') as f:
     return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-def _maxrss_bytes() -> int:
-  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return r if sys.platform == 'darwin' else r * 1024  # Linux reports KiB
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -169,15 +147,12 @@ def _maxrss_bytes() -> int:
 def run_jax(a, host_batch) -> dict:
   cfg = distilbert_config.get_config()
   dtype = getattr(jnp, a.dtype)
-  tcfg = models.ModelConfig(model_type='bert', vocab_size=a.vocab_size, hidden_size=a.hidden_size,
-                            num_hidden_layers=a.teacher_layers,
-                            num_attention_heads=a.hidden_size // 64,
-                            intermediate_size=4 * a.hidden_size, dtype=dtype)
+  tcfg = models.ModelConfig(
+      model_type='bert', vocab_size=a.vocab_size, hidden_size=a.hidden_size, dtype=dtype,
+      num_hidden_layers=a.teacher_layers, num_attention_heads=a.hidden_size // 64,
+      intermediate_size=4 * a.hidden_size)
   scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=a.student_layers)
-  d = cfg.distill
-  weights = losses.DistillWeights(temperature=d.temperature, alpha_ce=d.alpha_ce,
-                                  alpha_mlm=d.alpha_mlm, alpha_cos=d.alpha_cos,
-                                  alpha_mse=d.alpha_mse, restrict_ce_to_mask=d.restrict_ce_to_mask)
+  weights = losses.DistillWeights(**{k: cfg.distill[k] for k in losses.DistillWeights._fields})
 
   # Pure data parallelism over this host's devices (mesh (-1, 1, 1) of the recipe).
   mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
@@ -216,8 +191,7 @@ def run_jax(a, host_batch) -> dict:
   step_s = (time.perf_counter() - t0) / a.steps
 
   out = {'step_time_s': step_s, 'compile_s': compile_s, 'loss': float(metrics['loss']),
-         'finite': bool(metrics['finite']),
-         'teacher_params': models.count_params(t_params),
+         'finite': bool(metrics['finite']), 'teacher_params': models.count_params(t_params),
          'student_params': models.count_params(state['params'])}
   stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
   ma = compiled.memory_analysis()
@@ -271,17 +245,14 @@ def run_torch(a, host_batch) -> dict:
       hidden_dim=ffn)).to(dev).train()
   no_decay = ['bias', 'LayerNorm.weight']  # distiller.py's param groups, verbatim
   named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-  groups = [{'params': [p for n, p in named if not any(nd in n for nd in no_decay)],
-             'weight_decay': o.weight_decay},
-            {'params': [p for n, p in named if any(nd in n for nd in no_decay)],
-             'weight_decay': 0.0}]
+  skip = lambda n: any(nd in n for nd in no_decay)
+  groups = [{'params': [p for n, p in named if not skip(n)], 'weight_decay': o.weight_decay},
+            {'params': [p for n, p in named if skip(n)], 'weight_decay': 0.0}]
   optimizer = torch.optim.AdamW(groups, lr=o.learning_rate, eps=o.eps, betas=(o.b1, o.b2))
   scheduler = transformers.get_linear_schedule_with_warmup(optimizer, o.warmup_steps,
                                                            cfg.num_train_steps)
-  ce_loss_fct = nn.KLDivLoss(reduction='batchmean')
-  lm_loss_fct = nn.CrossEntropyLoss(ignore_index=-100)
-  cosine_loss_fct = nn.CosineEmbeddingLoss(reduction='mean')
-  temp = d.temperature
+  ce_loss_fct, lm_loss_fct = nn.KLDivLoss(reduction='batchmean'), nn.CrossEntropyLoss(ignore_index=-100)
+  cosine_loss_fct, temp = nn.CosineEmbeddingLoss(reduction='mean'), d.temperature
 
   full = {k: torch.from_numpy(v).long().to(dev) for k, v in host_batch.items()}
   micro = [{k: v.chunk(a.num_microbatches)[i] for k, v in full.items()}
@@ -324,10 +295,9 @@ def run_torch(a, host_batch) -> dict:
     step()
   sync()
   t0 = time.perf_counter()
-  for _ in range(a.steps):
-    loss = step()
+  losses_ = [step() for _ in range(a.steps)]
   sync()
-  out = {'step_time_s': (time.perf_counter() - t0) / a.steps, 'loss': loss,
+  out = {'step_time_s': (time.perf_counter() - t0) / a.steps, 'loss': losses_[-1],
          'teacher_params': sum(p.numel() for p in teacher.parameters()),
          'student_params': sum(p.numel() for p in student.parameters()),
          'attn_implementation': student.config._attn_implementation}  # pylint: disable=protected-access
@@ -335,7 +305,8 @@ def run_torch(a, host_batch) -> dict:
     out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated())
     out['peak_memory_source'] = 'torch.cuda.max_memory_allocated()'
   else:
-    out['peak_memory_bytes'] = max(_maxrss_bytes() - rss0, 0)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    out['peak_memory_bytes'] = max(maxrss - rss0, 0)
     out['peak_memory_source'] = 'process peak RSS - RSS before building the models'
   out.update(device=str(torch.cuda.get_device_name() if cuda else 'cpu'),
              num_threads=torch.get_num_threads(), version=torch.__version__,
@@ -388,14 +359,12 @@ def main(argv=None):
           ('loss (last step)', lambda r: f"{r['loss']:.4f}"),
           ('params teacher / student', lambda r: f"{r['teacher_params']:,} / {r['student_params']:,}")]
   cols = [('JAX flaxdistil', jax_res)] + ([('PyTorch HF distiller-style', torch_res)] if torch_res else [])
-  print('\n| metric | ' + ' | '.join(c for c, _ in cols) + ' |')
-  print('|---|' + '---|' * len(cols))
+  print('\n| metric | ' + ' | '.join(c for c, _ in cols) + ' |\n|---|' + '---|' * len(cols))
   for name, fmt in rows:
     print(f'| {name} | ' + ' | '.join(fmt(r) for _, r in cols) + ' |')
   print()
-  if ratio is not None:
-    print(f'JAX / PyTorch tokens/s: {ratio:.2f}x')
-  print(f"JAX compile (excluded from timing): {jax_res['compile_s']:.1f} s")
+  print((f'JAX / PyTorch tokens/s: {ratio:.2f}x; ' if ratio else '')
+        + f"JAX compile (excluded from timing): {jax_res['compile_s']:.1f} s")
   print(f"model FLOPs/step: {flops['flops_per_step'] / 1e9:,.1f} GFLOP (teacher fwd "
         f"{flops['teacher_fwd_flops'] / 1e9:,.1f} + student fwd+bwd "
         f"{flops['student_fwd_bwd_flops'] / 1e9:,.1f}); N_t={flops['teacher_matmul_params']:,}, "

@@ -120,6 +120,15 @@ def _check_utf8(path: str, chunk: int = 16 << 20) -> None:
       offset += len(data)
 
 
+def _has_text(path: str) -> bool:
+  """False for empty / whitespace-only files (checked in O(first non-blank byte))."""
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      if chunk.strip():
+        return True
+  return False
+
+
 def _load_documents(path: str, hf_cache_dir: str, streaming: bool = False):
   """One `datasets` dataset of documents (column 'text') for one file."""
   import datasets  # lazy import: ~1 s, only needed on a cache miss
@@ -241,7 +250,7 @@ def load_packed_dataset(files: list[str], tokenizer, max_seq_length: int, *,
     else:
       hf_cache = os.path.join(cache_dir, 'hf_datasets')
     for f in files:
-      if os.path.getsize(f) == 0:  # datasets' text builder raises on empty files
+      if not _has_text(f):  # datasets' text builder raises on files without any text
         continue
       for batch in _load_documents(f, hf_cache).iter(batch_size=_TOKENIZE_BATCH):
         texts = batch['text']
