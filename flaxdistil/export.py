@@ -67,7 +67,10 @@ def load_student(workdir: str, step: int | None = None):
     config = ml_collections.ConfigDict(json.load(f))
   meta = checkpointing.read_meta(workdir, step)
   if meta is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
+    root = checkpointing.checkpoint_dir(workdir)
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    raise FileNotFoundError(f'no checkpoint{"" if step is None else f" for step {step}"} in {root}; '
+                            f'available steps: {steps}.')
   scfg = models.ModelConfig(**meta["fingerprint"]["student_config"])
   tx, _ = train.make_optimizer(config.optim, config.num_train_steps)
   mesh = sharding.create_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:1])

@@ -238,8 +238,8 @@ class SelfAttention(nn.Module):
 class TransformerLayer(nn.Module):
   """Post-LN encoder layer (HF ``BertLayer`` / DistilBERT ``TransformerBlock``).
 
-  Dropout follows BERT for both model types (HF DistilBERT has no dropout after
-  the attention output projection); eval-mode outputs are identical.
+  Dropout as in HF: BERT drops the attention output before the residual,
+  DistilBERT's ``TransformerBlock`` does not.
   """
   config: ModelConfig
 
@@ -248,7 +248,8 @@ class TransformerLayer(nn.Module):
     """x: [B, T, H] -> ([B, T, H], attention probs [B, heads, T, T])."""
     cfg = self.config
     attn, probs = SelfAttention(cfg, name='attention')(x, bias, deterministic)
-    attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
+    if cfg.model_type == 'bert':
+      attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, 'attention_layer_norm')(x + attn)
     h = _dense(cfg, cfg.intermediate_size, (('embed', 'mlp'), ('mlp',)),
                'intermediate')(x)
@@ -319,7 +320,8 @@ class MaskedLM(nn.Module):
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                deterministic: bool = True,
-               output_attentions: bool = False) -> ModelOutput:
+               output_attentions: bool = False,
+               logits_positions=None) -> ModelOutput:
     """Runs the model.
 
     Args:
@@ -331,6 +333,12 @@ class MaskedLM(nn.Module):
         for ``model_type='distilbert'``, which has no token types.
       deterministic: False enables dropout and needs a 'dropout' rng.
       output_attentions: also return per-layer attention probabilities.
+      logits_positions: optional [batch, num_positions] int32 indices into
+        seq_len; the MLM head then runs only there and `logits` is
+        [batch, num_positions, vocab_size]. With MLM and KL terms restricted
+        to masked tokens this skips ~85% of the vocab projection, the most
+        expensive matmul of a small model (BERT pretraining's
+        `masked_lm_positions` does the same).
 
     Returns:
       ModelOutput (see its docstring for shapes).
@@ -366,7 +374,10 @@ class MaskedLM(nn.Module):
     hidden_states, attentions = self.encoder(x, bias, deterministic)
     logits = None
     if cfg.with_mlm_head:
-      logits = self.mlm_head(hidden_states[-1], self.embeddings)
+      h = hidden_states[-1]
+      if logits_positions is not None:
+        h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)  # [B, M, H]
+      logits = self.mlm_head(h, self.embeddings)
     return ModelOutput(
         logits=logits,
         hidden_states=hidden_states,

@@ -198,6 +198,11 @@ def build_run(config, workdir: str) -> Run:
       temperature=config.distill.temperature, alpha_ce=config.distill.alpha_ce,
       alpha_mlm=config.distill.alpha_mlm, alpha_cos=config.distill.alpha_cos,
       alpha_mse=config.distill.alpha_mse, restrict_ce_to_mask=config.distill.restrict_ce_to_mask)
+  if config.distill.max_predictions_per_seq and (weights.alpha_ce or weights.alpha_mse) and not (
+      weights.restrict_ce_to_mask):
+    raise ConfigError('distill.max_predictions_per_seq>0 computes logits on masked tokens only: set '
+                      'distill.restrict_ce_to_mask=True (or alpha_ce=alpha_mse=0), or set '
+                      'max_predictions_per_seq=0.')
   if tcfg is not None and weights.alpha_cos and tcfg.hidden_size != scfg.hidden_size:
     raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
                       f'student {scfg.hidden_size}); set distill.alpha_cos=0.')

@@ -109,8 +109,26 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules) -> Any:
     abstract_boxed_params: `jax.eval_shape` of `model.init(...)['params']`,
       still holding `nn.LogicallyPartitioned` boxes (`models.abstract_params`).
   """
-  specs = nn.get_partition_spec(abstract_boxed_params)
-  return logical_to_shardings(specs, mesh, rules)
+  shardings = logical_to_shardings(nn.get_partition_spec(abstract_boxed_params), mesh, rules)
+  shapes = nn.meta.unbox(abstract_boxed_params)
+  return jax.tree.map(lambda sh, x: _fit(sh, x.shape), shardings, shapes)
+
+
+def _fit(named: NamedSharding, shape) -> NamedSharding:
+  """Replicates any dimension its mesh axes do not divide evenly.
+
+  E.g. vocab 30522 over a tensor axis of 4: JAX cannot place uneven shards, and
+  replicating that one dimension (the embedding's other dimension stays
+  sharded) is cheaper than padding the vocabulary.
+  """
+  spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+  for i, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = (axes,) if isinstance(axes, str) else axes
+    if shape[i] % math.prod(named.mesh.shape[a] for a in names):
+      spec[i] = None
+  return NamedSharding(named.mesh, PartitionSpec(*spec))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, p_shardings,

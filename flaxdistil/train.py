@@ -76,8 +76,32 @@ def _split_microbatches(x, num_microbatches: int):
   return x.reshape((b // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
 
 
+def masked_positions(labels, max_predictions: int):
+  """First `max_predictions` masked positions per row and their labels.
+
+  Args:
+    labels: `[B, T]` int32, -100 where not predicted.
+  Returns:
+    `(positions [B, M] int32, labels [B, M] int32)`; rows with fewer masked
+    tokens are filled with position 0 and label -100 (ignored), rows with
+    more lose the excess (choose M well above `mlm_probability * T`).
+  """
+  order = jnp.argsort(labels == losses.IGNORE_INDEX, axis=-1, stable=True)[:, :max_predictions]
+  gathered = jnp.take_along_axis(labels, order, axis=1)
+  return jnp.where(gathered == losses.IGNORE_INDEX, 0, order).astype(jnp.int32), gathered
+
+
+def _restrict_to_masked(batch, max_predictions: int):
+  """Adds `logits_positions` and replaces `labels` by the gathered `[B, M]` ones."""
+  if not max_predictions:
+    return batch
+  pos, labels = masked_positions(batch['labels'], max_predictions)
+  return dict(batch, logits_positions=pos, labels=labels)
+
+
 def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: losses.DistillWeights,
-                    num_microbatches: int, skip_nonfinite: bool = True):
+                    num_microbatches: int, skip_nonfinite: bool = True,
+                    max_predictions_per_seq: int = 0):
   """Builds `train_step(state, teacher_params, batch) -> (state, metrics)`.
 
   Args:
@@ -91,6 +115,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
     skip_nonfinite: a non-finite loss or gradient leaves params and optimizer
       state unchanged and increments `num_skipped` (always true inside the
       step; the host decides whether to stop).
+    max_predictions_per_seq: >0 runs the MLM heads of student and teacher
+      only on up to that many masked positions per sequence (needs
+      `restrict_ce_to_mask` or no KL/MSE term); 0 = logits everywhere.
 
   The batch: dict of `input_ids`, `attention_mask`, `labels`, all
   `[global_batch, seq_len]` int32.
@@ -98,18 +125,27 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   need_teacher = teacher is not None and (weights.alpha_ce or weights.alpha_cos or weights.alpha_mse)
 
   def loss_fn(params, teacher_params, mb, counts, rng):
+    pos = mb.get('logits_positions')
     s_out = student.apply({'params': params}, mb['input_ids'], mb['attention_mask'],
-                          deterministic=False, rngs={'dropout': rng})
+                          deterministic=False, rngs={'dropout': rng}, logits_positions=pos)
     t_out = None
     if need_teacher:
       t_out = jax.lax.stop_gradient(teacher.apply(
-          {'params': teacher_params}, mb['input_ids'], mb['attention_mask'], deterministic=True))
+          {'params': teacher_params}, mb['input_ids'], mb['attention_mask'], deterministic=True,
+          logits_positions=pos))
     terms = losses.distillation_terms(s_out, t_out, mb, weights)
     return losses.combine(terms, counts, weights), terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+  if max_predictions_per_seq and (weights.alpha_ce or weights.alpha_mse) and not (
+      weights.restrict_ce_to_mask):
+    raise ValueError('distill.max_predictions_per_seq>0 computes logits on masked tokens only: '
+                     'set distill.restrict_ce_to_mask=True (or alpha_ce=alpha_mse=0), or '
+                     'max_predictions_per_seq=0.')
+
   def train_step(state: State, teacher_params, batch):
+    batch = _restrict_to_masked(batch, max_predictions_per_seq)
     counts = losses.term_counts(batch, weights)  # global normalisers
     step_rng = jax.random.fold_in(state['rng'], state['step'])
     mbs = jax.tree.map(lambda x: _split_microbatches(x, num_microbatches), batch)
@@ -151,7 +187,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   return train_step
 
 
-def make_eval_step(model: nn.Module):
+def make_eval_step(model: nn.Module, max_predictions_per_seq: int = 0):
   """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for held-out metrics.
 
   `pairs` holds `(sum, count)` of masked-token NLL (`mlm`), top-1 accuracy
@@ -160,8 +196,9 @@ def make_eval_step(model: nn.Module):
   """
 
   def eval_step(params, batch, reference_top1=None):
+    batch = _restrict_to_masked(batch, max_predictions_per_seq)
     out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
-                      deterministic=True)
+                      deterministic=True, logits_positions=batch.get('logits_positions'))
     top1 = jnp.argmax(out.logits, -1)
     pairs = {'mlm': losses.mlm_cross_entropy(out.logits, batch['labels']),
              'acc': losses.accuracy(out.logits, batch['labels'])}
@@ -327,14 +364,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   run.student_params = run.teacher_params = None  # host copies no longer needed
 
   teacher_model = run.teacher_model if t_params is not None else None
+  max_pred = config.distill.max_predictions_per_seq
   step_fn = make_train_step(run.student_model, teacher_model, tx, weights,
-                            config.optim.num_microbatches)
+                            config.optim.num_microbatches, max_predictions_per_seq=max_pred)
   with sharding.mesh_context(mesh, rules):
     p_train_step = jax.jit(step_fn, in_shardings=(state_shard, None if t_params is None else t_shard,
                                                   b_shard),
                            out_shardings=(state_shard, replicated), donate_argnums=(0,))
-  s_eval = jax.jit(make_eval_step(run.student_model))
-  t_eval = jax.jit(make_eval_step(run.teacher_model)) if t_params is not None else None
+  s_eval = jax.jit(make_eval_step(run.student_model, max_pred))
+  t_eval = jax.jit(make_eval_step(run.teacher_model, max_pred)) if t_params is not None else None
 
   shard_batch = functools.partial(_to_global, batch_sharding=b_shard)
   # eval_batches() gives global batches; each host feeds its own rows.

@@ -299,3 +299,14 @@ def test_count_params_on_boxed_unboxed_and_abstract(bert_params):
   layer = 4 * (32 * 32 + 32) + 64 + (32 * 64 + 64) + (64 * 32 + 32) + 64
   head = 32 * 32 + 32 + 64 + 97
   assert n == 97 * 32 + 16 * 32 + 2 * 32 + 64 + 2 * layer + head
+
+
+def test_logits_positions_equal_gathered_full_logits(bert_params):
+  cfg = _cfg('bert')
+  ids, mask = _inputs()
+  full = MaskedLM(cfg).apply({'params': bert_params}, ids, mask).logits  # [B, T, V]
+  pos = jnp.array([[0, 4, 8], [1, 1, 3], [2, 0, 5]], jnp.int32)
+  part = MaskedLM(cfg).apply({'params': bert_params}, ids, mask, logits_positions=pos).logits
+  assert part.shape == (3, 3, cfg.vocab_size)
+  np.testing.assert_allclose(part, jnp.take_along_axis(full, pos[..., None], axis=1),
+                             rtol=1e-5, atol=1e-5)

@@ -188,3 +188,32 @@ def test_main_cli_two_steps_then_resume_and_bad_input(tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2
   assert 'max_position_embeddings=64' in r.stderr
+
+
+def test_masked_positions_gather():
+  labels = jnp.array([[-100, 5, -100, 7, 9], [-100, -100, -100, -100, 3]])
+  pos, lab = train.masked_positions(labels, 2)
+  np.testing.assert_array_equal(pos, [[1, 3], [4, 0]])
+  np.testing.assert_array_equal(lab, [[5, 7], [3, -100]])
+
+
+def test_logits_on_masked_positions_only_gives_the_same_step():
+  """max_predictions_per_seq only skips work: same loss and update as full logits."""
+  tcfg, scfg, tparams, sparams, batch = _setup()
+  optim = tiny.get_config().optim
+  optim.warmup_steps = 0
+  tx, _ = train.make_optimizer(optim, 10)
+  w = losses.DistillWeights(restrict_ce_to_mask=True, alpha_mse=0.1)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': sparams, 'opt_state': tx.init(sparams),
+           'rng': jax.random.PRNGKey(0), 'num_skipped': jnp.zeros((), jnp.int32)}
+  outs = []
+  for max_pred in (0, 12):
+    step = jax.jit(train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, w, 2,
+                                         max_predictions_per_seq=max_pred))
+    outs.append(step(state, tparams, batch))
+  for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_mse', 'loss_cos'):
+    np.testing.assert_allclose(outs[0][1][k], outs[1][1][k], rtol=1e-5)
+  _assert_trees_close(outs[0][0]['params'], outs[1][0]['params'])
+  with pytest.raises(ValueError, match='restrict_ce_to_mask'):
+    train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                          losses.DistillWeights(), 1, max_predictions_per_seq=8)
