@@ -10,19 +10,25 @@ student on the same padded batch and checks that logits agree
 (`hf_conversion.export_hf`). Nothing is left in OUT_DIR on failure.
 """
 
+import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from flaxdistil import checkpointing
 from flaxdistil import hf_conversion
 from flaxdistil import models
+from flaxdistil.models import ModelConfig
 from flaxdistil import sharding
 from flaxdistil import train
 
@@ -32,6 +38,146 @@ flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest readabl
 flags.DEFINE_string('out', None, 'Output directory (must not exist unless --overwrite).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the written weights.')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
+
+
+_TORCH_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _verify_export(model_dir: str, params, config: ModelConfig, dtype: str,
+                   atol: float) -> float:
+  """Loads ``model_dir`` with transformers and compares logits to Flax."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+      model_dir, output_loading_info=True, dtype=torch.float32)
+  problems = {k: sorted(v) for k, v in info.items() if v}
+  if problems:
+    raise ValueError(f'Export verification failed: transformers reported '
+                     f'loading problems {problems}.')
+  want_cls = ('BertForMaskedLM' if config.model_type == 'bert'
+              else 'DistilBertForMaskedLM')
+  if type(model).__name__ != want_cls:
+    raise ValueError(f'Export verification failed: loaded as '
+                     f'{type(model).__name__}, expected {want_cls}.')
+  model.eval()
+  # Fixed batch [2, T]: odd T, second row padded after (T + 1) // 2 tokens.
+  t = min(13, config.max_position_embeddings)
+  ids = np.random.default_rng(1234).integers(0, config.vocab_size, (2, t))
+  mask = np.ones((2, t), np.int32)
+  mask[1, (t + 1) // 2:] = 0
+  ids = np.where(mask == 1, ids, config.pad_token_id).astype(np.int32)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+  # Compare against the weights as actually stored (rounded to `dtype`).
+  stored = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(x, jnp.float32).astype(dtype).astype(jnp.float32),
+      models.unbox(params))
+  flax_cfg = dataclasses.replace(config, dtype=jnp.float32, remat=False)
+  ours = models.MaskedLM(flax_cfg).apply({'params': stored}, ids, mask).logits
+  max_diff = float(np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max())
+  if not np.isfinite(max_diff) or max_diff > atol:
+    raise ValueError(
+        f'Export verification failed: max |logits(torch) - logits(flax)| = '
+        f'{max_diff:.3g} > atol {atol:g}. Nothing was written.')
+  return max_diff
+
+
+def export_hf(params, config: ModelConfig, out_dir: str, *,
+              tokenizer_path: str | None = None, model_card: str | None = None,
+              dtype: str = 'float32', verify: bool = True, atol: float = 1e-4,
+              overwrite: bool = False) -> dict:
+  """Writes a transformers ``*ForMaskedLM`` directory atomically.
+
+  Writes config.json, model.safetensors (tensors in ``dtype``), tokenizer files
+  (``AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained``) and
+  README.md (``model_card`` text, skipped if None) into a temporary directory
+  beside ``out_dir``. If ``verify``, loads it with
+  ``AutoModelForMaskedLM.from_pretrained(output_loading_info=True)`` (no
+  missing/unexpected/mismatched keys allowed) and compares float32 logits on a
+  fixed padded batch with the Flax model (max abs diff over real tokens <=
+  ``atol``). Only then is the directory renamed to ``out_dir``; on any failure
+  the temporary directory is deleted and nothing is left behind.
+
+  Params must be host-local / fully addressable (gather sharded params first).
+
+  Returns:
+    {'path': absolute out_dir, 'max_abs_diff': float or None if not verified}.
+
+  Raises:
+    FileExistsError: out_dir exists and overwrite=False.
+    ValueError: no MLM head, unknown dtype, tokenizer larger than vocab_size,
+      or verification failure.
+    FileNotFoundError / ValueError: tokenizer_path cannot be loaded.
+  """
+  if not config.with_mlm_head:
+    raise ValueError('export_hf needs a model with an MLM head '
+                     '(config.with_mlm_head=True).')
+  if dtype not in _TORCH_DTYPES:
+    raise ValueError(f'dtype must be one of {_TORCH_DTYPES}, got {dtype!r}.')
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  if os.path.exists(out_dir) and (not overwrite or not os.path.isdir(out_dir)):
+    raise FileExistsError(f'{out_dir} already exists; pass overwrite=True (only '
+                          f'for a directory) or choose another directory.')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    hf_config = hf_conversion.config_to_hf(config)
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(tmp)
+    tdtype = getattr(torch, dtype)
+    tensors = {k: torch.from_numpy(v).to(tdtype).contiguous()
+               for k, v in hf_conversion.params_to_hf_state_dict(params, config).items()}
+    save_file(tensors, os.path.join(tmp, 'model.safetensors'),
+              metadata={'format': 'pt'})
+    if tokenizer_path is not None:
+      _save_tokenizer(tokenizer_path, tmp, config)
+    if model_card is not None:
+      with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
+        f.write(model_card)
+    max_diff = _verify_export(tmp, params, config, dtype, atol) if verify else None
+    _move_into_place(tmp, out_dir, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {'path': out_dir, 'max_abs_diff': max_diff}
+
+
+def _save_tokenizer(tokenizer_path: str, target: str, config: ModelConfig):
+  import transformers  # pylint: disable=g-import-not-at-top
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'Could not load tokenizer from {tokenizer_path!r} '
+                     f'({type(e).__name__}: {e}); pass a directory with '
+                     f'tokenizer files (vocab.txt / tokenizer.json).') from e
+  if len(tok) > config.vocab_size:
+    raise ValueError(
+        f'Tokenizer {tokenizer_path!r} has {len(tok)} tokens but the model '
+        f'vocab_size is {config.vocab_size}; use the tokenizer the model was '
+        f'trained with.')
+  tok.save_pretrained(target)
+
+
+def _move_into_place(tmp: str, out_dir: str, overwrite: bool):
+  """Renames tmp -> out_dir; an existing out_dir is swapped out, not merged."""
+  if not os.path.exists(out_dir):
+    os.rename(tmp, out_dir)
+    return
+  if not overwrite:
+    raise FileExistsError(f'{out_dir} appeared during export; not replacing it.')
+  backup = tmp + '.old'  # unique: tmp came from mkdtemp
+  os.rename(out_dir, backup)
+  try:
+    os.rename(tmp, out_dir)
+  except BaseException:
+    os.rename(backup, out_dir)
+    raise
+  shutil.rmtree(backup, ignore_errors=True)
 
 
 def _model_card(meta: dict, step: int, cfg: models.ModelConfig) -> str:
@@ -89,7 +235,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'flo
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f'--out {out} already exists; choose a new directory or pass --overwrite.')
   scfg, params, meta, step = load_student(workdir, step)
-  report = hf_conversion.export_hf(
+  report = export_hf(
       params, scfg, out, tokenizer_path=meta.get('info', {}).get('tokenizer'),
       model_card=_model_card(meta, step, scfg), dtype=dtype, overwrite=overwrite)
   report['step'] = step

@@ -15,7 +15,7 @@ Sec. 2 "triple loss"):
        + alpha_mse * sum_v (s - t)^2                             (optional; HF: MSELoss(sum) / num_tokens)
 """
 
-from typing import Mapping, NamedTuple, Optional, Tuple
+from typing import Mapping, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp

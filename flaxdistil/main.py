@@ -64,6 +64,9 @@ def main(argv):
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as e:  # optim.on_nonfinite='stop'
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == '__main__':

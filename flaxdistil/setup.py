@@ -14,7 +14,6 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flaxdistil import hf_conversion
 from flaxdistil import input_pipeline

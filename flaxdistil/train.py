@@ -9,7 +9,6 @@ With all teacher alphas at 0 the same loop trains plain MLM (no teacher
 forward), which is the from-scratch baseline and a way to pretrain a teacher.
 """
 
-import dataclasses
 import functools
 import json
 import math
@@ -22,7 +21,6 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from flaxdistil import checkpointing

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 import transformers
 
+from flaxdistil import export
 from flaxdistil import hf_conversion as hc
 from flaxdistil import models
 
@@ -156,7 +157,7 @@ def test_real_minilm_hidden_states_match_bertmodel():
 def test_import_export_import_is_bit_identical(ckpt, kind, tmp_path):
   src = ckpt(kind, 'a')
   cfg, params = hc.load_hf_model(src)
-  result = hc.export_hf(params, cfg, str(tmp_path / 'out'))
+  result = export.export_hf(params, cfg, str(tmp_path / 'out'))
   assert result['path'] == str(tmp_path / 'out')
   assert 0 <= result['max_abs_diff'] <= 1e-4
   cfg2, params2 = hc.load_hf_model(str(tmp_path / 'out'))
@@ -194,7 +195,7 @@ def test_export_writes_tokenizer_and_model_card(ckpt, tmp_path):
   cfg, params = hc.load_hf_model(ckpt('distilbert', 'b'))
   tok_dir = _tiny_tokenizer(tmp_path / 'tok', 50)
   out = tmp_path / 'out'
-  hc.export_hf(params, cfg, str(out), tokenizer_path=tok_dir,
+  export.export_hf(params, cfg, str(out), tokenizer_path=tok_dir,
                model_card='# tiny student\nDistilled.\n')
   assert (out / 'README.md').read_text() == '# tiny student\nDistilled.\n'
   assert {'config.json', 'model.safetensors', 'tokenizer.json',
@@ -207,7 +208,7 @@ def test_export_rejects_tokenizer_larger_than_vocab(ckpt, tmp_path):
   cfg, params = hc.load_hf_model(ckpt('distilbert', 'b'))  # vocab 517
   tok_dir = _tiny_tokenizer(tmp_path / 'tok', 600)
   with pytest.raises(ValueError, match='605 tokens but the model vocab_size is 517'):
-    hc.export_hf(params, cfg, str(tmp_path / 'out'), tokenizer_path=tok_dir)
+    export.export_hf(params, cfg, str(tmp_path / 'out'), tokenizer_path=tok_dir)
   assert sorted(os.listdir(tmp_path)) == ['tok']
 
 
@@ -217,9 +218,9 @@ def test_export_refuses_existing_dir_and_overwrites_atomically(ckpt, tmp_path):
   out.mkdir()
   (out / 'old.txt').write_text('old')
   with pytest.raises(FileExistsError, match='overwrite=True'):
-    hc.export_hf(params, cfg, str(out))
+    export.export_hf(params, cfg, str(out))
   assert os.listdir(out) == ['old.txt']
-  hc.export_hf(params, cfg, str(out), overwrite=True)
+  export.export_hf(params, cfg, str(out), overwrite=True)
   assert 'old.txt' not in os.listdir(out) and 'model.safetensors' in os.listdir(out)
   assert sorted(os.listdir(tmp_path)) == ['out']
 
@@ -236,20 +237,20 @@ def test_failed_verification_leaves_nothing(ckpt, tmp_path, monkeypatch):
     return sd
   monkeypatch.setattr(hc, 'params_to_hf_state_dict', corrupted)
   with pytest.raises(ValueError, match='verification failed'):
-    hc.export_hf(params, cfg, str(tmp_path / 'new'))
+    export.export_hf(params, cfg, str(tmp_path / 'new'))
   assert os.listdir(tmp_path) == []
   # A failed overwrite keeps the previous export intact.
   (tmp_path / 'prev').mkdir()
   (tmp_path / 'prev' / 'keep.txt').write_text('x')
   with pytest.raises(ValueError, match='verification failed'):
-    hc.export_hf(params, cfg, str(tmp_path / 'prev'), overwrite=True)
+    export.export_hf(params, cfg, str(tmp_path / 'prev'), overwrite=True)
   assert os.listdir(tmp_path) == ['prev']
   assert os.listdir(tmp_path / 'prev') == ['keep.txt']
 
 
 def test_export_bfloat16_stores_bf16_and_verifies(ckpt, tmp_path):
   cfg, params = hc.load_hf_model(ckpt('distilbert', 'a'))
-  res = hc.export_hf(params, cfg, str(tmp_path / 'out'), dtype='bfloat16')
+  res = export.export_hf(params, cfg, str(tmp_path / 'out'), dtype='bfloat16')
   assert res['max_abs_diff'] <= 1e-4
   sd = safetensors.torch.load_file(str(tmp_path / 'out' / 'model.safetensors'))
   assert all(v.dtype == torch.bfloat16 for v in sd.values())
@@ -267,7 +268,7 @@ def test_export_without_head_is_rejected(tmp_path):
                            with_mlm_head=False)
   params = models.init_params(cfg, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='MLM head'):
-    hc.export_hf(params, cfg, str(tmp_path / 'out'))
+    export.export_hf(params, cfg, str(tmp_path / 'out'))
 
 
 def test_missing_and_unexpected_tensors_are_listed(ckpt):

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +216,16 @@ def test_logits_on_masked_positions_only_gives_the_same_step():
   with pytest.raises(ValueError, match='restrict_ce_to_mask'):
     train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
                           losses.DistillWeights(), 1, max_predictions_per_seq=8)
+
+
+def test_nonfinite_steps_are_skipped_or_stop_the_run(tmp_path):
+  # An absurd learning rate blows the parameters up; the loss turns non-finite.
+  skip = _run(tmp_path / 'skip', num_train_steps=6, log_every_steps=1, eval_every_steps=0,
+              **{'optim.learning_rate': 1e30, 'optim.warmup_steps': 0})
+  assert skip['num_skipped'] > 0
+  from flaxdistil import export
+  _, params, _, _ = export.load_student(str(tmp_path / 'skip'))
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    _run(tmp_path / 'stop', num_train_steps=6, log_every_steps=1, eval_every_steps=0,
+         **{'optim.learning_rate': 1e30, 'optim.warmup_steps': 0, 'optim.on_nonfinite': 'stop'})
