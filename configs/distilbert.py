@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_files = ()            # held-out files for evaluation
   c.data.tokenizer = ''             # '' = the teacher's tokenizer (teacher.path)
   c.data.synthetic = False          # generate a small corpus + tokenizer in the workdir
+  c.data.streaming = False          # pack on the fly (datasets streaming) for corpora larger
+                                    # than memory; corpus order, no shuffling
   c.data.max_seq_length = 128       # tokens per packed sequence incl. [CLS]/[SEP]
   c.data.global_batch_size = 4096   # sequences per optimizer step (all hosts)
   c.data.eval_batch_size = 64       # sequences per eval batch

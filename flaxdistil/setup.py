@@ -207,9 +207,12 @@ def build_run(config, workdir: str) -> Run:
                       f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
 
   cache_dir = d.cache_dir or os.path.join(workdir, 'data_cache')
+  if d.streaming and config.distill.mlm_smoothing:
+    raise ConfigError('distill.mlm_smoothing needs token counts of the whole corpus; it is not '
+                      'available with data.streaming=True.')
   try:
-    packed = input_pipeline.load_packed_dataset(train_files, tokenizer, d.max_seq_length,
-                                                cache_dir=cache_dir)
+    packed = None if d.streaming else input_pipeline.load_packed_dataset(
+        train_files, tokenizer, d.max_seq_length, cache_dir=cache_dir)
     packed_eval = input_pipeline.load_packed_dataset(eval_files, tokenizer, d.max_seq_length,
                                                      cache_dir=cache_dir) if eval_files else None
   except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
@@ -221,10 +224,17 @@ def build_run(config, workdir: str) -> Run:
   if config.distill.mlm_smoothing:
     token_probs = input_pipeline.token_probabilities(packed, scfg.vocab_size,
                                                      config.distill.mlm_smoothing, special_ids)
-  logging.info('train: %d packed sequences of %d tokens; eval: %s', len(packed), d.max_seq_length,
+  logging.info('train: %s packed sequences of %d tokens; eval: %s',
+               'streamed' if packed is None else len(packed), d.max_seq_length,
                None if packed_eval is None else len(packed_eval))
 
   def train_batches(start_step: int):
+    if d.streaming:  # position = step: resuming re-reads and skips start_step batches
+      return input_pipeline.streaming_batches(
+          train_files, tokenizer, d.max_seq_length, global_batch_size=gbs, seed=config.seed,
+          start_position=start_step, process_index=jax.process_index(),
+          process_count=jax.process_count(), mlm_probability=config.distill.mlm_probability,
+          cache_dir=os.path.join(cache_dir, 'hf_datasets'))
     return input_pipeline.BatchIterator(
         packed, global_batch_size=gbs, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),

@@ -229,3 +229,15 @@ def test_nonfinite_steps_are_skipped_or_stop_the_run(tmp_path):
   with pytest.raises(FloatingPointError, match='last good checkpoint'):
     _run(tmp_path / 'stop', num_train_steps=6, log_every_steps=1, eval_every_steps=0,
          **{'optim.learning_rate': 1e30, 'optim.warmup_steps': 0, 'optim.on_nonfinite': 'stop'})
+
+
+def test_streaming_run_resumes_exactly(tmp_path):
+  """data.streaming: a run split in two (resume skips consumed batches) equals one run."""
+  full = _run(tmp_path / 'stream', num_train_steps=4, eval_every_steps=0, log_every_steps=1,
+              **{'data.streaming': True})
+  assert full['step'] == 4
+  _run(tmp_path / 'stream2', num_train_steps=4, eval_every_steps=0, log_every_steps=1,
+       steps_per_run=2, **{'data.streaming': True})
+  _run(tmp_path / 'stream2', num_train_steps=4, eval_every_steps=0, log_every_steps=1,
+       **{'data.streaming': True})
+  assert _train_losses(tmp_path / 'stream') == _train_losses(tmp_path / 'stream2')
