@@ -114,12 +114,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path, uninterrupted):
 
 def _cfg(**overrides):
   c = tiny.get_config()
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for part in path:
-      node = node[part]
-    node[last] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -125,12 +125,7 @@ def test_step_changes_only_student_and_skips_nonfinite():
 
 def _run(workdir, **overrides):
   cfg = tiny.get_config()
-  for k, v in overrides.items():
-    node = cfg
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
+  cfg.update_from_flattened_dict(overrides)
   return train.train_and_evaluate(cfg, str(workdir))
 
 
