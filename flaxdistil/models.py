@@ -124,10 +124,24 @@ class ModelOutput(flax.struct.PyTreeNode):
     attentions: tuple of num_hidden_layers float32 arrays
       [batch, heads, seq_len, seq_len] of attention probabilities (before
       dropout), or None unless ``output_attentions=True``.
+    attention_scores: tuple of num_hidden_layers float32 arrays
+      [batch, heads, seq_len, seq_len] of pre-softmax attention scores
+      ``q.k / sqrt(head_dim) + mask_bias`` (exactly the softmax input, so
+      ``softmax(attention_scores[i]) == attentions[i]``); padded keys hold
+      ``finfo(float32).min``, so mask them before any arithmetic. None unless
+      ``output_attention_scores=True``. Used by TinyBERT's attention loss
+      (``intermediate.attention_score_mse``).
+    values: tuple of num_hidden_layers arrays [batch, heads, seq_len, head_dim]
+      in the compute dtype: each layer's value vectors (HF
+      ``BertSelfAttention.value`` output split into heads). None unless
+      ``output_values=True``. Used by MiniLM's value-relation loss
+      (``intermediate.value_relation_kl``).
   """
   logits: jax.Array | None
   hidden_states: tuple[jax.Array, ...]
   attentions: tuple[jax.Array, ...] | None = None
+  attention_scores: tuple[jax.Array, ...] | None = None
+  values: tuple[jax.Array, ...] | None = None
 
 
 def _init(names, init=None):
@@ -213,7 +227,9 @@ class SelfAttention(nn.Module):
   def __call__(self, x, bias, deterministic: bool):
     """x: [B, T, H]; bias: [B, 1, 1, T] float32 additive mask.
 
-    Returns (output [B, T, H], probs [B, heads, T, T] float32).
+    Returns (output [B, T, H], probs [B, heads, T, T] float32,
+    scores [B, heads, T, T] float32 (softmax input), values [B, heads, T, head_dim]).
+    Unused returns are dead code that XLA removes under jit.
     """
     cfg = self.config
     b, t, _ = x.shape
@@ -232,7 +248,7 @@ class SelfAttention(nn.Module):
     ctx = ctx.reshape(b, t, cfg.hidden_size)
     out = _dense(cfg, cfg.hidden_size, (('heads', 'embed'), ('embed',)),
                  'output')(ctx)
-    return out, probs
+    return out, probs, scores, v.transpose(0, 2, 1, 3)
 
 
 class TransformerLayer(nn.Module):
@@ -245,9 +261,9 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool = True):
-    """x: [B, T, H] -> ([B, T, H], attention probs [B, heads, T, T])."""
+    """x: [B, T, H] -> ([B, T, H], (probs, scores, values)) as SelfAttention."""
     cfg = self.config
-    attn, probs = SelfAttention(cfg, name='attention')(x, bias, deterministic)
+    attn, *attn_out = SelfAttention(cfg, name='attention')(x, bias, deterministic)
     if cfg.model_type == 'bert':
       attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, 'attention_layer_norm')(x + attn)
@@ -259,7 +275,7 @@ class TransformerLayer(nn.Module):
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
     x = _layer_norm(cfg, 'output_layer_norm')(x + h)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
-    return x, probs
+    return x, tuple(attn_out)
 
 
 class Encoder(nn.Module):
@@ -273,12 +289,14 @@ class Encoder(nn.Module):
     if cfg.remat:
       # Argument 0 is the module itself, so `deterministic` is argnum 3.
       layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
-    hidden_states, attentions = [x], []
+    hidden_states, attn_outputs = [x], []
     for i in range(cfg.num_hidden_layers):
-      x, probs = layer_cls(cfg, name=f'layer_{i}')(x, bias, deterministic)
+      x, attn_out = layer_cls(cfg, name=f'layer_{i}')(x, bias, deterministic)
       hidden_states.append(x)
-      attentions.append(probs)
-    return tuple(hidden_states), tuple(attentions)
+      attn_outputs.append(attn_out)
+    # (probs, scores, values), each a tuple over layers.
+    per_kind = tuple(tuple(a) for a in zip(*attn_outputs)) or ((), (), ())
+    return tuple(hidden_states), per_kind
 
 
 class MLMHead(nn.Module):
@@ -321,6 +339,8 @@ class MaskedLM(nn.Module):
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                deterministic: bool = True,
                output_attentions: bool = False,
+               output_attention_scores: bool = False,
+               output_values: bool = False,
                logits_positions=None) -> ModelOutput:
     """Runs the model.
 
@@ -333,6 +353,11 @@ class MaskedLM(nn.Module):
         for ``model_type='distilbert'``, which has no token types.
       deterministic: False enables dropout and needs a 'dropout' rng.
       output_attentions: also return per-layer attention probabilities.
+      output_attention_scores: also return per-layer pre-softmax attention
+        scores (TinyBERT attention transfer); off by default.
+      output_values: also return per-layer value vectors (MiniLM value
+        relation); off by default. ``intermediate.model_kwargs(weights)`` gives
+        the flags a set of intermediate-layer loss weights needs.
       logits_positions: optional [batch, num_positions] int32 indices into
         seq_len; the MLM head then runs only there and `logits` is
         [batch, num_positions, vocab_size]. With MLM and KL terms restricted
@@ -371,7 +396,8 @@ class MaskedLM(nn.Module):
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
                      jnp.finfo(jnp.float32).min).astype(jnp.float32)
     x = self.embeddings(input_ids, token_type_ids, deterministic)
-    hidden_states, attentions = self.encoder(x, bias, deterministic)
+    hidden_states, (attentions, scores, values) = self.encoder(
+        x, bias, deterministic)
     logits = None
     if cfg.with_mlm_head:
       h = hidden_states[-1]
@@ -381,7 +407,9 @@ class MaskedLM(nn.Module):
     return ModelOutput(
         logits=logits,
         hidden_states=hidden_states,
-        attentions=attentions if output_attentions else None)
+        attentions=attentions if output_attentions else None,
+        attention_scores=scores if output_attention_scores else None,
+        values=values if output_values else None)
 
 
 def unbox(tree):

@@ -21,6 +21,7 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flaxdistil import checkpointing
@@ -274,6 +275,13 @@ class _Preemption:
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
 
+  def agreed(self) -> bool:
+    """True on every host once any host got SIGTERM (all must save the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
   def restore(self):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
@@ -414,7 +422,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state, metrics = p_train_step(state, t_params, shard_batch(host_batch))
         step += 1
         steps_since += 1
-        if step % config.log_every_steps == 0 or step == num_steps or preempt.requested:
+        stop_now = preempt.agreed()
+        if step % config.log_every_steps == 0 or step == num_steps or stop_now:
           m = jax.device_get(metrics)
           dt = time.time() - t_log
           tps = tokens_since / max(dt, 1e-9)
@@ -440,9 +449,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
           last_eval = run_eval(step)
           t_log, tokens_since, steps_since = time.time(), 0.0, 0  # keep eval out of tokens/s
-        if step < stop_step and (step % config.checkpoint_every_steps == 0 or preempt.requested):
+        if step < stop_step and (step % config.checkpoint_every_steps == 0 or stop_now):
           checkpointing.save(manager, step, state, _meta(step, last_eval))
-        if preempt.requested:
+        if stop_now:
           manager.wait_until_finished()
           logging.warning('SIGTERM received: checkpoint for step %d written to %s. Resume with the '
                           'same command (same --workdir).', step, manager.directory)

@@ -48,3 +48,32 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_multi),
                           jax.tree_util.tree_leaves(p_single)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
+  import json
+  import signal
+  import time
+  port = _free_port()
+  wd = tmp_path / 'multi'
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'flaxdistil.main', '--config', 'configs/tiny.py',
+       '--config.num_train_steps=100000', '--config.eval_every_steps=0',
+       '--config.log_every_steps=1', '--config.checkpoint_every_steps=100000', '--workdir', str(wd),
+       f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  t0 = time.time()
+  while time.time() - t0 < 300:
+    if os.path.exists(wd / 'metrics.jsonl') and sum(1 for _ in open(wd / 'metrics.jsonl')) >= 3:
+      break
+    assert all(p.poll() is None for p in procs)
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)  # only the second host is told
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  stopped = [int(o.split('SIGTERM received: checkpoint for step ')[1].split()[0]) for o in outs]
+  assert stopped[0] == stopped[1] < 100000
+  last = [json.loads(l) for l in open(wd / 'metrics.jsonl')][-1]
+  assert last['step'] == stopped[0]
+  assert str(stopped[0]) in os.listdir(wd / 'checkpoints')
