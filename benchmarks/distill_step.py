@@ -165,11 +165,8 @@ def run_jax(a, host_batch) -> dict:
   replicated = state_shard['step']
 
   t_params = jax.device_put(models.init_params(tcfg, jax.random.PRNGKey(0)), t_shard)
-  params = jax.device_put(models.init_params(scfg, jax.random.PRNGKey(1)), state_shard['params'])
-  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), replicated), 'params': params,
-           'opt_state': jax.jit(tx.init, out_shardings=state_shard['opt_state'])(params),
-           'rng': jax.device_put(jax.random.PRNGKey(2), replicated),
-           'num_skipped': jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+  state = train.init_state(models.init_params(scfg, jax.random.PRNGKey(1)), tx,
+                           jax.random.PRNGKey(2), state_shard)
   batch = sharding.make_global_batch(host_batch, b_shard, a.batch_size)
 
   step_fn = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights,

@@ -58,6 +58,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.max_predictions_per_seq = 0  # >0: MLM heads only on <= this many masked positions
                                          # per sequence (needs restrict_ce_to_mask; ~3x faster
                                          # for small models whose vocab projection dominates)
+  # TinyBERT (Jiao et al., 2020) / MiniLM (Wang et al., 2020) intermediate-layer terms:
+  c.distill.alpha_emb = 0.0         # MSE of embedding outputs (through a projection if narrower)
+  c.distill.alpha_hidden = 0.0      # MSE of hidden states of mapped layer pairs
+  c.distill.alpha_attn_score = 0.0  # MSE of attention scores of mapped layers (equal heads)
+  c.distill.alpha_attn_kl = 0.0     # KL of last-layer attention distributions (MiniLM)
+  c.distill.alpha_value_kl = 0.0    # KL of last-layer value relations (MiniLM)
+  c.distill.layer_map = ()          # teacher layer per student layer, () = uniform i*k + k - 1
+  c.distill.num_relation_heads = 0  # value-relation heads, 0 = attention heads (MiniLMv2 R)
+  c.distill.relation_teacher_layer = -1  # teacher layer for the MiniLM terms
   c.distill.mlm_probability = 0.15  # fraction of tokens predicted (80/10/10)
   c.distill.mlm_smoothing = 0.0     # >0: HF distiller's frequency-smoothed masking (0.7 there)
 

@@ -130,7 +130,7 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
     hf_config.dtype = dtype
     hf_config.save_pretrained(tmp)
     tdtype = getattr(torch, dtype)
-    tensors = {k: torch.from_numpy(v).to(tdtype).contiguous()
+    tensors = {k: torch.from_numpy(np.array(v)).to(tdtype).contiguous()
                for k, v in hf_conversion.params_to_hf_state_dict(params, config).items()}
     save_file(tensors, os.path.join(tmp, 'model.safetensors'),
               metadata={'format': 'pt'})
@@ -220,7 +220,8 @@ def load_student(workdir: str, step: int | None = None):
   scfg = models.ModelConfig(**meta["fingerprint"]["student_config"])
   tx, _ = train.make_optimizer(config.optim, config.num_train_steps)
   mesh = sharding.create_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:1])
-  _, abstract = train.state_layout(scfg, tx, mesh, sharding.rules_tuple(config.mesh.logical_axis_rules))
+  _, abstract = train.state_layout(scfg, tx, mesh, sharding.rules_tuple(config.mesh.logical_axis_rules),
+                                   meta['fingerprint'].get('projection'))
   manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
   restored = checkpointing.restore_latest(manager, abstract, step=step)
   if restored is None:

@@ -44,6 +44,7 @@ not part of the student model and the exported HF model never needs them.
 
 from __future__ import annotations
 
+import numbers
 from typing import Mapping, NamedTuple, Sequence, Tuple
 
 import flax.linen as nn
@@ -92,14 +93,9 @@ def uniform_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[
     raise ValueError(
         f'uniform layer map needs teacher layers ({lt}) divisible by student layers '
         f'({ls}); pass an explicit list of {ls} increasing 0-based teacher layer '
-        f'indices, e.g. {_spread(ls, lt)}.')
+        f'indices, e.g. {[round((m + 1) * lt / ls) - 1 for m in range(ls)]}.')
   k = lt // ls
   return [m * k + k - 1 for m in range(ls)]
-
-
-def _spread(ls: int, lt: int) -> list[int]:
-  """An example explicit map ending at the last teacher layer (for error texts)."""
-  return [round((m + 1) * lt / ls) - 1 for m in range(ls)]
 
 
 def resolve_layer_map(num_student_layers: int, num_teacher_layers: int,
@@ -125,9 +121,8 @@ def resolve_layer_map(num_student_layers: int, num_teacher_layers: int,
     raise ValueError(
         f'layer map {layers} has {len(layers)} entries but the student has {ls} layers; '
         f'give exactly one teacher layer per student layer.')
-  for x in layers:
-    if isinstance(x, bool) or int(x) != x:
-      raise ValueError(f'layer map {layers} must hold integer layer indices, got {x!r}.')
+  if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in layers):
+    raise ValueError(f'layer map {layers} must hold integer layer indices.')
   layers = [int(x) for x in layers]
   bad = [x for x in layers if not 0 <= x < lt]
   if bad:
@@ -412,8 +407,7 @@ class IntermediateWeights(NamedTuple):
 
 def term_alphas(w: IntermediateWeights) -> dict:
   """Term name -> alpha (names as returned by `intermediate_terms`)."""
-  return {'emb': w.alpha_emb, 'hidden': w.alpha_hidden, 'attn_score': w.alpha_attn_score,
-          'attn_kl': w.alpha_attn_kl, 'value_kl': w.alpha_value_kl}
+  return dict(zip(TERM_NAMES, w[:5]))
 
 
 def model_kwargs(w: IntermediateWeights) -> dict:
@@ -490,10 +484,8 @@ def intermediate_counts(batch: Mapping[str, jax.Array], weights: IntermediateWei
   m = _f32(batch['attention_mask'])
   n_tok = jnp.sum(m)
   n_pairs = jnp.sum(jnp.sum(m, axis=-1) ** 2)
-  counts = {'emb': n_tok, 'hidden': n_tok, 'attn_score': n_pairs, 'attn_kl': n_tok,
-            'value_kl': n_tok}
-  alphas = term_alphas(weights)
-  return {k: v for k, v in counts.items() if alphas[k]}
+  return {k: n_pairs if k == 'attn_score' else n_tok
+          for k, a in term_alphas(weights).items() if a}
 
 
 def combine(terms: dict, counts: dict, weights: IntermediateWeights) -> jax.Array:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from flaxdistil import hf_conversion
 from flaxdistil import input_pipeline
+from flaxdistil import intermediate
 from flaxdistil import losses
 from flaxdistil import models
 from flaxdistil import sharding
@@ -44,6 +45,9 @@ class Run:
   train_batches: Callable[[int], Any]   # start_step -> BatchIterator
   eval_batches: Callable[[], list]
   info: dict                            # provenance for checkpoints' metadata and model cards
+  inter: tuple | None = None            # (IntermediateWeights, layer_map) or None
+  projection: tuple | None = None       # (student_hidden, teacher_hidden) with TinyBERT projections
+  proj_params: Any = None               # their initial values (host)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -66,8 +70,18 @@ def _dtype(name: str):
     raise ConfigError(f'dtype={name!r}: use "float32" or "bfloat16".') from None
 
 
+def intermediate_weights(d) -> intermediate.IntermediateWeights:
+  """The config's TinyBERT/MiniLM coefficients (`distill.alpha_emb`, ...)."""
+  return intermediate.IntermediateWeights(
+      alpha_emb=d.alpha_emb, alpha_hidden=d.alpha_hidden, alpha_attn_score=d.alpha_attn_score,
+      alpha_attn_kl=d.alpha_attn_kl, alpha_value_kl=d.alpha_value_kl,
+      num_relation_heads=d.num_relation_heads or None,
+      relation_teacher_layer=d.relation_teacher_layer)
+
+
 def _teacher_has_forward(d) -> bool:
-  return bool(d.alpha_ce or d.alpha_cos or d.alpha_mse)
+  return bool(d.alpha_ce or d.alpha_cos or d.alpha_mse or
+              any(intermediate.term_alphas(intermediate_weights(d)).values()))
 
 
 def load_teacher(config, vocab_size: int):
@@ -202,6 +216,18 @@ def build_run(config, workdir: str) -> Run:
     raise ConfigError('distill.max_predictions_per_seq>0 computes logits on masked tokens only: set '
                       'distill.restrict_ce_to_mask=True (or alpha_ce=alpha_mse=0), or set '
                       'max_predictions_per_seq=0.')
+  iw = intermediate_weights(config.distill)
+  inter = projection = proj_params = None
+  if any(intermediate.term_alphas(iw).values()):
+    try:
+      inter = (iw, intermediate.resolve_layer_map(scfg.num_hidden_layers, tcfg.num_hidden_layers,
+                                                  list(config.distill.layer_map) or None))
+    except ValueError as e:
+      raise ConfigError(f'distill.layer_map: {e}') from e
+    if (iw.alpha_emb or iw.alpha_hidden) and scfg.hidden_size != tcfg.hidden_size:
+      projection = (scfg.hidden_size, tcfg.hidden_size)
+      proj_params = jax.device_get(intermediate.init_projection_params(
+          jax.random.PRNGKey(config.seed + 3), *projection))
   if tcfg is not None and weights.alpha_cos and tcfg.hidden_size != scfg.hidden_size:
     raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
                       f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
@@ -255,6 +281,7 @@ def build_run(config, workdir: str) -> Run:
       'student_config': strip(scfg), 'teacher_config': strip(tcfg),
       'global_batch_size': gbs, 'max_seq_length': d.max_seq_length, 'seed': config.seed,
       'train_data': _files_id(train_files), 'student_init': config.student.init,
+      'projection': projection,
       'tokenizer_vocab': hashlib.sha1(
           ' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16],
   }
@@ -263,6 +290,7 @@ def build_run(config, workdir: str) -> Run:
       teacher_config=tcfg, teacher_model=models.MaskedLM(tcfg) if tcfg else None,
       teacher_params=tparams, mesh=mesh, rules=rules, teacher_rules=t_rules, weights=weights,
       fingerprint=fingerprint, train_batches=train_batches, eval_batches=eval_batches,
+      inter=inter, projection=projection, proj_params=proj_params,
       info={'teacher': config.teacher.path or ('random' if tcfg else None),
             'tokenizer': os.path.abspath(tok_path) if os.path.isdir(tok_path) else tok_path,
             'train_files': [os.path.abspath(f) for f in train_files],

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from flaxdistil import checkpointing
+from flaxdistil import intermediate
 from flaxdistil import losses
 from flaxdistil import models
 from flaxdistil import setup
@@ -65,6 +66,11 @@ def make_optimizer(optim, num_train_steps: int) -> tuple[optax.GradientTransform
 
 # ----------------------------------------------------------------------------- steps
 
+def trainable_tree(state: State) -> dict:
+  """What the optimizer updates: the student, plus projections if any."""
+  return {'student': state['params'], **({'proj': state['proj']} if 'proj' in state else {})}
+
+
 def _split_microbatches(x, num_microbatches: int):
   """`[B, ...] -> [A, B/A, ...]`, microbatch j = rows {k*A + j}.
 
@@ -100,7 +106,8 @@ def _restrict_to_masked(batch, max_predictions: int):
 
 def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: losses.DistillWeights,
                     num_microbatches: int, skip_nonfinite: bool = True,
-                    max_predictions_per_seq: int = 0):
+                    max_predictions_per_seq: int = 0,
+                    inter: tuple[intermediate.IntermediateWeights, list[int]] | None = None):
   """Builds `train_step(state, teacher_params, batch) -> (state, metrics)`.
 
   Args:
@@ -117,23 +124,40 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
     max_predictions_per_seq: >0 runs the MLM heads of student and teacher
       only on up to that many masked positions per sequence (needs
       `restrict_ce_to_mask` or no KL/MSE term); 0 = logits everywhere.
+    inter: `(IntermediateWeights, layer_map)` for TinyBERT/MiniLM
+      intermediate-layer terms (`intermediate.py`), or None. Projection
+      params of a narrower student live in `state['proj']` and are trained
+      with the student (one optimizer, one clipping norm).
 
-  The batch: dict of `input_ids`, `attention_mask`, `labels`, all
-  `[global_batch, seq_len]` int32.
+  The state: `{'step', 'params', 'opt_state', 'rng', 'num_skipped'}` plus
+  `'proj'` when projections exist; the optimizer state is over the trainable
+  tree `{'student': params[, 'proj': proj]}`. The batch: dict of `input_ids`,
+  `attention_mask`, `labels`, all `[global_batch, seq_len]` int32.
   """
-  need_teacher = teacher is not None and (weights.alpha_ce or weights.alpha_cos or weights.alpha_mse)
+  iw, layer_map = inter if inter else (intermediate.IntermediateWeights(), [])
+  need_teacher = teacher is not None and (
+      weights.alpha_ce or weights.alpha_cos or weights.alpha_mse or
+      any(intermediate.term_alphas(iw).values()))
+  out_flags = intermediate.model_kwargs(iw)
 
-  def loss_fn(params, teacher_params, mb, counts, rng):
+  def loss_fn(trainable, teacher_params, mb, counts, rng):
     pos = mb.get('logits_positions')
-    s_out = student.apply({'params': params}, mb['input_ids'], mb['attention_mask'],
-                          deterministic=False, rngs={'dropout': rng}, logits_positions=pos)
+    s_out = student.apply({'params': trainable['student']}, mb['input_ids'], mb['attention_mask'],
+                          deterministic=False, rngs={'dropout': rng}, logits_positions=pos,
+                          **out_flags)
     t_out = None
     if need_teacher:
       t_out = jax.lax.stop_gradient(teacher.apply(
           {'params': teacher_params}, mb['input_ids'], mb['attention_mask'], deterministic=True,
-          logits_positions=pos))
+          logits_positions=pos, **out_flags))
     terms = losses.distillation_terms(s_out, t_out, mb, weights)
-    return losses.combine(terms, counts, weights), terms
+    loss = losses.combine(terms, counts, weights)
+    if inter:
+      i_terms = intermediate.intermediate_terms(s_out, t_out, mb, iw, layer_map,
+                                                trainable.get('proj'))
+      loss = loss + intermediate.combine(i_terms, counts, iw)
+      terms = {**terms, **i_terms}
+    return loss, terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -146,20 +170,23 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   def train_step(state: State, teacher_params, batch):
     batch = _restrict_to_masked(batch, max_predictions_per_seq)
     counts = losses.term_counts(batch, weights)  # global normalisers
+    if inter:
+      counts.update(intermediate.intermediate_counts(batch, iw))
     step_rng = jax.random.fold_in(state['rng'], state['step'])
     mbs = jax.tree.map(lambda x: _split_microbatches(x, num_microbatches), batch)
 
     def body(carry, xs):
       i, mb = xs
       mb = jax.tree.map(lambda x: nn.with_logical_constraint(x, ('act_batch', 'act_len')), mb)
-      (loss, terms), g = grad_fn(state['params'], teacher_params, mb, counts,
+      (loss, terms), g = grad_fn(trainable, teacher_params, mb, counts,
                                  jax.random.fold_in(step_rng, i))
       g_acc, loss_acc, terms_acc = carry
       g_acc = jax.tree.map(jnp.add, g_acc, g)
       terms_acc = jax.tree.map(jnp.add, terms_acc, terms)
       return (g_acc, loss_acc + loss, terms_acc), None
 
-    zeros_g = jax.tree.map(jnp.zeros_like, state['params'])
+    trainable = trainable_tree(state)
+    zeros_g = jax.tree.map(jnp.zeros_like, trainable)
     zero_terms = {k: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for k in counts}
     (grads, loss, terms), _ = jax.lax.scan(
         body, (zeros_g, jnp.zeros((), jnp.float32), zero_terms),
@@ -167,16 +194,16 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state['opt_state'], state['params'])
-    new_params = optax.apply_updates(state['params'], updates)
+    updates, new_opt = tx.update(grads, state['opt_state'], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {
-        'step': state['step'] + 1,
-        'params': keep(new_params, state['params']) if skip_nonfinite else new_params,
-        'opt_state': keep(new_opt, state['opt_state']) if skip_nonfinite else new_opt,
-        'rng': state['rng'],
-        'num_skipped': state['num_skipped'] + (1 - finite.astype(jnp.int32)),
-    }
+    if skip_nonfinite:
+      new_trainable, new_opt = keep(new_trainable, trainable), keep(new_opt, state['opt_state'])
+    new_state = dict(state, step=state['step'] + 1, params=new_trainable['student'],
+                     opt_state=new_opt,
+                     num_skipped=state['num_skipped'] + (1 - finite.astype(jnp.int32)))
+    if 'proj' in new_trainable:
+      new_state['proj'] = new_trainable['proj']
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
                'num_skipped': new_state['num_skipped']}
     for k, (s, c) in terms.items():
@@ -289,27 +316,55 @@ class _Preemption:
 
 # ----------------------------------------------------------------------------- main loop
 
-def state_layout(student_config: models.ModelConfig, tx, mesh, rules):
+def state_layout(student_config: models.ModelConfig, tx, mesh, rules, projection=None):
   """`(shardings, abstract_state)` of the train state for `mesh`/`rules`.
 
   The same layout restores a checkpoint onto any mesh, e.g. one CPU device
   for export of a checkpoint written by a sharded run.
+
+  Args:
+    projection: `(student_hidden, teacher_hidden)` when the state holds
+      TinyBERT projections (`state['proj']`), else None.
   """
   boxed = models.abstract_params(student_config)
   p_shard = sharding.param_shardings(boxed, mesh, rules)
-  params = nn.meta.unbox(boxed)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  shard = {'step': replicated, 'params': p_shard,
-           'opt_state': sharding.opt_state_shardings(tx, params, p_shard, mesh),
-           'rng': replicated, 'num_skipped': replicated}
   abstract = {
       'step': jax.ShapeDtypeStruct((), jnp.int32),
-      'params': params,
-      'opt_state': jax.eval_shape(tx.init, params),
+      'params': nn.meta.unbox(boxed),
       'rng': jax.ShapeDtypeStruct((2,), jnp.uint32),
       'num_skipped': jax.ShapeDtypeStruct((), jnp.int32),
   }
+  shard = {'step': replicated, 'params': p_shard, 'rng': replicated, 'num_skipped': replicated}
+  if projection:
+    boxed_proj = intermediate.abstract_projection_params(*projection)
+    abstract['proj'] = nn.meta.unbox(boxed_proj)
+    shard['proj'] = sharding.param_shardings(boxed_proj, mesh, rules)
+  trainable = trainable_tree(abstract)
+  abstract['opt_state'] = jax.eval_shape(tx.init, trainable)
+  shard['opt_state'] = sharding.opt_state_shardings(tx, trainable, trainable_tree(shard), mesh)
   return shard, checkpointing.abstract_like(abstract, shard)
+
+
+def init_state(params, tx, rng, shardings=None, proj=None) -> State:
+  """A fresh train state (step 0) from student params (host or device arrays).
+
+  Args:
+    params: student params; proj: projection params or None.
+    rng: `jax.random.PRNGKey` for dropout (folded with the step).
+    shardings: `state_layout(...)[0]` to place everything, or None (default
+      device).
+  """
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'rng': rng,
+           'num_skipped': jnp.zeros((), jnp.int32)}
+  if proj is not None:
+    state['proj'] = proj
+  init = tx.init
+  if shardings is not None:
+    state = {k: jax.device_put(v, shardings[k]) for k, v in state.items()}
+    init = jax.jit(tx.init, out_shardings=shardings['opt_state'])
+  state['opt_state'] = init(trainable_tree(state))
+  return state
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -337,8 +392,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx, schedule = make_optimizer(config.optim, config.num_train_steps)
 
   # --- shardings and initial state
-  state_shard, abstract_state = state_layout(run.student_config, tx, mesh, rules)
-  p_shard, o_shard = state_shard['params'], state_shard['opt_state']
+  state_shard, abstract_state = state_layout(run.student_config, tx, mesh, rules, run.projection)
   replicated = state_shard['step']
   b_shard = sharding.batch_sharding(mesh, rules)
 
@@ -359,20 +413,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointing.check_compatible(meta.get('fingerprint', {}), fingerprint)
     logging.info('Resumed from %s at step %d.', manager.directory, int(state['step']))
   else:
-    params = jax.device_put(run.student_params, p_shard)
-    state = {
-        'step': jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        'params': params,
-        'opt_state': jax.jit(tx.init, out_shardings=o_shard)(params),
-        'rng': jax.device_put(jax.random.PRNGKey(config.seed), replicated),
-        'num_skipped': jax.device_put(jnp.zeros((), jnp.int32), replicated),
-    }
-  run.student_params = run.teacher_params = None  # host copies no longer needed
+    state = init_state(run.student_params, tx, jax.random.PRNGKey(config.seed), state_shard,
+                       proj=run.proj_params)
+  run.student_params = run.teacher_params = run.proj_params = None  # host copies not needed
 
   teacher_model = run.teacher_model if t_params is not None else None
   max_pred = config.distill.max_predictions_per_seq
   step_fn = make_train_step(run.student_model, teacher_model, tx, weights,
-                            config.optim.num_microbatches, max_predictions_per_seq=max_pred)
+                            config.optim.num_microbatches, max_predictions_per_seq=max_pred,
+                            inter=run.inter)
   with sharding.mesh_context(mesh, rules):
     p_train_step = jax.jit(step_fn, in_shardings=(state_shard, None if t_params is None else t_shard,
                                                   b_shard),

@@ -42,17 +42,14 @@ def _setup(dropout=0.0):
   return tcfg, scfg, tparams, sparams, batch
 
 
-def _one_step(mesh_shape, num_microbatches=1, devices=None, dropout=0.0):
+def _one_step(mesh_shape, num_microbatches=1, devices=None, dropout=0.0, teacher_rules=RULES):
   tcfg, scfg, tparams, sparams, batch = _setup(dropout)
   cfg = tiny.get_config()
   tx, _ = train.make_optimizer(cfg.optim, 10)
   mesh = sharding.create_mesh(mesh_shape, AXES, devices=devices)
   shard, _ = train.state_layout(scfg, tx, mesh, RULES)
-  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, RULES)
-  params = jax.device_put(sparams, shard['params'])
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
-           'opt_state': jax.jit(tx.init, out_shardings=shard['opt_state'])(params),
-           'rng': jax.random.PRNGKey(0), 'num_skipped': jnp.zeros((), jnp.int32)}
+  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, teacher_rules)
+  state = train.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
   step = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
                                losses.DistillWeights(alpha_mse=0.1), num_microbatches)
   b_shard = sharding.batch_sharding(mesh, RULES)
@@ -89,6 +86,14 @@ def test_sharded_step_equals_single_device(single_device, mesh_shape):
   assert n_shards == expected
 
 
+def test_teacher_sharded_differently_from_student(single_device):
+  # Student FSDP + tensor parallel, teacher fully replicated (no rules): same step.
+  ref_params, ref_metrics, _ = single_device
+  params, metrics, _ = _one_step((2, 2, 2), teacher_rules=())
+  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
+  _assert_trees_close(params, ref_params)
+
+
 def test_gradient_accumulation_equals_one_big_batch(single_device):
   ref_params, ref_metrics, _ = single_device
   params, metrics, _ = _one_step((8, 1, 1), num_microbatches=2)
@@ -106,8 +111,7 @@ def test_step_changes_only_student_and_skips_nonfinite():
   tx, _ = train.make_optimizer(optim, 10)
   step = jax.jit(train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
                                        losses.DistillWeights(), 1))
-  state = {'step': jnp.zeros((), jnp.int32), 'params': sparams, 'opt_state': tx.init(sparams),
-           'rng': jax.random.PRNGKey(0), 'num_skipped': jnp.zeros((), jnp.int32)}
+  state = train.init_state(sparams, tx, jax.random.PRNGKey(0))
   t_before = jax.tree.map(np.array, tparams)
   new, m = step(state, tparams, batch)
   assert bool(m['finite']) and int(new['num_skipped']) == 0
@@ -198,8 +202,7 @@ def test_logits_on_masked_positions_only_gives_the_same_step():
   optim.warmup_steps = 0
   tx, _ = train.make_optimizer(optim, 10)
   w = losses.DistillWeights(restrict_ce_to_mask=True, alpha_mse=0.1)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': sparams, 'opt_state': tx.init(sparams),
-           'rng': jax.random.PRNGKey(0), 'num_skipped': jnp.zeros((), jnp.int32)}
+  state = train.init_state(sparams, tx, jax.random.PRNGKey(0))
   outs = []
   for max_pred in (0, 12):
     step = jax.jit(train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, w, 2,
@@ -236,3 +239,27 @@ def test_streaming_run_resumes_exactly(tmp_path):
   _run(tmp_path / 'stream2', num_train_steps=4, eval_every_steps=0, log_every_steps=1,
        **{'data.streaming': True})
   assert _train_losses(tmp_path / 'stream') == _train_losses(tmp_path / 'stream2')
+
+
+def test_intermediate_terms_train_a_narrower_student_with_projections(tmp_path):
+  """TinyBERT/MiniLM terms in the same loop: 4x32 teacher -> 2x16 student, projections trained,
+  checkpointed, resumed exactly, and left out of the export."""
+  kw = {'student.init': 'random', 'student.hidden_size': 16, 'student.intermediate_size': 32,
+        'distill.alpha_cos': 0.0, 'distill.alpha_emb': 1.0, 'distill.alpha_hidden': 1.0,
+        'distill.alpha_attn_kl': 1.0, 'distill.alpha_value_kl': 1.0,
+        'distill.num_relation_heads': 2, 'eval_every_steps': 0, 'log_every_steps': 1,
+        'num_train_steps': 6}
+  full = _run(tmp_path / 'full', **kw)
+  assert full['step'] == 6
+  with open(tmp_path / 'full' / 'metrics.jsonl') as f:
+    rec = [r for r in map(json.loads, f) if r['kind'] == 'train'][-1]
+  for k in ('loss_emb', 'loss_hidden', 'loss_attn_kl', 'loss_value_kl', 'loss_ce', 'loss_mlm'):
+    assert rec[k] > 0, k
+  _run(tmp_path / 'split', steps_per_run=3, **kw)
+  _run(tmp_path / 'split', **kw)
+  assert _train_losses(tmp_path / 'full') == _train_losses(tmp_path / 'split')
+  from flaxdistil import export
+  scfg, params, meta, _ = export.load_student(str(tmp_path / 'full'))
+  assert meta['fingerprint']['projection'] == [16, 32] and scfg.hidden_size == 16
+  report = export.export(str(tmp_path / 'full'), str(tmp_path / 'hf'))
+  assert report['max_abs_diff'] <= 1e-4

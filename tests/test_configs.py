@@ -1,0 +1,50 @@
+"""Every config in configs/ loads, has the stable names, and its numbers fit together."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not p.endswith('__init__.py'))
+STABLE = ('num_train_steps', 'eval_every_steps', 'checkpoint_every_steps', 'teacher.path',
+          'data.train_files', 'data.eval_files', 'data.max_seq_length')
+
+
+def test_all_configs_are_listed():
+  assert set(CONFIGS) >= {'distilbert', 'tiny', 'wiki_mini'}
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_loads_with_stable_names(name):
+  c = importlib.import_module(f'configs.{name}').get_config()
+  flat = c.to_dict()
+  for key in STABLE:
+    node = flat
+    for part in key.split('.'):
+      assert part in node, f'{name}: missing {key}'
+      node = node[part]
+  assert c.data.global_batch_size % c.optim.num_microbatches == 0
+  assert c.optim.warmup_steps < c.num_train_steps
+  assert c.distill.temperature > 0 and c.data.max_seq_length <= 512
+  assert c.mesh.shape.count(-1) <= 1 and len(c.mesh.shape) == len(c.mesh.axes)
+  assert c.student.init in ('teacher', 'random', 'pretrained')
+  if c.distill.max_predictions_per_seq and (c.distill.alpha_ce or c.distill.alpha_mse):
+    assert c.distill.restrict_ce_to_mask
+
+
+def test_distilbert_recipe_defaults():
+  c = importlib.import_module('configs.distilbert').get_config()
+  assert (c.distill.temperature, c.distill.alpha_ce, c.distill.alpha_mlm, c.distill.alpha_cos) == (
+      2.0, 5.0, 2.0, 1.0)
+  assert c.data.global_batch_size == 4096 and c.data.max_seq_length == 128
+  assert c.student.num_hidden_layers == 6 and c.teacher.path == 'bert-base-uncased'
+
+
+def test_unknown_key_is_rejected():
+  c = importlib.import_module('configs.tiny').get_config()
+  c.lock()
+  with pytest.raises(KeyError, match='alpha_foo'):
+    c.update_from_flattened_dict({'distill.alpha_foo': 1.0})
