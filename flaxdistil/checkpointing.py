@@ -58,7 +58,7 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   step: int | None = None):
+                   step: int | None = None, partial: bool = False):
   """Restores step `step` (default: the newest readable one).
 
   Args:
@@ -66,6 +66,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     abstract_state: `abstract_like(...)` of the state; arrays come back with
       its shardings (so a checkpoint of a sharded run restores onto one CPU).
     step: a specific step, or None.
+    partial: restore only the entries of `abstract_state` (e.g. `{'params',
+      'step'}` for export, independent of the optimizer state's layout).
 
   Returns:
     `(state, meta)`, or None when the directory holds no checkpoint.
@@ -83,15 +85,21 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   errors = []
   for s in steps:
     try:
+      if partial:
+        state_args = ocp.args.PyTreeRestore(
+            abstract_state, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+      else:
+        state_args = ocp.args.StandardRestore(abstract_state)
       restored = manager.restore(
-          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                     meta=ocp.args.JsonRestore()))
+          s, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
       if errors:
         logging.warning('Fell back to checkpoint step %d; unreadable newer steps: %s', s, errors)
       return restored['state'], dict(restored['meta'])
     except Exception as e:  # pylint: disable=broad-except
-      errors.append((s, f'{type(e).__name__}: {e}'))
-      logging.warning('Checkpoint step %d unreadable (%s); trying an older one.', s, e)
+      msg = f'{type(e).__name__}: {e}'
+      errors.append((s, msg if len(msg) < 400 else msg[:400] + ' ...'))
+      logging.warning('Checkpoint step %d unreadable (%s); trying an older one.', s, errors[-1][1])
   if errors:
     raise RuntimeError(f'No readable checkpoint in {manager.directory}: {errors}')
   return None

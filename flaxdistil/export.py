@@ -22,15 +22,15 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
+import flax.linen as nn
 import numpy as np
 
 from flaxdistil import checkpointing
 from flaxdistil import hf_conversion
+from flaxdistil import input_pipeline
 from flaxdistil import models
 from flaxdistil.models import ModelConfig
 from flaxdistil import sharding
-from flaxdistil import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir (holds checkpoints/ and config.json).')
@@ -148,19 +148,33 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
 
 
 def _save_tokenizer(tokenizer_path: str, target: str, config: ModelConfig):
+  """Saves the training tokenizer into `target` and checks it reloads complete.
+
+  `input_pipeline.load_tokenizer` handles bare BERT tokenizer folders that
+  transformers v5's AutoTokenizer loads without [MASK]/[PAD]/...; the saved
+  copy must reload through AutoTokenizer with the same special tokens, or
+  `pipeline("fill-mask")` fails for users.
+  """
   import transformers  # pylint: disable=g-import-not-at-top
   try:
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'Could not load tokenizer from {tokenizer_path!r} '
-                     f'({type(e).__name__}: {e}); pass a directory with '
-                     f'tokenizer files (vocab.txt / tokenizer.json).') from e
+    tok = input_pipeline.load_tokenizer(tokenizer_path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'Could not load tokenizer from {tokenizer_path!r} ({e}); pass a directory '
+                     'with tokenizer files (vocab.txt / tokenizer.json).') from e
   if len(tok) > config.vocab_size:
     raise ValueError(
         f'Tokenizer {tokenizer_path!r} has {len(tok)} tokens but the model '
         f'vocab_size is {config.vocab_size}; use the tokenizer the model was '
         f'trained with.')
+  if tok.model_max_length > config.max_position_embeddings:  # bare dirs leave it at 1e30
+    tok.model_max_length = config.max_position_embeddings
   tok.save_pretrained(target)
+  names = ('cls_token_id', 'sep_token_id', 'pad_token_id', 'mask_token_id', 'unk_token_id')
+  back = transformers.AutoTokenizer.from_pretrained(target)
+  if [getattr(back, n) for n in names] != [getattr(tok, n) for n in names]:
+    raise ValueError(f'Export verification failed: the saved tokenizer reloads with special '
+                     f'tokens {[getattr(back, n) for n in names]} instead of '
+                     f'{[getattr(tok, n) for n in names]}.')
 
 
 def _move_into_place(tmp: str, out_dir: str, overwrite: bool):
@@ -203,27 +217,27 @@ def _model_card(meta: dict, step: int, cfg: models.ModelConfig) -> str:
 def load_student(workdir: str, step: int | None = None):
   """Restores `(ModelConfig, params, meta, step)` of the student onto one device.
 
+  Only the student's params (and the step) are read, so this works whatever
+  the optimizer state or mesh of the run that wrote the checkpoint.
+
   Raises:
-    FileNotFoundError: no config.json / checkpoint in `workdir`, or `step` absent.
+    FileNotFoundError: no checkpoint in `workdir`, or `step` absent.
   """
-  cfg_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f'{cfg_path} not found: --workdir must be a flaxdistil training workdir.')
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
   meta = checkpointing.read_meta(workdir, step)
   if meta is None:
     root = checkpointing.checkpoint_dir(workdir)
     steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
     raise FileNotFoundError(f'no checkpoint{"" if step is None else f" for step {step}"} in {root}; '
                             f'available steps: {steps}.')
-  scfg = models.ModelConfig(**meta["fingerprint"]["student_config"])
-  tx, _ = train.make_optimizer(config.optim, config.num_train_steps)
+  scfg = models.ModelConfig(**meta['fingerprint']['student_config'])
   mesh = sharding.create_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:1])
-  _, abstract = train.state_layout(scfg, tx, mesh, sharding.rules_tuple(config.mesh.logical_axis_rules),
-                                   meta['fingerprint'].get('projection'))
+  boxed = models.abstract_params(scfg)
+  p_shard = sharding.param_shardings(boxed, mesh, sharding.DEFAULT_LOGICAL_AXIS_RULES)
+  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  item = {'params': checkpointing.abstract_like(nn.meta.unbox(boxed), p_shard),
+          'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=one)}
   manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
-  restored = checkpointing.restore_latest(manager, abstract, step=step)
+  restored = checkpointing.restore_latest(manager, item, step=step, partial=True)
   if restored is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
   state, meta = restored

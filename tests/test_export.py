@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,3 +66,23 @@ def test_export_of_a_specific_and_a_missing_step(trained, tmp_path):
   with pytest.raises(FileNotFoundError, match='available steps'):
     export.export(str(trained), str(tmp_path / 'hf2'), step=3)
   assert not os.path.exists(tmp_path / 'hf2')
+
+
+def test_export_with_a_bare_bert_tokenizer_dir_keeps_special_tokens(tmp_path):
+  """A vocab.txt-only folder (like the official bert-base-uncased files) loads in transformers
+  v5 without [MASK]; the exported tokenizer must still define it for fill-mask."""
+  words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'cat', 'sat', 'on', 'mat', '.']
+  bare = tmp_path / 'bare'
+  bare.mkdir()
+  (bare / 'vocab.txt').write_text('\n'.join(words) + '\n')
+  (bare / 'tokenizer_config.json').write_text('{"do_lower_case": true}')
+  cfg = models.ModelConfig(model_type='distilbert', vocab_size=len(words), hidden_size=16,
+                           num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=32)
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  export.export_hf(params, cfg, str(tmp_path / 'hf'), tokenizer_path=str(bare))
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
+  assert (tok.mask_token_id, tok.pad_token_id, tok.cls_token_id) == (4, 0, 2)
+  assert tok.model_max_length == 32
+  fill = transformers.pipeline('fill-mask', model=str(tmp_path / 'hf'), top_k=3, device='cpu')
+  assert len(fill('the cat [MASK] on the mat .')) == 3
