@@ -87,7 +87,11 @@ def _teacher_has_forward(d) -> bool:
 def load_teacher(config, vocab_size: int):
   """`(ModelConfig, numpy params)` of the teacher, or `(None, None)` if none is needed."""
   t = config.teacher
-  needed = _teacher_has_forward(config.distill) or config.student.init == 'teacher'
+  # A teacher given by path is always loaded: it defines the student's default shape (so an
+  # MLM-only baseline has the same architecture as the distilled student) and is evaluated
+  # as the reference, even when no loss term uses it.
+  needed = (_teacher_has_forward(config.distill) or config.student.init == 'teacher' or
+            bool(t.path))
   if not needed:
     return None, None
   if t.path:

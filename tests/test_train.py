@@ -263,3 +263,25 @@ def test_intermediate_terms_train_a_narrower_student_with_projections(tmp_path):
   assert meta['fingerprint']['projection'] == [16, 32] and scfg.hidden_size == 16
   report = export.export(str(tmp_path / 'full'), str(tmp_path / 'hf'))
   assert report['max_abs_diff'] <= 1e-4
+
+
+def test_mlm_only_baseline_has_the_distilled_students_shape(tmp_path):
+  """Regression: with no loss term using the teacher, the student's default shape must still
+  come from teacher.path (the DistilBERT ablation compares equal architectures)."""
+  from flaxdistil import setup, synthetic
+  import transformers
+  syn = synthetic.write_corpus(str(tmp_path / 'syn'))
+  tok = transformers.AutoTokenizer.from_pretrained(syn['tokenizer'])
+  transformers.BertForMaskedLM(transformers.BertConfig(
+      vocab_size=len(tok), hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
+      intermediate_size=40, max_position_embeddings=64)).save_pretrained(tmp_path / 'bert')
+  cfg = tiny.get_config()
+  cfg.update_from_flattened_dict({
+      'teacher.random_init': False, 'teacher.path': str(tmp_path / 'bert'),
+      'data.synthetic': False, 'data.tokenizer': syn['tokenizer'],
+      'data.train_files': tuple(syn['train_files']), 'student.init': 'random',
+      'distill.alpha_ce': 0.0, 'distill.alpha_cos': 0.0})
+  run = setup.build_run(cfg, str(tmp_path / 'w'))
+  s = run.student_config
+  assert (s.hidden_size, s.num_attention_heads, s.intermediate_size) == (24, 3, 40)
+  assert run.teacher_params is not None  # evaluated as the reference
