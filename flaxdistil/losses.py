@@ -174,6 +174,19 @@ def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
   return terms
 
 
+def check_logits_restriction(w: DistillWeights, max_predictions_per_seq: int) -> None:
+  """MLM heads on masked positions only leave no logits for a KL/MSE over all tokens.
+
+  Raises:
+    ValueError: `max_predictions_per_seq > 0` with a KL/MSE term that is not
+      restricted to masked tokens.
+  """
+  if max_predictions_per_seq and (w.alpha_ce or w.alpha_mse) and not w.restrict_ce_to_mask:
+    raise ValueError('distill.max_predictions_per_seq>0 computes logits on masked tokens only: '
+                     'set distill.restrict_ce_to_mask=True (or alpha_ce=alpha_mse=0), or set '
+                     'max_predictions_per_seq=0.')
+
+
 def term_counts(batch: Mapping[str, jax.Array], w: DistillWeights) -> dict:
   """Normalisers of each term computed from the batch alone (no model).
 

@@ -215,11 +215,10 @@ def build_run(config, workdir: str) -> Run:
       temperature=config.distill.temperature, alpha_ce=config.distill.alpha_ce,
       alpha_mlm=config.distill.alpha_mlm, alpha_cos=config.distill.alpha_cos,
       alpha_mse=config.distill.alpha_mse, restrict_ce_to_mask=config.distill.restrict_ce_to_mask)
-  if config.distill.max_predictions_per_seq and (weights.alpha_ce or weights.alpha_mse) and not (
-      weights.restrict_ce_to_mask):
-    raise ConfigError('distill.max_predictions_per_seq>0 computes logits on masked tokens only: set '
-                      'distill.restrict_ce_to_mask=True (or alpha_ce=alpha_mse=0), or set '
-                      'max_predictions_per_seq=0.')
+  try:
+    losses.check_logits_restriction(weights, config.distill.max_predictions_per_seq)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   iw = intermediate_weights(config.distill)
   inter = projection = proj_params = None
   if any(intermediate.term_alphas(iw).values()):

@@ -161,11 +161,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  if max_predictions_per_seq and (weights.alpha_ce or weights.alpha_mse) and not (
-      weights.restrict_ce_to_mask):
-    raise ValueError('distill.max_predictions_per_seq>0 computes logits on masked tokens only: '
-                     'set distill.restrict_ce_to_mask=True (or alpha_ce=alpha_mse=0), or '
-                     'max_predictions_per_seq=0.')
+  losses.check_logits_restriction(weights, max_predictions_per_seq)
 
   def train_step(state: State, teacher_params, batch):
     batch = _restrict_to_masked(batch, max_predictions_per_seq)
