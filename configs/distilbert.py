@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.student = ml_collections.ConfigDict()
   c.student.init = 'teacher'        # 'teacher' (DistilBERT init) | 'random' | 'pretrained'
-  c.student.path = ''               # HF DistilBERT dir for init='pretrained'
+  c.student.path = ''               # HF dir for init='pretrained' (its shape is kept)
+  c.student.model_type = 'distilbert'  # 'bert' only to fine-tune a BERT (configs/glue.py:teacher)
   c.student.num_hidden_layers = 6   # depth; teacher layers round(linspace(0, Lt-1, Ls))
   c.student.layers = ()             # explicit teacher layer list, () = the rule above
   c.student.hidden_size = 0         # 0 = teacher's (0 everywhere below too)
@@ -47,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.student.max_position_embeddings = 0
   c.student.hidden_dropout_prob = 0.1
   c.student.attention_probs_dropout_prob = 0.1
+  c.student.classifier_dropout = 0.1   # classification head (data.task); HF seq_classif_dropout
 
   c.distill = ml_collections.ConfigDict()
   c.distill.temperature = 2.0       # softmax temperature T of the KL term
@@ -54,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.alpha_mlm = 2.0         # masked-LM cross-entropy weight
   c.distill.alpha_cos = 1.0         # cosine loss on last hidden states
   c.distill.alpha_mse = 0.0         # MSE between logits
+  c.distill.alpha_task = 0.0        # cross-entropy with gold labels (data.task only)
   c.distill.restrict_ce_to_mask = False  # KL over masked tokens only (else all non-pad)
   c.distill.max_predictions_per_seq = 0  # >0: MLM heads only on <= this many masked positions
                                          # per sequence (needs restrict_ce_to_mask; ~3x faster
@@ -71,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.mlm_smoothing = 0.0     # >0: HF distiller's frequency-smoothed masking (0.7 there)
 
   c.data = ml_collections.ConfigDict()
+  c.data.task = ''                  # '' = masked-LM distillation on text; 'sst2' | 'mrpc' = GLUE
+                                    # sequence classification (train_files/eval_files = TSVs)
   c.data.train_files = ()           # local text (.txt: blank line = document) / .json(l) / .parquet
   c.data.eval_files = ()            # held-out files for evaluation
   c.data.tokenizer = ''             # '' = the teacher's tokenizer (teacher.path)

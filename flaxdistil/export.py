@@ -4,10 +4,11 @@ r"""Orbax checkpoint -> verified Hugging Face PyTorch directory.
 
 Restores the student of step N (default: the newest) onto one CPU host (also
 for checkpoints written by a sharded multi-device run), writes
-`DistilBertForMaskedLM` files (`config.json`, `model.safetensors`, tokenizer,
-model card) and, before reporting success, runs the torch model and the Flax
-student on the same padded batch and checks that logits agree
-(`hf_conversion.export_hf`). Nothing is left in OUT_DIR on failure.
+`DistilBertForMaskedLM` files (`DistilBertForSequenceClassification` for a
+GLUE run, `Bert*` for a fine-tuned BERT teacher: `config.json`,
+`model.safetensors`, tokenizer, model card) and, before reporting success,
+runs the torch model and the Flax student on the same padded batch and checks
+that logits agree (`export_hf`). Nothing is left in OUT_DIR on failure.
 """
 
 import dataclasses
@@ -48,14 +49,18 @@ def _verify_export(model_dir: str, params, config: ModelConfig, dtype: str,
   """Loads ``model_dir`` with transformers and compares logits to Flax."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  model, info = transformers.AutoModelForMaskedLM.from_pretrained(
-      model_dir, output_loading_info=True, dtype=torch.float32)
+  if config.num_labels:
+    auto, suffix = transformers.AutoModelForSequenceClassification, 'ForSequenceClassification'
+  elif config.with_mlm_head:
+    auto, suffix = transformers.AutoModelForMaskedLM, 'ForMaskedLM'
+  else:  # encoder only (e.g. a MiniLM-style sentence-embedding student)
+    auto, suffix = transformers.AutoModel, 'Model'
+  model, info = auto.from_pretrained(model_dir, output_loading_info=True, dtype=torch.float32)
   problems = {k: sorted(v) for k, v in info.items() if v}
   if problems:
     raise ValueError(f'Export verification failed: transformers reported '
                      f'loading problems {problems}.')
-  want_cls = ('BertForMaskedLM' if config.model_type == 'bert'
-              else 'DistilBertForMaskedLM')
+  want_cls = ('Bert' if config.model_type == 'bert' else 'DistilBert') + suffix
   if type(model).__name__ != want_cls:
     raise ValueError(f'Export verification failed: loaded as '
                      f'{type(model).__name__}, expected {want_cls}.')
@@ -68,14 +73,19 @@ def _verify_export(model_dir: str, params, config: ModelConfig, dtype: str,
   ids = np.where(mask == 1, ids, config.pad_token_id).astype(np.int32)
   with torch.no_grad():
     ref = model(input_ids=torch.from_numpy(ids).long(),
-                attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+                attention_mask=torch.from_numpy(mask).long())
+  ref = (ref.logits if config.num_labels or config.with_mlm_head else ref.last_hidden_state).numpy()
   # Compare against the weights as actually stored (rounded to `dtype`).
   stored = jax.tree_util.tree_map(
       lambda x: jnp.asarray(x, jnp.float32).astype(dtype).astype(jnp.float32),
       models.unbox(params))
   flax_cfg = dataclasses.replace(config, dtype=jnp.float32, remat=False)
-  ours = models.MaskedLM(flax_cfg).apply({'params': stored}, ids, mask).logits
-  max_diff = float(np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max())
+  out = models.MaskedLM(flax_cfg).apply({'params': stored}, ids, mask)
+  if config.num_labels:  # [2, num_labels]
+    max_diff = float(np.abs(np.asarray(out.class_logits) - ref).max())
+  else:  # [2, T, vocab] logits or [2, T, hidden] last hidden states, real tokens only
+    ours = out.logits if config.with_mlm_head else out.hidden_states[-1]
+    max_diff = float(np.abs(np.asarray(ours) - ref)[mask.astype(bool)].max())
   if not np.isfinite(max_diff) or max_diff > atol:
     raise ValueError(
         f'Export verification failed: max |logits(torch) - logits(flax)| = '
@@ -86,8 +96,13 @@ def _verify_export(model_dir: str, params, config: ModelConfig, dtype: str,
 def export_hf(params, config: ModelConfig, out_dir: str, *,
               tokenizer_path: str | None = None, model_card: str | None = None,
               dtype: str = 'float32', verify: bool = True, atol: float = 1e-4,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, id2label: dict | None = None) -> dict:
   """Writes a transformers ``*ForMaskedLM`` directory atomically.
+
+  A model with ``config.num_labels > 0`` is written (and verified) as
+  ``*ForSequenceClassification`` with ``id2label`` label names, the labels
+  ``pipeline("text-classification")`` returns; one with neither head as the
+  bare encoder (``DistilBertModel``, last hidden states compared).
 
   Writes config.json, model.safetensors (tensors in ``dtype``), tokenizer files
   (``AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained``) and
@@ -106,13 +121,10 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
 
   Raises:
     FileExistsError: out_dir exists and overwrite=False.
-    ValueError: no MLM head, unknown dtype, tokenizer larger than vocab_size,
+    ValueError: unknown dtype, tokenizer larger than vocab_size,
       or verification failure.
     FileNotFoundError / ValueError: tokenizer_path cannot be loaded.
   """
-  if not config.with_mlm_head:
-    raise ValueError('export_hf needs a model with an MLM head '
-                     '(config.with_mlm_head=True).')
   if dtype not in _TORCH_DTYPES:
     raise ValueError(f'dtype must be one of {_TORCH_DTYPES}, got {dtype!r}.')
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -126,7 +138,7 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
     import torch  # pylint: disable=g-import-not-at-top
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    hf_config = hf_conversion.config_to_hf(config)
+    hf_config = hf_conversion.config_to_hf(config, id2label)
     hf_config.dtype = dtype
     hf_config.save_pretrained(tmp)
     tdtype = getattr(torch, dtype)
@@ -196,10 +208,14 @@ def _move_into_place(tmp: str, out_dir: str, overwrite: bool):
 
 def _model_card(meta: dict, step: int, cfg: models.ModelConfig) -> str:
   info, ev = meta.get('info', {}), meta.get('eval', {}) or {}
+  arch = 'BERT' if cfg.model_type == 'bert' else 'DistilBERT'
+  tag = ('text-classification' if cfg.num_labels else
+         'fill-mask' if cfg.with_mlm_head else 'feature-extraction')
   lines = [
-      '---', 'library_name: transformers', 'pipeline_tag: fill-mask', 'tags: [distilbert, distillation, flaxdistil]', '---',
-      '# DistilBERT student distilled with flaxdistil', '',
-      f'- Architecture: DistilBERT, {cfg.num_hidden_layers} layers x {cfg.hidden_size} hidden, '
+      '---', 'library_name: transformers', f'pipeline_tag: {tag}',
+      'tags: [distilbert, distillation, flaxdistil]', '---',
+      f'# {arch} {"classifier" if cfg.num_labels else "student"} trained with flaxdistil', '',
+      f'- Architecture: {arch}, {cfg.num_hidden_layers} layers x {cfg.hidden_size} hidden, '
       f'{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}.',
       f'- Teacher: `{info.get("teacher")}`; student init: `{info.get("student_init")}`.',
       f'- Objective: {json.dumps(info.get("distill", {}))}.',
@@ -207,7 +223,11 @@ def _model_card(meta: dict, step: int, cfg: models.ModelConfig) -> str:
       f'- Steps: {step} (global batch {meta.get("fingerprint", {}).get("global_batch_size")} x '
       f'{meta.get("fingerprint", {}).get("max_seq_length")} tokens).',
   ]
-  if ev:
+  if ev and info.get('task'):
+    lines.append(f'- GLUE {info["task"]} dev accuracy {ev.get("accuracy", float("nan")):.4f}'
+                 + (f', F1 {ev["f1"]:.4f}' if 'f1' in ev else '')
+                 + f' ({ev.get("num_tokens")} examples).')
+  elif ev:
     lines.append(f'- Held-out masked-token accuracy {ev.get("accuracy", float("nan")):.4f}, '
                  f'perplexity {ev.get("perplexity", float("nan")):.2f} '
                  f'({ev.get("num_tokens")} masked tokens).')
@@ -250,9 +270,11 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'flo
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f'--out {out} already exists; choose a new directory or pass --overwrite.')
   scfg, params, meta, step = load_student(workdir, step)
+  info = meta.get('info', {})
   report = export_hf(
-      params, scfg, out, tokenizer_path=meta.get('info', {}).get('tokenizer'),
-      model_card=_model_card(meta, step, scfg), dtype=dtype, overwrite=overwrite)
+      params, scfg, out, tokenizer_path=info.get('tokenizer'),
+      model_card=_model_card(meta, step, scfg), dtype=dtype, overwrite=overwrite,
+      id2label=info.get('id2label'))
   report['step'] = step
   return report
 

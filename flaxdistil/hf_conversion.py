@@ -25,7 +25,8 @@ _SUPPORTED = ('bert', 'distilbert')
 # Tensors present in common checkpoints that have no counterpart in our model:
 # BertModel pooler, BertForPreTraining next-sentence head, non-trainable buffers.
 _IGNORED_SUBSTRINGS = ('position_ids', 'embeddings.token_type_ids')
-_IGNORED_PREFIXES = ('pooler.', 'cls.seq_relationship.')
+_IGNORED_PREFIXES = ('cls.seq_relationship.',)
+_POOLER = 'pooler.'  # ignored unless the model has a classification head (BERT's first dense)
 
 
 # HF config field -> ModelConfig field. BertConfig uses our names.
@@ -44,13 +45,17 @@ _DISTILBERT_FIELDS = {
     'pad_token_id': 'pad_token_id'}
 
 
-def config_from_hf(hf_config: Any, *, with_mlm_head: bool = True) -> ModelConfig:
+def config_from_hf(hf_config: Any, *, with_mlm_head: bool = True,
+                   num_labels: int = 0) -> ModelConfig:
   """HF config (dict or ``PretrainedConfig``) -> ModelConfig.
 
   'bert' uses BertConfig names; 'distilbert' maps dim/n_layers/n_heads/
   hidden_dim/activation/dropout/attention_dropout (LayerNorm eps is hard-coded
   1e-12 in HF DistilBERT, and there are no token types). Fields missing from
-  the dict take the HF defaults (= ModelConfig defaults).
+  the dict take the HF defaults (= ModelConfig defaults). ``num_labels > 0``
+  adds the sequence-classification head, whose dropout is BERT's
+  ``classifier_dropout`` (None = ``hidden_dropout_prob``) or DistilBERT's
+  ``seq_classif_dropout``.
 
   Raises:
     ValueError: model_type missing or not 'bert'/'distilbert' (names it), or a
@@ -78,14 +83,21 @@ def config_from_hf(hf_config: Any, *, with_mlm_head: bool = True) -> ModelConfig
   if model_type == 'distilbert':
     kw.update(num_hidden_layers=int(c.get('n_layers', 6)), type_vocab_size=0,
               layer_norm_eps=1e-12)
-  return ModelConfig(model_type=model_type, with_mlm_head=with_mlm_head, **kw)
+    kw['classifier_dropout'] = float(c.get('seq_classif_dropout', 0.2))
+  else:
+    drop = c.get('classifier_dropout')
+    kw['classifier_dropout'] = float(kw['hidden_dropout_prob'] if drop is None else drop)
+  return ModelConfig(model_type=model_type, with_mlm_head=with_mlm_head,
+                     num_labels=int(num_labels), **kw)
 
 
-def config_to_hf(config: ModelConfig):
+def config_to_hf(config: ModelConfig, id2label: dict | None = None):
   """ModelConfig -> ``transformers.BertConfig`` / ``DistilBertConfig``.
 
-  ``architectures`` is ``[BertForMaskedLM]`` / ``[DistilBertForMaskedLM]`` (or
-  the base model without head), ``tie_word_embeddings=True``.
+  ``architectures`` is ``[BertForSequenceClassification]`` /
+  ``[DistilBertForSequenceClassification]`` when ``config.num_labels > 0``
+  (labels from ``id2label``, default ``LABEL_i``), else ``[*ForMaskedLM]`` (or
+  the base model without head); ``tie_word_embeddings=True``.
 
   Raises:
     ValueError: DistilBERT with layer_norm_eps != 1e-12 (HF hard-codes it).
@@ -103,7 +115,18 @@ def config_to_hf(config: ModelConfig):
   kw = {hf_name: getattr(config, name) for hf_name, name in fields.items()}
   if config.model_type == 'distilbert':
     kw['sinusoidal_pos_embds'] = False
-  arch += 'ForMaskedLM' if config.with_mlm_head else 'Model'
+  if config.num_labels:
+    arch += 'ForSequenceClassification'
+    id2label = {int(k): str(v) for k, v in (id2label or {}).items()} or {
+        i: f'LABEL_{i}' for i in range(config.num_labels)}
+    if sorted(id2label) != list(range(config.num_labels)):
+      raise ValueError(f'id2label {id2label} must name labels 0..{config.num_labels - 1}.')
+    kw.update(num_labels=config.num_labels, id2label=id2label,
+              label2id={v: k for k, v in id2label.items()})
+    kw['seq_classif_dropout' if config.model_type == 'distilbert'
+       else 'classifier_dropout'] = config.classifier_dropout
+  else:
+    arch += 'ForMaskedLM' if config.with_mlm_head else 'Model'
   return cls(**kw, tie_word_embeddings=True, architectures=[arch])
 
 
@@ -131,6 +154,10 @@ _HEAD_MAP = [
     (('transform_layer_norm',), 'cls.predictions.transform.LayerNorm',
      'vocab_layer_norm', 'ln'),
     (('bias',), 'cls.predictions.bias', 'vocab_projector.bias', 'raw')]
+# Sequence-classification head (BERT's pooler dense plays DistilBERT's pre_classifier).
+_CLS_MAP = [
+    (('pre_classifier',), 'bert.pooler.dense', 'pre_classifier', 'lin'),
+    (('classifier',), 'classifier', 'classifier', 'lin')]
 # kind -> (HF suffix, Flax leaf, transpose): torch Linear weight is [out, in].
 _TENSORS = {'lin': (('.weight', 'kernel', True), ('.bias', 'bias', False)),
             'ln': (('.weight', 'scale', False), ('.bias', 'bias', False)),
@@ -139,25 +166,30 @@ _TENSORS = {'lin': (('.weight', 'kernel', True), ('.bias', 'bias', False)),
 
 
 def _name_map(config: ModelConfig):
-  """List of (hf_name, flax_path, transpose, is_head); hf_name as saved by
-  ``*ForMaskedLM.save_pretrained`` (encoder prefixed, tied decoder omitted)."""
+  """List of (hf_name, flax_path, transpose, part) for every tensor the config
+  has; hf_name as saved by ``*ForMaskedLM`` / ``*ForSequenceClassification``
+  ``.save_pretrained`` (encoder prefixed, tied decoder omitted); part is
+  'body', 'mlm' (the MLM head) or 'cls' (the classification head)."""
   bert, p, out = config.model_type == 'bert', _prefix(config), []
 
-  def add(hf, path, kind, is_head):
+  def add(hf, path, kind, part):
+    if (part == 'mlm' and not config.with_mlm_head) or (part == 'cls' and not config.num_labels):
+      return
     for suffix, leaf, transpose in _TENSORS[kind]:
-      out.append((hf + suffix, path + ((leaf,) if leaf else ()), transpose,
-                  is_head))
+      out.append((hf + suffix, path + ((leaf,) if leaf else ()), transpose, part))
   for sub, hf_bert, hf_distil, kind in _EMB_MAP:
     if bert or hf_distil:
       add(f'{p}embeddings.{hf_bert if bert else hf_distil}',
-          ('embeddings',) + sub, kind, False)
+          ('embeddings',) + sub, kind, 'body')
   for i in range(config.num_hidden_layers):
     for sub, hf_bert, hf_distil, kind in _LAYER_MAP:
       hf = (f'encoder.layer.{i}.{hf_bert}' if bert
             else f'transformer.layer.{i}.{hf_distil}')
-      add(p + hf, ('encoder', f'layer_{i}') + sub, kind, False)
+      add(p + hf, ('encoder', f'layer_{i}') + sub, kind, 'body')
   for sub, hf_bert, hf_distil, kind in _HEAD_MAP:
-    add(hf_bert if bert else hf_distil, ('mlm_head',) + sub, kind, True)
+    add(hf_bert if bert else hf_distil, ('mlm_head',) + sub, kind, 'mlm')
+  for sub, hf_bert, hf_distil, kind in _CLS_MAP:
+    add(hf_bert if bert else hf_distil, ('classifier_head',) + sub, kind, 'cls')
   return out
 
 
@@ -170,6 +202,10 @@ _DECODER = {
 def _is_head_name(name: str) -> bool:
   return name.startswith(('cls.predictions.', 'vocab_transform.',
                           'vocab_layer_norm.', 'vocab_projector.'))
+
+
+def _is_classifier_name(name: str) -> bool:
+  return name.startswith(('classifier.', 'pre_classifier.'))
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -194,9 +230,12 @@ def _normalise_names(state_dict, config: ModelConfig) -> dict[str, np.ndarray]:
       name = name[:-len('.beta')] + '.bias'
     bare = name[len(p):] if name.startswith(p) else name
     if (bare.startswith(_IGNORED_PREFIXES)
-        or any(s in bare for s in _IGNORED_SUBSTRINGS)):
+        or any(s in bare for s in _IGNORED_SUBSTRINGS)
+        or (bare.startswith(_POOLER) and not config.num_labels)):
       continue
-    if not name.startswith(p) and not _is_head_name(name):
+    if _is_classifier_name(name) and not config.num_labels:
+      continue
+    if not name.startswith(p) and not _is_head_name(name) and not _is_classifier_name(name):
       name = p + name
     out[name] = value
   return out
@@ -242,14 +281,14 @@ def params_from_hf_state_dict(state_dict, config: ModelConfig):
       raise ValueError(f'{dec_b} differs from cls.predictions.bias; they must '
                        f'be the same (tied) tensor.')
 
-  entries = [e for e in _name_map(config) if config.with_mlm_head or not e[3]]
+  entries = _name_map(config)
   expected = {e[0] for e in entries}
   missing = expected - set(sd)
   unexpected = set(sd) - expected
   if missing or unexpected:
     msg = [f'Checkpoint does not match a {config.model_type} model with '
            f'{config.num_hidden_layers} layers '
-           f'(with_mlm_head={config.with_mlm_head}).']
+           f'(with_mlm_head={config.with_mlm_head}, num_labels={config.num_labels}).']
     if missing:
       msg.append(f'Missing tensors ({len(missing)}): {_fmt_names(missing)}.')
     if unexpected:
@@ -286,9 +325,7 @@ def params_to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray
   """
   params = models.unbox(params)
   out = {}
-  for hf_name, path, transpose, is_head in _name_map(config):
-    if is_head and not config.with_mlm_head:
-      continue
+  for hf_name, path, transpose, _ in _name_map(config):
     try:
       x = np.asarray(_get(params, path), dtype=np.float32)
     except KeyError as e:
@@ -391,8 +428,14 @@ def _read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
       f'{sorted(os.listdir(model_dir))}.')
 
 
-def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None):
+def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
+                  with_classifier: bool = True):
   """Loads a HF BERT/DistilBERT checkpoint -> (ModelConfig, float32 params).
+
+  ``*ForSequenceClassification`` checkpoints (a ``classifier.weight``
+  tensor) load with their head: ``config.num_labels`` = its rows, and
+  ``params['classifier_head']`` holds pooler/pre_classifier and classifier;
+  ``with_classifier=False`` drops that head.
 
   Args:
     path_or_name: local directory with config.json and model.safetensors /
@@ -424,8 +467,20 @@ def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None):
         f'{model_dir} has no MLM head (architectures='
         f'{hf_config.get("architectures")}); load it with with_mlm_head=False '
         f'or use a *ForMaskedLM checkpoint.')
-  config = config_from_hf(hf_config, with_mlm_head=with_mlm_head)
+  num_labels = 0
+  if with_classifier and 'classifier.weight' in state_dict:
+    num_labels = int(_to_numpy(state_dict['classifier.weight']).shape[0])
+  config = config_from_hf(hf_config, with_mlm_head=with_mlm_head, num_labels=num_labels)
   return config, params_from_hf_state_dict(state_dict, config)
+
+
+def read_id2label(path: str) -> dict[int, str]:
+  """``id2label`` of a local HF model directory's config.json ({} if none)."""
+  try:
+    c = _read_config(_resolve_model_dir(path))
+  except (FileNotFoundError, ValueError):
+    return {}
+  return {int(k): str(v) for k, v in (c.get('id2label') or {}).items()}
 
 
 def select_teacher_layers(num_teacher_layers: int,
@@ -517,4 +572,10 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
   }
   if s.with_mlm_head:
     out['mlm_head'] = copy(tp['mlm_head'])
+  if s.num_labels:
+    if t.num_labels != s.num_labels:
+      raise ValueError(f'The student has {s.num_labels} labels but the teacher '
+                       f'{t.num_labels}; distil from a teacher fine-tuned on the task.')
+    # BERT pooler (tanh) -> DistilBERT pre_classifier (ReLU): a warm start, not an identity.
+    out['classifier_head'] = copy(tp['classifier_head'])
   return out

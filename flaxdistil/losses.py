@@ -13,6 +13,13 @@ Sec. 2 "triple loss"):
        + alpha_mlm * CE(s, labels)                               (masked tokens only)
        + alpha_cos * (1 - cos(h_s, h_t))                         (last hidden states)
        + alpha_mse * sum_v (s - t)^2                             (optional; HF: MSELoss(sum) / num_tokens)
+
+Task distillation on sequence classification (`task_terms`; TinyBERT, Jiao et
+al., 2020, Eq. 10, prediction-layer distillation):
+
+  loss = alpha_ce   * T^2 * CE(softmax(t/T), softmax(s/T))        (soft cross-entropy, per example)
+       + alpha_task * CE(s, gold label)                          (plain fine-tuning term)
+       + alpha_cos  * (1 - cos(h_s, h_t))                        (as above)
 """
 
 from typing import Mapping, NamedTuple, Tuple
@@ -130,14 +137,35 @@ def mse_logits_loss(student_logits, teacher_logits, weights) -> Pair:
   return jnp.sum(jnp.sum(d * d, -1) * w), jnp.sum(w)
 
 
+def soft_cross_entropy(student_logits, teacher_logits, weights, temperature: float) -> Pair:
+  """TinyBERT's prediction-layer loss: `T^2 * -sum_c softmax(t/T)_c log softmax(s/T)_c`.
+
+  TinyBERT (Eq. 10, code `soft_cross_entropy`) uses T = 1 and no T^2; the T^2
+  factor (Hinton et al., 2015) keeps gradients comparable across T and is 1
+  at T = 1. Differs from `kl_div_loss` by the teacher entropy, a constant.
+
+  Args:
+    student_logits / teacher_logits: `[batch, num_labels]` any float dtype.
+    weights: `[batch]` 1 for real examples, 0 for padding rows.
+  Returns:
+    `(sum over examples of w * T^2 * CE, sum of w)`, float32 scalars.
+  """
+  t = _f32(temperature)
+  s_logp = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)
+  t_p = jax.nn.softmax(_f32(teacher_logits) / t, axis=-1)
+  w = _f32(weights)
+  return -jnp.sum(jnp.sum(t_p * s_logp, -1) * w) * t * t, jnp.sum(w)
+
+
 class DistillWeights(NamedTuple):
-  """The objective's coefficients (HF distiller names)."""
+  """The objective's coefficients (HF distiller names; `alpha_task` for gold labels)."""
   temperature: float = 2.0
   alpha_ce: float = 5.0
   alpha_mlm: float = 2.0
   alpha_cos: float = 1.0
   alpha_mse: float = 0.0
   restrict_ce_to_mask: bool = False
+  alpha_task: float = 0.0
 
 
 def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
@@ -174,6 +202,31 @@ def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
   return terms
 
 
+def task_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
+               w: DistillWeights) -> dict:
+  """`(sum, count)` pairs of sequence-classification distillation (module docstring).
+
+  Args:
+    student_out / teacher_out: `ModelOutput`s with `class_logits [B, C]`
+      (teacher None when only `alpha_task` is set: plain fine-tuning).
+    batch: `labels [B]` int32 (-100 = padding row), `attention_mask [B, T]`.
+  Returns:
+    dict with 'ce' (soft CE), 'task' (gold-label CE), 'cos' for non-zero alphas.
+  """
+  labels = batch['labels']
+  valid = (labels != IGNORE_INDEX).astype(jnp.float32)
+  terms = {}
+  if w.alpha_task:
+    terms['task'] = mlm_cross_entropy(student_out.class_logits, labels)
+  if w.alpha_ce:
+    terms['ce'] = soft_cross_entropy(student_out.class_logits, teacher_out.class_logits, valid,
+                                     w.temperature)
+  if w.alpha_cos:
+    terms['cos'] = cosine_embedding_loss(
+        student_out.hidden_states[-1], teacher_out.hidden_states[-1], batch['attention_mask'])
+  return terms
+
+
 def check_logits_restriction(w: DistillWeights, max_predictions_per_seq: int) -> None:
   """MLM heads on masked positions only leave no logits for a KL/MSE over all tokens.
 
@@ -192,26 +245,22 @@ def term_counts(batch: Mapping[str, jax.Array], w: DistillWeights) -> dict:
 
   Used to scale microbatch losses by the *global* count so that summed
   microbatch gradients equal the gradient of the global token-weighted mean.
+  MLM batches (`labels [B, T]`) count masked or real tokens; classification
+  batches (`labels [B]`, `task_terms`) count examples for 'ce' and 'task'.
   """
   labels, mask = batch['labels'], batch['attention_mask']
-  n_masked = jnp.sum(_f32(labels != IGNORE_INDEX))
+  n_labels = jnp.sum(_f32(labels != IGNORE_INDEX))  # masked tokens, or examples
   n_tokens = jnp.sum(_f32(mask))
-  kl_n = n_masked if w.restrict_ce_to_mask else n_tokens
-  counts = {}
-  if w.alpha_mlm:
-    counts['mlm'] = n_masked
-  if w.alpha_ce:
-    counts['ce'] = kl_n
-  if w.alpha_mse:
-    counts['mse'] = kl_n
-  if w.alpha_cos:
-    counts['cos'] = n_tokens
-  return counts
+  kl_n = n_labels if (labels.ndim == 1 or w.restrict_ce_to_mask) else n_tokens
+  terms = (('mlm', w.alpha_mlm, n_labels), ('task', w.alpha_task, n_labels),
+           ('ce', w.alpha_ce, kl_n), ('mse', w.alpha_mse, kl_n), ('cos', w.alpha_cos, n_tokens))
+  return {k: n for k, alpha, n in terms if alpha}
 
 
 def combine(terms: dict, counts: dict, w: DistillWeights) -> jax.Array:
   """`sum_k alpha_k * sum_k / count_k` with counts from `term_counts` (max 1)."""
-  alphas = {'ce': w.alpha_ce, 'mlm': w.alpha_mlm, 'cos': w.alpha_cos, 'mse': w.alpha_mse}
+  alphas = {'ce': w.alpha_ce, 'mlm': w.alpha_mlm, 'cos': w.alpha_cos, 'mse': w.alpha_mse,
+            'task': w.alpha_task}
   total = jnp.zeros((), jnp.float32)
   for k, (s, _) in terms.items():
     total = total + alphas[k] * s / jnp.maximum(counts[k], 1.0)

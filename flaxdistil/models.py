@@ -82,6 +82,8 @@ class ModelConfig:
   attention_probs_dropout_prob: float = 0.1
   pad_token_id: int = 0
   with_mlm_head: bool = True
+  num_labels: int = 0               # >0: sequence-classification head on [CLS]
+  classifier_dropout: float = 0.1   # HF BERT: hidden_dropout_prob; DistilBERT: seq_classif_dropout
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -98,6 +100,8 @@ class ModelConfig:
       raise ValueError(
           f'hidden_size ({self.hidden_size}) must be divisible by '
           f'num_attention_heads ({self.num_attention_heads}); change one of them.')
+    if self.num_labels < 0:
+      raise ValueError(f'num_labels must be >= 0 (0 = no classification head), got {self.num_labels}.')
     if self.model_type == 'bert' and self.type_vocab_size < 1:
       raise ValueError(
           "model_type 'bert' needs type_vocab_size >= 1 (token-type embeddings); "
@@ -136,12 +140,15 @@ class ModelOutput(flax.struct.PyTreeNode):
       ``BertSelfAttention.value`` output split into heads). None unless
       ``output_values=True``. Used by MiniLM's value-relation loss
       (``intermediate.value_relation_kl``).
+    class_logits: [batch, num_labels] float32 sequence-classification logits
+      (``config.num_labels > 0``), else None.
   """
   logits: jax.Array | None
   hidden_states: tuple[jax.Array, ...]
   attentions: tuple[jax.Array, ...] | None = None
   attention_scores: tuple[jax.Array, ...] | None = None
   values: tuple[jax.Array, ...] | None = None
+  class_logits: jax.Array | None = None
 
 
 def _init(names, init=None):
@@ -321,12 +328,35 @@ class MLMHead(nn.Module):
     return nn.with_logical_constraint(logits, ('act_batch', 'act_len', 'vocab'))
 
 
+class ClassificationHead(nn.Module):
+  """Sequence classification from the first ([CLS]) token.
+
+  'bert': HF ``BertPooler`` (dense + tanh) -> dropout -> ``classifier``
+  (``BertForSequenceClassification``); 'distilbert': ``pre_classifier`` ->
+  ReLU -> dropout -> ``classifier`` (``DistilBertForSequenceClassification``).
+  The first dense is called ``pre_classifier`` for both so a BERT teacher's
+  pooler can initialise a DistilBERT student's head.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    """x: [B, T, H] -> class logits [B, num_labels] float32."""
+    cfg = self.config
+    h = _dense(cfg, cfg.hidden_size, (('embed', None), (None,)), 'pre_classifier')(x[:, 0])
+    h = jnp.tanh(h) if cfg.model_type == 'bert' else nn.relu(h)
+    h = nn.Dropout(cfg.classifier_dropout)(h, deterministic=deterministic)
+    logits = _dense(cfg, cfg.num_labels, ((None, None), (None,)), 'classifier')(h)
+    return logits.astype(jnp.float32)
+
+
 class MaskedLM(nn.Module):
   """BERT / DistilBERT encoder with optional tied MLM head.
 
   Matches HF ``BertForMaskedLM`` / ``DistilBertForMaskedLM`` (or, with
   ``config.with_mlm_head=False``, ``BertModel`` without pooler /
-  ``DistilBertModel``) in eval mode to ~1e-5 in float32.
+  ``DistilBertModel``; with ``config.num_labels > 0`` also
+  ``*ForSequenceClassification``) in eval mode to ~1e-5 in float32.
   """
   config: ModelConfig
 
@@ -335,6 +365,8 @@ class MaskedLM(nn.Module):
     self.encoder = Encoder(self.config)
     if self.config.with_mlm_head:
       self.mlm_head = MLMHead(self.config)
+    if self.config.num_labels:
+      self.classifier_head = ClassificationHead(self.config)
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
                deterministic: bool = True,
@@ -404,12 +436,16 @@ class MaskedLM(nn.Module):
       if logits_positions is not None:
         h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)  # [B, M, H]
       logits = self.mlm_head(h, self.embeddings)
+    class_logits = None
+    if cfg.num_labels:
+      class_logits = self.classifier_head(hidden_states[-1], deterministic)
     return ModelOutput(
         logits=logits,
         hidden_states=hidden_states,
         attentions=attentions if output_attentions else None,
         attention_scores=scores if output_attention_scores else None,
-        values=values if output_values else None)
+        values=values if output_values else None,
+        class_logits=class_logits)
 
 
 def unbox(tree):

@@ -14,7 +14,9 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from flaxdistil import glue
 from flaxdistil import hf_conversion
 from flaxdistil import input_pipeline
 from flaxdistil import intermediate
@@ -84,8 +86,12 @@ def _teacher_has_forward(d) -> bool:
               any(intermediate.term_alphas(intermediate_weights(d)).values()))
 
 
-def load_teacher(config, vocab_size: int):
-  """`(ModelConfig, numpy params)` of the teacher, or `(None, None)` if none is needed."""
+def load_teacher(config, vocab_size: int, num_labels: int = 0):
+  """`(ModelConfig, numpy params)` of the teacher, or `(None, None)` if none is needed.
+
+  `num_labels > 0` (a GLUE task): logit terms need a teacher fine-tuned on the
+  task, i.e. a `*ForSequenceClassification` checkpoint with that many labels.
+  """
   t = config.teacher
   # A teacher given by path is always loaded: it defines the student's default shape (so an
   # MLM-only baseline has the same architecture as the distilled student) and is evaluated
@@ -112,45 +118,111 @@ def load_teacher(config, vocab_size: int):
     raise ConfigError('The objective needs a teacher (alpha_ce/alpha_cos/alpha_mse > 0 or '
                       'student.init="teacher") but teacher.path is empty; set teacher.path, '
                       'or set those alphas to 0 and student.init="random" for plain MLM.')
-  if _teacher_has_forward(config.distill) and not tcfg.with_mlm_head and (
+  if num_labels:
+    if config.distill.alpha_ce and tcfg.num_labels != num_labels:
+      raise ConfigError(
+          f'Teacher {t.path!r} has no {num_labels}-label classification head (num_labels='
+          f'{tcfg.num_labels}): fine-tune it on the task first (configs/glue.py:teacher) and pass '
+          'the exported directory as teacher.path, or set distill.alpha_ce=0.')
+  elif _teacher_has_forward(config.distill) and not tcfg.with_mlm_head and (
       config.distill.alpha_ce or config.distill.alpha_mse):
     raise ConfigError(f'Teacher {t.path!r} has no MLM head (a plain BertModel): set '
                       'distill.alpha_ce=0 and distill.alpha_mse=0 and distill via hidden states.')
   return tcfg, tparams
 
 
-def student_config(config, tcfg: models.ModelConfig | None, vocab_size: int) -> models.ModelConfig:
-  """The DistilBERT student's shape: 0 in a field means "the teacher's value"."""
+def student_config(config, tcfg: models.ModelConfig | None, vocab_size: int,
+                   num_labels: int = 0, pretrained: models.ModelConfig | None = None
+                   ) -> models.ModelConfig:
+  """The student's shape: 0 in a field means "the teacher's value".
+
+  With `student.init='pretrained'` the pretrained checkpoint's shape is the
+  reference instead (`pretrained`), so fine-tuning a BERT keeps its shape.
+  `num_labels > 0` gives a sequence-classification head and no MLM head.
+  """
   s = config.student
-  pick = lambda v, attr, default: v if v else (getattr(tcfg, attr) if tcfg else default)
+  ref = pretrained or tcfg
+  pick = lambda v, attr, default: v if v else (getattr(ref, attr) if ref else default)
   return models.ModelConfig(
-      model_type='distilbert',
-      vocab_size=tcfg.vocab_size if tcfg else vocab_size,
+      model_type=s.model_type,
+      vocab_size=ref.vocab_size if ref else vocab_size,
+      type_vocab_size=ref.type_vocab_size if ref and ref.type_vocab_size else 2,
       hidden_size=pick(s.hidden_size, 'hidden_size', 768),
-      num_hidden_layers=s.num_hidden_layers,
+      # A same-type pretrained model keeps its depth; BERT -> DistilBERT picks layers.
+      num_hidden_layers=pick(0 if _same_type(pretrained, s) else s.num_hidden_layers,
+                             'num_hidden_layers', 6),
       num_attention_heads=pick(s.num_attention_heads, 'num_attention_heads', 12),
       intermediate_size=pick(s.intermediate_size, 'intermediate_size', 3072),
       max_position_embeddings=pick(s.max_position_embeddings, 'max_position_embeddings', 512),
       hidden_dropout_prob=s.hidden_dropout_prob,
       attention_probs_dropout_prob=s.attention_probs_dropout_prob,
+      # A head-less teacher (BertModel, e.g. MiniLM) gives a head-less student: no MLM
+      # logits exist to distil, and an export of an untrained head would mislead.
+      with_mlm_head=not num_labels and (tcfg.with_mlm_head if tcfg else True),
+      num_labels=num_labels,
+      classifier_dropout=s.classifier_dropout,
       dtype=_dtype(config.dtype), remat=config.remat)
 
 
-def init_student(config, scfg, tcfg, tparams):
-  """Student params (numpy): from the teacher, from an HF checkpoint, or random."""
-  init = config.student.init
+def _same_type(pretrained, student_group) -> bool:
+  return pretrained is not None and pretrained.model_type == student_group.model_type
+
+
+def _with_head(params, scfg, seed: int):
+  """Adds a freshly initialised classification head when `params` lack a matching one."""
+  if not scfg.num_labels:
+    return params
+  fresh = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 4)))
+  head = params.get('classifier_head')
+  if head is None or jax.tree.map(lambda x: x.shape, head) != jax.tree.map(lambda x: x.shape,
+                                                                           fresh['classifier_head']):
+    params = dict(params, classifier_head=fresh['classifier_head'])
+  return params
+
+
+def load_pretrained_student(config, num_labels: int):
+  """`(ModelConfig, params)` of `student.path` for `student.init='pretrained'`, or (None, None)."""
+  s = config.student
+  if s.init != 'pretrained':
+    return None, None
+  if not s.path:
+    raise ConfigError('student.init="pretrained" needs student.path (a HF BERT/DistilBERT dir).')
+  try:
+    pcfg, params = hf_conversion.load_hf_model(s.path, with_mlm_head=False if num_labels else None)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise ConfigError(f'Cannot load student.path {s.path!r}: {e}') from e
+  if pcfg.model_type == 'distilbert' and s.model_type == 'bert':
+    raise ConfigError(f'student.path {s.path!r} is a DistilBERT model; set '
+                      'student.model_type="distilbert".')
+  return pcfg, params
+
+
+def init_student(config, scfg, tcfg, tparams, pretrained=(None, None)):
+  """Student params (numpy): from the teacher, from an HF checkpoint, or random.
+
+  A classification student whose source has no matching head gets a random one.
+  """
+  init, (pcfg, pretrained_params) = config.student.init, pretrained
+  if init == 'pretrained' and not _same_type(pcfg, scfg):
+    # A BERT checkpoint (e.g. the pretrained, not fine-tuned, teacher) initialises a DistilBERT
+    # student the DistilBERT way: student.layers of it.
+    tcfg, tparams, init = pcfg, pretrained_params, 'teacher'
   if init == 'teacher':
+    if tcfg is None:
+      raise ConfigError('student.init="teacher" needs teacher.path.')
+    head_ok = scfg.num_labels == tcfg.num_labels
+    body_cfg = scfg if head_ok else dataclasses.replace(scfg, num_labels=0)
     try:
-      return hf_conversion.init_student_from_teacher(
-          tparams, tcfg, scfg, layers=list(config.student.layers) or None)
+      params = hf_conversion.init_student_from_teacher(
+          tparams, tcfg, body_cfg, layers=list(config.student.layers) or None)
     except ValueError as e:
       raise ConfigError(f'student.init="teacher": {e}') from e
+    return _with_head(params, scfg, config.seed)
   if init == 'pretrained':
-    pcfg, params = hf_conversion.load_hf_model(config.student.path)
-    if (pcfg.hidden_size, pcfg.num_hidden_layers) != (scfg.hidden_size, scfg.num_hidden_layers):
-      raise ConfigError(f'student.path {config.student.path!r} has {pcfg.num_hidden_layers} layers x '
-                        f'{pcfg.hidden_size}; set student.num_hidden_layers/hidden_size to match.')
-    return params
+    params = dict(pretrained_params)
+    if not scfg.num_labels:
+      params.pop('classifier_head', None)
+    return _with_head(params, scfg, config.seed)
   if init == 'random':
     return jax.device_get(models.init_params(scfg, jax.random.PRNGKey(config.seed + 2)))
   raise ConfigError(f'student.init={init!r}: use "teacher", "random" or "pretrained".')
@@ -160,81 +232,9 @@ def _files_id(files) -> list:
   return [[os.path.basename(f), os.path.getsize(f)] for f in files if os.path.exists(f)]
 
 
-def build_run(config, workdir: str) -> Run:
-  """Validates `config` and builds models, params, mesh and data for the loop.
-
-  Raises:
-    ConfigError: with the problem and the fix (missing paths, vocab mismatch,
-      max_seq_length above max_position_embeddings, batch not divisible by
-      devices x microbatches, empty dataset, teacher without MLM head...).
-  """
-  d = config.data
-  train_files, eval_files, tok_path = list(d.train_files), list(d.eval_files), d.tokenizer
-  if d.synthetic:
-    paths = synthetic.write_corpus(os.path.join(workdir, 'synthetic'), seed=config.seed)
-    train_files, eval_files, tok_path = paths['train_files'], paths['eval_files'], paths['tokenizer']
-  tok_path = tok_path or config.teacher.path
-  if not tok_path:
-    raise ConfigError('No tokenizer: set data.tokenizer (or teacher.path, whose tokenizer is used).')
-  if not train_files:
-    raise ConfigError('data.train_files is empty; list text/json/parquet files (or data.synthetic=True).')
-  try:
-    tokenizer = input_pipeline.load_tokenizer(tok_path)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f'Cannot load tokenizer from {tok_path!r}: {e}') from e
-  vocab_size = len(tokenizer)
-
-  tcfg, tparams = load_teacher(config, vocab_size)
-  if tcfg is not None:
-    if vocab_size > tcfg.vocab_size:
-      raise ConfigError(
-          f'Tokenizer {tok_path!r} has {vocab_size} tokens but the teacher\'s vocab_size is '
-          f'{tcfg.vocab_size}: they do not belong together; use the teacher\'s own tokenizer '
-          '(data.tokenizer="" takes it from teacher.path).')
-    tcfg = dataclasses.replace(tcfg, dtype=_dtype(config.dtype), remat=config.remat)
-  scfg = student_config(config, tcfg, vocab_size)
-  for name, cfg in (('teacher', tcfg), ('student', scfg)):
-    if cfg is not None and d.max_seq_length > cfg.max_position_embeddings:
-      raise ConfigError(
-          f'data.max_seq_length={d.max_seq_length} exceeds the {name}\'s max_position_embeddings='
-          f'{cfg.max_position_embeddings}; use --config.data.max_seq_length<={cfg.max_position_embeddings}.')
-  sparams = init_student(config, scfg, tcfg, tparams)
-
-  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
-  rules = sharding.rules_tuple(config.mesh.logical_axis_rules)
-  t_rules = sharding.rules_tuple(config.teacher.logical_axis_rules or rules)
-  gbs, nmb = d.global_batch_size, config.optim.num_microbatches
-  if gbs % jax.process_count():
-    raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {jax.process_count()} hosts.')
-  try:
-    sharding.check_batch_divisibility(gbs, nmb, mesh, rules)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-
-  weights = losses.DistillWeights(
-      temperature=config.distill.temperature, alpha_ce=config.distill.alpha_ce,
-      alpha_mlm=config.distill.alpha_mlm, alpha_cos=config.distill.alpha_cos,
-      alpha_mse=config.distill.alpha_mse, restrict_ce_to_mask=config.distill.restrict_ce_to_mask)
-  try:
-    losses.check_logits_restriction(weights, config.distill.max_predictions_per_seq)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  iw = intermediate_weights(config.distill)
-  inter = projection = proj_params = None
-  if any(intermediate.term_alphas(iw).values()):
-    try:
-      inter = (iw, intermediate.resolve_layer_map(scfg.num_hidden_layers, tcfg.num_hidden_layers,
-                                                  list(config.distill.layer_map) or None))
-    except ValueError as e:
-      raise ConfigError(f'distill.layer_map: {e}') from e
-    if (iw.alpha_emb or iw.alpha_hidden) and scfg.hidden_size != tcfg.hidden_size:
-      projection = (scfg.hidden_size, tcfg.hidden_size)
-      proj_params = jax.device_get(intermediate.init_projection_params(
-          jax.random.PRNGKey(config.seed + 3), *projection))
-  if tcfg is not None and weights.alpha_cos and tcfg.hidden_size != scfg.hidden_size:
-    raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
-                      f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
-
+def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, workdir, mesh, rules):
+  """`(train_batches, eval_batches)` of packed, masked text (MLM distillation)."""
+  d, gbs, vocab_size = config.data, config.data.global_batch_size, len(tokenizer)
   cache_dir = d.cache_dir or os.path.join(workdir, 'data_cache')
   if d.streaming and config.distill.mlm_smoothing:
     raise ConfigError('distill.mlm_smoothing needs token counts of the whole corpus; it is not '
@@ -278,13 +278,153 @@ def build_run(config, workdir: str) -> Run:
     return input_pipeline.eval_batches(packed_eval, bs, config.seed + 12345,
                                        d.eval_num_sequences or None, **mask_kwargs)
 
+  return train_batches, eval_batches
+
+
+def _task_batches(config, task, tokenizer, train_files, eval_files, mesh, rules):
+  """`(train_batches, eval_batches)` of a GLUE task's labelled TSV files."""
+  d = config.data
+  if len(train_files) != 1 or len(eval_files) > 1:
+    raise ConfigError(f'data.task={d.task!r} takes one train TSV and at most one eval TSV '
+                      f'(train.tsv, dev.tsv), got {list(train_files)} / {list(eval_files)}.')
+  try:
+    train = glue.load_split(train_files[0], task, tokenizer, d.max_seq_length)
+    dev = glue.load_split(eval_files[0], task, tokenizer, d.max_seq_length) if eval_files else None
+  except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(str(e)) from e
+  truncated = float(np.mean(train['attention_mask'][:, -1] == 1))
+  logging.info('%s: %d train / %s eval examples of %d tokens (%.1f%% truncated)', task.name,
+               len(train['labels']), None if dev is None else len(dev['labels']),
+               d.max_seq_length, 100 * truncated)
+
+  def train_batches(start_step: int):
+    return glue.ClassificationBatches(
+        train, global_batch_size=d.global_batch_size, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def eval_batches():
+    if dev is None:
+      return []
+    shards = sharding.num_batch_shards(mesh, rules)
+    return glue.eval_batches(dev, max(shards, d.eval_batch_size - d.eval_batch_size % shards))
+
+  return train_batches, eval_batches
+
+
+def build_run(config, workdir: str) -> Run:
+  """Validates `config` and builds models, params, mesh and data for the loop.
+
+  Raises:
+    ConfigError: with the problem and the fix (missing paths, vocab mismatch,
+      max_seq_length above max_position_embeddings, batch not divisible by
+      devices x microbatches, empty dataset, teacher without MLM head...).
+  """
+  d = config.data
+  train_files, eval_files, tok_path = list(d.train_files), list(d.eval_files), d.tokenizer
+  if d.synthetic:
+    paths = synthetic.write_corpus(os.path.join(workdir, 'synthetic'), seed=config.seed)
+    train_files, eval_files, tok_path = paths['train_files'], paths['eval_files'], paths['tokenizer']
+  tok_path = tok_path or config.teacher.path or config.student.path
+  if not tok_path:
+    raise ConfigError('No tokenizer: set data.tokenizer (or teacher.path / student.path, whose '
+                      'tokenizer is used).')
+  if not train_files:
+    raise ConfigError('data.train_files is empty; list text/json/parquet files (or data.synthetic=True).')
+  try:
+    tokenizer = input_pipeline.load_tokenizer(tok_path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'Cannot load tokenizer from {tok_path!r}: {e}') from e
+  vocab_size = len(tokenizer)
+
+  task = None
+  if d.task:
+    try:
+      task = glue.get_task(d.task)
+    except ValueError as e:
+      raise ConfigError(f'data.task: {e}') from e
+  num_labels = len(task.label_names) if task else 0
+  if config.student.model_type not in ('bert', 'distilbert'):
+    raise ConfigError(f'student.model_type={config.student.model_type!r}: use "distilbert" or '
+                      '"bert" (the latter to fine-tune a BERT teacher).')
+  tcfg, tparams = load_teacher(config, vocab_size, num_labels)
+  if tcfg is not None:
+    if vocab_size > tcfg.vocab_size:
+      raise ConfigError(
+          f'Tokenizer {tok_path!r} has {vocab_size} tokens but the teacher\'s vocab_size is '
+          f'{tcfg.vocab_size}: they do not belong together; use the teacher\'s own tokenizer '
+          '(data.tokenizer="" takes it from teacher.path).')
+    tcfg = dataclasses.replace(tcfg, dtype=_dtype(config.dtype), remat=config.remat)
+  pcfg, pparams = load_pretrained_student(config, num_labels)
+  scfg = student_config(config, tcfg, vocab_size, num_labels, pcfg)
+  for name, cfg in (('teacher', tcfg), ('student', scfg)):
+    if cfg is not None and d.max_seq_length > cfg.max_position_embeddings:
+      raise ConfigError(
+          f'data.max_seq_length={d.max_seq_length} exceeds the {name}\'s max_position_embeddings='
+          f'{cfg.max_position_embeddings}; use --config.data.max_seq_length<={cfg.max_position_embeddings}.')
+  if pcfg is not None and _same_type(pcfg, config.student) and (
+      pcfg.hidden_size, pcfg.num_hidden_layers) != (scfg.hidden_size, scfg.num_hidden_layers):
+    raise ConfigError(f'student.path {config.student.path!r} has {pcfg.num_hidden_layers} layers x '
+                      f'{pcfg.hidden_size}; leave student.hidden_size at 0 to keep its shape.')
+  if task and (config.distill.alpha_mlm or config.distill.alpha_mse):
+    raise ConfigError(f'data.task={d.task!r} trains sequence classification: set distill.alpha_mlm=0 '
+                      'and distill.alpha_mse=0 (use alpha_ce for soft labels, alpha_task for gold).')
+  if config.distill.alpha_task and not task:
+    raise ConfigError('distill.alpha_task needs a classification task (data.task="sst2"/"mrpc").')
+  if config.distill.alpha_mlm and not scfg.with_mlm_head:
+    raise ConfigError(f'Teacher {config.teacher.path!r} has no MLM head, so neither has the student: '
+                      'set distill.alpha_mlm=0 (distil hidden states / attentions instead).')
+  sparams = init_student(config, scfg, tcfg, tparams, (pcfg, pparams))
+
+  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
+  rules = sharding.rules_tuple(config.mesh.logical_axis_rules)
+  t_rules = sharding.rules_tuple(config.teacher.logical_axis_rules or rules)
+  gbs, nmb = d.global_batch_size, config.optim.num_microbatches
+  if gbs % jax.process_count():
+    raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {jax.process_count()} hosts.')
+  try:
+    sharding.check_batch_divisibility(gbs, nmb, mesh, rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+  weights = losses.DistillWeights(
+      temperature=config.distill.temperature, alpha_ce=config.distill.alpha_ce,
+      alpha_mlm=config.distill.alpha_mlm, alpha_cos=config.distill.alpha_cos,
+      alpha_mse=config.distill.alpha_mse, restrict_ce_to_mask=config.distill.restrict_ce_to_mask,
+      alpha_task=config.distill.alpha_task)
+  try:
+    losses.check_logits_restriction(weights, config.distill.max_predictions_per_seq)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  iw = intermediate_weights(config.distill)
+  inter = projection = proj_params = None
+  if any(intermediate.term_alphas(iw).values()):
+    try:
+      inter = (iw, intermediate.resolve_layer_map(scfg.num_hidden_layers, tcfg.num_hidden_layers,
+                                                  list(config.distill.layer_map) or None))
+    except ValueError as e:
+      raise ConfigError(f'distill.layer_map: {e}') from e
+    if (iw.alpha_emb or iw.alpha_hidden) and scfg.hidden_size != tcfg.hidden_size:
+      projection = (scfg.hidden_size, tcfg.hidden_size)
+      proj_params = jax.device_get(intermediate.init_projection_params(
+          jax.random.PRNGKey(config.seed + 3), *projection))
+  if tcfg is not None and weights.alpha_cos and tcfg.hidden_size != scfg.hidden_size:
+    raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
+                      f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
+
+  if task is None:
+    train_batches, eval_batches = _mlm_batches(config, tokenizer, scfg, train_files, eval_files,
+                                               workdir, mesh, rules)
+  else:
+    train_batches, eval_batches = _task_batches(config, task, tokenizer, train_files, eval_files,
+                                                mesh, rules)
+
   strip = lambda c: None if c is None else {k: v for k, v in dataclasses.asdict(c).items()
                                             if k not in ('dtype', 'remat')}
   fingerprint = {
       'student_config': strip(scfg), 'teacher_config': strip(tcfg),
       'global_batch_size': gbs, 'max_seq_length': d.max_seq_length, 'seed': config.seed,
       'train_data': _files_id(train_files), 'student_init': config.student.init,
-      'projection': projection,
+      'projection': projection, 'task': d.task,
       'tokenizer_vocab': hashlib.sha1(
           ' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16],
   }
@@ -298,4 +438,6 @@ def build_run(config, workdir: str) -> Run:
             'tokenizer': os.path.abspath(tok_path) if os.path.isdir(tok_path) else tok_path,
             'train_files': [os.path.abspath(f) for f in train_files],
             'student_init': config.student.init,
+            'task': d.task,
+            'id2label': dict(enumerate(task.label_names)) if task else None,
             'distill': config.distill.to_dict()})

@@ -170,7 +170,10 @@ def make_global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedShard
   out = {}
   for k, v in host_batch.items():
     global_shape = (global_batch_size,) + tuple(v.shape[1:])
-    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+    # Rank-1 leaves (one label per example) keep only the batch axis of the spec.
+    spec = tuple(sharding.spec)[:v.ndim] + (None,) * max(0, v.ndim - len(sharding.spec))
+    leaf = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+    out[k] = jax.make_array_from_process_local_data(leaf, v, global_shape)
   return out
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from flaxdistil import checkpointing
+from flaxdistil import glue
 from flaxdistil import intermediate
 from flaxdistil import losses
 from flaxdistil import models
@@ -132,7 +133,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   The state: `{'step', 'params', 'opt_state', 'rng', 'num_skipped'}` plus
   `'proj'` when projections exist; the optimizer state is over the trainable
   tree `{'student': params[, 'proj': proj]}`. The batch: dict of `input_ids`,
-  `attention_mask`, `labels`, all `[global_batch, seq_len]` int32.
+  `attention_mask`, `labels`, all `[global_batch, seq_len]` int32 (MLM), or
+  with `labels [global_batch]` and `token_type_ids` for sequence
+  classification (`losses.task_terms`; models built with `num_labels`).
   """
   iw, layer_map = inter if inter else (intermediate.IntermediateWeights(), [])
   need_teacher = teacher is not None and (
@@ -141,16 +144,19 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   out_flags = intermediate.model_kwargs(iw)
 
   def loss_fn(trainable, teacher_params, mb, counts, rng):
-    pos = mb.get('logits_positions')
+    pos, types = mb.get('logits_positions'), mb.get('token_type_ids')
     s_out = student.apply({'params': trainable['student']}, mb['input_ids'], mb['attention_mask'],
-                          deterministic=False, rngs={'dropout': rng}, logits_positions=pos,
+                          types, deterministic=False, rngs={'dropout': rng}, logits_positions=pos,
                           **out_flags)
     t_out = None
     if need_teacher:
       t_out = jax.lax.stop_gradient(teacher.apply(
-          {'params': teacher_params}, mb['input_ids'], mb['attention_mask'], deterministic=True,
-          logits_positions=pos, **out_flags))
-    terms = losses.distillation_terms(s_out, t_out, mb, weights)
+          {'params': teacher_params}, mb['input_ids'], mb['attention_mask'], types,
+          deterministic=True, logits_positions=pos, **out_flags))
+    if _is_task_batch(mb):
+      terms = losses.task_terms(s_out, t_out, mb, weights)
+    else:
+      terms = losses.distillation_terms(s_out, t_out, mb, weights)
     loss = losses.combine(terms, counts, weights)
     if inter:
       i_terms = intermediate.intermediate_terms(s_out, t_out, mb, iw, layer_map,
@@ -164,7 +170,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   losses.check_logits_restriction(weights, max_predictions_per_seq)
 
   def train_step(state: State, teacher_params, batch):
-    batch = _restrict_to_masked(batch, max_predictions_per_seq)
+    if not _is_task_batch(batch):
+      batch = _restrict_to_masked(batch, max_predictions_per_seq)
     counts = losses.term_counts(batch, weights)  # global normalisers
     if inter:
       counts.update(intermediate.intermediate_counts(batch, iw))
@@ -173,7 +180,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
 
     def body(carry, xs):
       i, mb = xs
-      mb = jax.tree.map(lambda x: nn.with_logical_constraint(x, ('act_batch', 'act_len')), mb)
+      mb = jax.tree.map(
+          lambda x: nn.with_logical_constraint(x, ('act_batch', 'act_len')[:x.ndim]), mb)
       (loss, terms), g = grad_fn(trainable, teacher_params, mb, counts,
                                  jax.random.fold_in(step_rng, i))
       g_acc, loss_acc, terms_acc = carry
@@ -209,10 +217,41 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   return train_step
 
 
+def _is_task_batch(batch) -> bool:
+  """Sequence classification batches have one label per example (static under jit)."""
+  return batch['labels'].ndim == 1
+
+
+def make_task_eval_step(model: nn.Module):
+  """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for classification.
+
+  `pairs`: `nll` (gold-label cross-entropy), `acc`, `tp`/`fp`/`fn` of label 1
+  (summed, so F1 is exact across batches and hosts) and `agree` with
+  `reference_top1 [B]`; padding rows (label -100) count nowhere.
+  """
+
+  def eval_step(params, batch, reference_top1=None):
+    out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
+                      batch.get('token_type_ids'), deterministic=True)
+    labels, top1 = batch['labels'], jnp.argmax(out.class_logits, -1)
+    valid = (labels != losses.IGNORE_INDEX).astype(jnp.float32)
+    n = jnp.sum(valid)
+    count = lambda x: (jnp.sum(x.astype(jnp.float32) * valid), n)
+    pairs = {'nll': losses.mlm_cross_entropy(out.class_logits, labels),
+             'acc': losses.accuracy(out.class_logits, labels),
+             'tp': count((top1 == 1) & (labels == 1)), 'fp': count((top1 == 1) & (labels != 1)),
+             'fn': count((top1 != 1) & (labels == 1))}
+    if reference_top1 is not None:
+      pairs['agree'] = count(top1 == reference_top1)
+    return pairs, top1
+
+  return eval_step
+
+
 def make_eval_step(model: nn.Module, max_predictions_per_seq: int = 0):
   """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for held-out metrics.
 
-  `pairs` holds `(sum, count)` of masked-token NLL (`mlm`), top-1 accuracy
+  `pairs` holds `(sum, count)` of masked-token NLL (`nll`), top-1 accuracy
   (`acc`) and, when `reference_top1 [B, T]` (the teacher's predictions) is
   given, top-1 agreement with it (`agree`); `top1 [B, T]` stays on device.
   """
@@ -222,7 +261,7 @@ def make_eval_step(model: nn.Module, max_predictions_per_seq: int = 0):
     out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                       deterministic=True, logits_positions=batch.get('logits_positions'))
     top1 = jnp.argmax(out.logits, -1)
-    pairs = {'mlm': losses.mlm_cross_entropy(out.logits, batch['labels']),
+    pairs = {'nll': losses.mlm_cross_entropy(out.logits, batch['labels']),
              'acc': losses.accuracy(out.logits, batch['labels'])}
     if reference_top1 is not None:
       valid = (batch['labels'] != losses.IGNORE_INDEX).astype(jnp.float32)
@@ -238,7 +277,9 @@ def evaluate(eval_fn, params, batches, reference_top1=None) -> dict:
   Returns dict with `loss` (mean masked-token NLL, nats), `perplexity`,
   `accuracy` (top-1 on masked tokens), `num_tokens` (masked tokens scored),
   `agreement` (top-1 agreement with `reference_top1`, if given) and `_top1`
-  (per-batch device arrays of predictions, to serve as a reference).
+  (per-batch device arrays of predictions, to serve as a reference). For
+  classification (`make_task_eval_step`) the unit is the example, and `f1`
+  (of label 1) is added.
   """
   sums, top1 = {}, []
   for i, b in enumerate(batches):
@@ -249,10 +290,12 @@ def evaluate(eval_fn, params, batches, reference_top1=None) -> dict:
       acc[0] += float(s)
       acc[1] += float(c)
   mean = lambda k: sums[k][0] / max(sums[k][1], 1.0) if k in sums else 0.0
-  out = {'loss': mean('mlm'), 'perplexity': float(math.exp(min(mean('mlm'), 50.0))),
-         'accuracy': mean('acc'), 'num_tokens': int(sums.get('mlm', [0, 0])[1]), '_top1': top1}
+  out = {'loss': mean('nll'), 'perplexity': float(math.exp(min(mean('nll'), 50.0))),
+         'accuracy': mean('acc'), 'num_tokens': int(sums.get('nll', [0, 0])[1]), '_top1': top1}
   if 'agree' in sums:
     out['agreement'] = mean('agree')
+  if 'tp' in sums:
+    out['f1'] = glue.f1_from_counts(sums['tp'][0], sums['fp'][0], sums['fn'][0])
   return out
 
 
@@ -419,11 +462,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             config.optim.num_microbatches, max_predictions_per_seq=max_pred,
                             inter=run.inter)
   with sharding.mesh_context(mesh, rules):
+    # The batch's shardings come with it (make_global_batch): leaves differ in rank.
     p_train_step = jax.jit(step_fn, in_shardings=(state_shard, None if t_params is None else t_shard,
-                                                  b_shard),
+                                                  None),
                            out_shardings=(state_shard, replicated), donate_argnums=(0,))
-  s_eval = jax.jit(make_eval_step(run.student_model, max_pred))
-  t_eval = jax.jit(make_eval_step(run.teacher_model, max_pred)) if t_params is not None else None
+  # Masked-token eval needs MLM heads; head-less (MiniLM-style) runs are scored by
+  # scripts/embedding_report.py instead.
+  if run.student_config.num_labels:
+    make_eval = make_task_eval_step
+    has_head = lambda cfg: cfg.num_labels == run.student_config.num_labels
+  else:
+    make_eval = functools.partial(make_eval_step, max_predictions_per_seq=max_pred)
+    has_head = lambda cfg: cfg.with_mlm_head
+  s_eval = jax.jit(make_eval(run.student_model)) if has_head(run.student_config) else None
+  t_eval = (jax.jit(make_eval(run.teacher_model))
+            if t_params is not None and has_head(run.teacher_config) else None)
 
   shard_batch = functools.partial(_to_global, batch_sharding=b_shard)
   # eval_batches() gives global batches; each host feeds its own rows.
@@ -435,6 +488,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def run_eval(step):
     nonlocal teacher_eval
+    if s_eval is None or not eval_batches:
+      return {}
     with sharding.mesh_context(mesh, rules):
       if t_eval is not None and teacher_eval is None:
         teacher_eval = evaluate(t_eval, t_params, eval_batches)

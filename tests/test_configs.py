@@ -9,17 +9,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                  if not p.endswith('__init__.py'))
+# Variants passed as `--config configs/NAME.py:VARIANT`.
+VARIANTS = {'glue': ['sst2,teacher', 'sst2,distill', 'sst2,finetune', 'mrpc,distill'],
+            'minilm_wiki': ['', 'narrow']}
+CASES = [(n, v) for n in CONFIGS for v in VARIANTS.get(n, [None])]
 STABLE = ('num_train_steps', 'eval_every_steps', 'checkpoint_every_steps', 'teacher.path',
           'data.train_files', 'data.eval_files', 'data.max_seq_length')
 
 
 def test_all_configs_are_listed():
-  assert set(CONFIGS) >= {'distilbert', 'tiny', 'wiki_mini'}
+  assert set(CONFIGS) >= {'distilbert', 'tiny', 'wiki_mini', 'glue', 'minilm_wiki'}
 
 
-@pytest.mark.parametrize('name', CONFIGS)
-def test_config_loads_with_stable_names(name):
-  c = importlib.import_module(f'configs.{name}').get_config()
+@pytest.mark.parametrize('name, variant', CASES)
+def test_config_loads_with_stable_names(name, variant):
+  module = importlib.import_module(f'configs.{name}')
+  c = module.get_config() if variant is None else module.get_config(variant)
   flat = c.to_dict()
   for key in STABLE:
     node = flat
@@ -33,6 +38,19 @@ def test_config_loads_with_stable_names(name):
   assert c.student.init in ('teacher', 'random', 'pretrained')
   if c.distill.max_predictions_per_seq and (c.distill.alpha_ce or c.distill.alpha_mse):
     assert c.distill.restrict_ce_to_mask
+  if c.data.task:  # classification: no MLM terms, gold or soft labels
+    assert c.distill.alpha_mlm == 0 and (c.distill.alpha_task or c.distill.alpha_ce)
+
+
+def test_glue_roles_share_data_steps_and_seed_and_bad_variants_fail():
+  glue = importlib.import_module('configs.glue')
+  roles = [glue.get_config(f'mrpc,{r}') for r in ('teacher', 'distill', 'finetune')]
+  same = lambda c: (c.data.train_files, c.num_train_steps, c.data.global_batch_size, c.seed)
+  assert same(roles[0]) == same(roles[1]) == same(roles[2])
+  assert roles[1].distill.alpha_ce > 0 and roles[2].distill.alpha_ce == 0
+  assert roles[1].student.to_dict() == roles[2].student.to_dict()  # the same student
+  with pytest.raises(ValueError, match='TASK,ROLE'):
+    glue.get_config('cola,distill')
 
 
 def test_distilbert_recipe_defaults():

@@ -261,14 +261,20 @@ def test_export_bfloat16_stores_bf16_and_verifies(ckpt, tmp_path):
       w2, np.asarray(jnp.asarray(w).astype(jnp.bfloat16).astype(jnp.float32)))
 
 
-def test_export_without_head_is_rejected(tmp_path):
+def test_export_without_head_writes_a_verified_encoder(tmp_path):
+  """A head-less (MiniLM-style sentence-embedding) student exports as DistilBertModel."""
   cfg = models.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
                            num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, type_vocab_size=0,
                            with_mlm_head=False)
   params = models.init_params(cfg, jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match='MLM head'):
-    export.export_hf(params, cfg, str(tmp_path / 'out'))
+  rep = export.export_hf(params, cfg, str(tmp_path / 'out'))
+  assert rep['max_abs_diff'] <= 1e-5
+  with open(tmp_path / 'out' / 'config.json') as f:
+    assert json.load(f)['architectures'] == ['DistilBertModel']
+  back_cfg, back = hc.load_hf_model(str(tmp_path / 'out'))
+  assert not back_cfg.with_mlm_head
+  jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(params))
 
 
 def test_missing_and_unexpected_tensors_are_listed(ckpt):
@@ -475,3 +481,62 @@ def test_init_student_from_teacher_copies_selected_layers(ckpt):
         tparams, tcfg, dataclasses.replace(scfg, hidden_size=32, intermediate_size=64))
   with pytest.raises(ValueError, match='must list 2 teacher layer'):
     hc.init_student_from_teacher(tparams, tcfg, scfg, layers=[0, 3])
+
+
+@pytest.mark.parametrize('kind', ['bert', 'distilbert'])
+def test_sequence_classification_parity_round_trip_and_config(kind, tmp_path):
+  """*ForSequenceClassification: pooler/pre_classifier + classifier load, logits match torch
+  (token types for BERT, padded rows), and export -> import is bit-identical with id2label."""
+  torch.manual_seed(0)
+  base = _hf_config(kind, 'a')
+  base.num_labels = 3
+  cls = (transformers.BertForSequenceClassification if kind == 'bert'
+         else transformers.DistilBertForSequenceClassification)
+  model = cls(base).eval()
+  with torch.no_grad():
+    for prm in model.parameters():
+      prm.add_(torch.randn_like(prm) * 0.1)
+  model.save_pretrained(tmp_path / 'src')
+  cfg, params = hc.load_hf_model(str(tmp_path / 'src'))
+  assert cfg.num_labels == 3 and not cfg.with_mlm_head
+  assert cfg.classifier_dropout == (0.1 if kind == 'bert' else 0.2)  # HF defaults
+  ids, mask, tt = _batch(cfg)
+  kw = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  if kind == 'bert':
+    kw['token_type_ids'] = torch.from_numpy(tt)
+  with torch.no_grad():
+    ref = model(**kw).logits.numpy()
+  out = models.MaskedLM(cfg).apply({'params': params}, ids, mask,
+                                   tt if kind == 'bert' else None)
+  assert out.logits is None and out.class_logits.shape == (ids.shape[0], 3)
+  assert np.abs(ref).max() > 0.1
+  np.testing.assert_allclose(np.asarray(out.class_logits), ref, atol=1e-5)
+  # Without the head: the encoder alone, as for a classification checkpoint used as MLM-less body.
+  cfg0, params0 = hc.load_hf_model(str(tmp_path / 'src'), with_classifier=False)
+  assert cfg0.num_labels == 0 and 'classifier_head' not in params0
+  labels = {0: 'neg', 1: 'neutral', 2: 'pos'}
+  rep = export.export_hf(params, cfg, str(tmp_path / 'out'), id2label=labels)
+  assert rep['max_abs_diff'] <= 1e-5
+  back_cfg, back = hc.load_hf_model(str(tmp_path / 'out'))
+  assert back_cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  with open(tmp_path / 'out' / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['architectures'] == [type(model).__name__]
+  assert saved['id2label'] == {'0': 'neg', '1': 'neutral', '2': 'pos'}
+
+
+def test_student_init_copies_the_teachers_classification_head(tmp_path):
+  tcfg = models.ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4,
+                            num_attention_heads=2, intermediate_size=32, num_labels=2,
+                            with_mlm_head=False)
+  tparams = jax.device_get(models.init_params(tcfg, jax.random.PRNGKey(0)))
+  scfg = models.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
+                            num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                            num_labels=2, with_mlm_head=False)
+  sp = hc.init_student_from_teacher(tparams, tcfg, scfg)
+  jax.tree.map(np.testing.assert_array_equal, sp['classifier_head'], tparams['classifier_head'])
+  with pytest.raises(ValueError, match='3 labels but the teacher 2'):
+    hc.init_student_from_teacher(tparams, tcfg, models.ModelConfig(
+        model_type='distilbert', vocab_size=50, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_labels=3, with_mlm_head=False))

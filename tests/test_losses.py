@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flaxdistil import losses
+from flaxdistil import models
 
 
 def _rand(shape, seed, scale=3.0):
@@ -140,3 +141,46 @@ def test_bf16_logits_are_upcast():
                               jnp.ones((1, 2)), 1.0)
   assert s16.dtype == jnp.float32
   np.testing.assert_allclose(float(s16), float(s32), rtol=0.05)
+
+
+def test_soft_cross_entropy_is_kl_plus_teacher_entropy_scaled_by_t2_and_masks_padding():
+  rng = np.random.default_rng(3)
+  s = jnp.asarray(rng.normal(size=(5, 3)) * 2, jnp.float32)
+  t = jnp.asarray(rng.normal(size=(5, 3)) * 2, jnp.float32)
+  w = jnp.asarray([1, 1, 1, 1, 0], jnp.float32)  # last row is padding
+  for temp in (1.0, 2.5):
+    total, count = losses.soft_cross_entropy(s, t, w, temp)
+    kl, _ = losses.kl_div_loss(s[:, None], t[:, None], w[:, None], temp)
+    p = jax.nn.softmax(t / temp)
+    entropy = -jnp.sum(jnp.sum(p * jax.nn.log_softmax(t / temp), -1) * w) * temp ** 2
+    assert float(count) == 4.0
+    np.testing.assert_allclose(total, kl + entropy, rtol=1e-5)
+  # Padding rows contribute nothing, whatever their logits.
+  s2 = s.at[4].set(100.0)
+  np.testing.assert_allclose(losses.soft_cross_entropy(s2, t, w, 2.0)[0],
+                             losses.soft_cross_entropy(s, t, w, 2.0)[0], rtol=1e-6)
+  # Gradient wrt student logits: T * (softmax(s/T) - softmax(t/T)) per real row (T^2 / T).
+  g = jax.grad(lambda x: losses.soft_cross_entropy(x, t, w, 2.0)[0])(s)
+  want = 2.0 * (jax.nn.softmax(s / 2.0) - jax.nn.softmax(t / 2.0)) * w[:, None]
+  np.testing.assert_allclose(g, want, atol=1e-5)
+
+
+def test_task_terms_and_counts_use_examples_not_tokens():
+  rng = np.random.default_rng(0)
+  s_logits = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+  hidden = jnp.asarray(rng.normal(size=(4, 6, 8)), jnp.float32)
+  batch = {'labels': jnp.asarray([0, 1, 1, -100]), 'attention_mask': jnp.ones((4, 6), jnp.int32)}
+  w = losses.DistillWeights(temperature=1.0, alpha_ce=1.0, alpha_mlm=0.0, alpha_cos=0.0,
+                            alpha_task=1.0)
+  terms = losses.task_terms(_output(s_logits, hidden), _output(s_logits, hidden), batch, w)
+  counts = losses.term_counts(batch, w)
+  assert set(terms) == {'ce', 'task'} and float(counts['ce']) == float(counts['task']) == 3.0
+  # Student == teacher: soft CE equals the teacher entropy, so the KL part is 0.
+  p = jax.nn.softmax(s_logits[:3])
+  np.testing.assert_allclose(terms['ce'][0], -jnp.sum(p * jnp.log(p)), rtol=1e-5)
+  nll = -jax.nn.log_softmax(s_logits[:3])[jnp.arange(3), jnp.asarray([0, 1, 1])]
+  np.testing.assert_allclose(terms['task'][0], jnp.sum(nll), rtol=1e-5)
+
+
+def _output(class_logits, hidden):
+  return models.ModelOutput(logits=None, hidden_states=(hidden,), class_logits=class_logits)

@@ -285,3 +285,34 @@ def test_mlm_only_baseline_has_the_distilled_students_shape(tmp_path):
   s = run.student_config
   assert (s.hidden_size, s.num_attention_heads, s.intermediate_size) == (24, 3, 40)
   assert run.teacher_params is not None  # evaluated as the reference
+
+
+def test_headless_teacher_gives_headless_student_trained_on_intermediate_terms(tmp_path):
+  """A BertModel teacher (no MLM head, like MiniLM) distils through hidden states/attentions
+  only; its student has no head, and asking for MLM or logit terms is refused."""
+  from flaxdistil import export, setup, synthetic
+  import transformers
+  syn = synthetic.write_corpus(str(tmp_path / 'syn'))
+  tok = transformers.AutoTokenizer.from_pretrained(syn['tokenizer'])
+  transformers.BertModel(transformers.BertConfig(
+      vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / 'enc')
+  kw = {'teacher.random_init': False, 'teacher.path': str(tmp_path / 'enc'),
+        'data.synthetic': False, 'data.tokenizer': syn['tokenizer'],
+        'data.train_files': tuple(syn['train_files']), 'data.eval_files': (),
+        'distill.alpha_ce': 0.0, 'distill.alpha_mlm': 0.0, 'distill.alpha_cos': 0.0,
+        'distill.alpha_hidden': 1.0, 'distill.alpha_attn_kl': 1.0, 'distill.alpha_value_kl': 1.0,
+        'eval_every_steps': 0, 'log_every_steps': 1, 'num_train_steps': 3}
+  summary = _run(tmp_path / 'w', **kw)
+  assert summary['done'] and summary['num_skipped'] == 0
+  with open(tmp_path / 'w' / 'metrics.jsonl') as f:
+    rec = [r for r in map(json.loads, f) if r['kind'] == 'train'][-1]
+  assert rec['loss_hidden'] > 0 and rec['loss_attn_kl'] > 0 and rec['loss_value_kl'] > 0
+  scfg, _, _, _ = export.load_student(str(tmp_path / 'w'))
+  assert not scfg.with_mlm_head and scfg.num_hidden_layers == 2
+  assert export.export(str(tmp_path / 'w'), str(tmp_path / 'hf'))['max_abs_diff'] <= 1e-4
+  for key in ('distill.alpha_mlm', 'distill.alpha_ce'):
+    cfg = tiny.get_config()
+    cfg.update_from_flattened_dict(dict(kw, **{key: 1.0}))
+    with pytest.raises(setup.ConfigError, match='no MLM head'):
+      setup.build_run(cfg, str(tmp_path / 'x'))

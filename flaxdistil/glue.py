@@ -1,0 +1,187 @@
+"""GLUE sequence-classification data from local TSV files, batching and metrics.
+
+Task distillation (TinyBERT, Jiao et al., 2020, Sec. 3.2 "task-specific
+distillation"; DistilBERT's GLUE fine-tuning) trains on labelled sentence
+(pairs). The files are the original GLUE distribution
+(`download_glue_data.py` layout: `train.tsv`, `dev.tsv` with a header row),
+read with `csv.QUOTE_NONE` because sentences contain quote characters and
+with `utf-8-sig` because MRPC's files start with a byte-order mark.
+
+Examples are tokenised once with the model's fast tokenizer as
+`[CLS] a [SEP] (b [SEP])`, truncated `longest_first` and padded to
+`max_seq_length` (HF `glue_convert_examples_to_features`). Batches are a
+pure function of (seed, step) like the MLM pipeline, so a resumed run sees
+exactly the batches an uninterrupted one would.
+"""
+
+import csv
+import os
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100  # label of padding rows in eval batches
+
+
+class GlueTask(NamedTuple):
+  """Column layout and label names of one GLUE task's TSV files."""
+  name: str
+  text_a: str
+  text_b: str | None
+  label: str
+  label_names: tuple[str, ...]
+  metrics: tuple[str, ...]
+
+
+TASKS = {
+    'sst2': GlueTask('sst2', 'sentence', None, 'label', ('negative', 'positive'), ('accuracy',)),
+    'mrpc': GlueTask('mrpc', '#1 String', '#2 String', 'Quality',
+                     ('not_equivalent', 'equivalent'), ('accuracy', 'f1')),
+}
+
+
+def get_task(name: str) -> GlueTask:
+  """Raises ValueError naming the supported tasks for an unknown name."""
+  try:
+    return TASKS[name.lower()]
+  except KeyError:
+    raise ValueError(f'Unknown GLUE task {name!r}; supported: {sorted(TASKS)}.') from None
+
+
+def read_tsv(path: str, task: GlueTask):
+  """Reads a labelled GLUE TSV file.
+
+  Returns:
+    `(texts_a, texts_b or None, labels)`; labels int32 `[num_examples]` in
+    `[0, len(task.label_names))`.
+
+  Raises:
+    FileNotFoundError: `path` missing.
+    ValueError: header without the task's columns (names the columns found),
+      a row with too few fields or a bad label (names the line), no rows.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'GLUE file {path!r} does not exist; pass the task directory\'s '
+                            'train.tsv / dev.tsv (GLUE layout).')
+  with open(path, encoding='utf-8-sig', newline='') as f:
+    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
+  if not rows:
+    raise ValueError(f'{path} is empty; expected a header row and labelled examples.')
+  header = rows[0]
+  wanted = [task.text_a, task.label] + ([task.text_b] if task.text_b else [])
+  missing = [c for c in wanted if c not in header]
+  if missing:
+    raise ValueError(f'{path} has columns {header}, not {missing} of GLUE task {task.name!r}; '
+                     'is it the right task, and a labelled split (train/dev, not test)?')
+  col = {c: header.index(c) for c in wanted}
+  a, b, labels = [], [], []
+  for line_no, row in enumerate(rows[1:], start=2):
+    if len(row) < len(header):
+      raise ValueError(f'{path}:{line_no} has {len(row)} fields, expected {len(header)}.')
+    try:
+      label = int(row[col[task.label]])
+    except ValueError:
+      label = -1
+    if not 0 <= label < len(task.label_names):
+      raise ValueError(f'{path}:{line_no}: label {row[col[task.label]]!r} is not in '
+                       f'0..{len(task.label_names) - 1}.')
+    a.append(row[col[task.text_a]])
+    if task.text_b:
+      b.append(row[col[task.text_b]])
+    labels.append(label)
+  if not labels:
+    raise ValueError(f'{path} has a header but no examples.')
+  return a, (b if task.text_b else None), np.asarray(labels, np.int32)
+
+
+def encode(tokenizer, texts_a: Sequence[str], texts_b: Sequence[str] | None,
+           max_seq_length: int) -> dict[str, np.ndarray]:
+  """`[CLS] a [SEP] (b [SEP])`, truncated and padded to `max_seq_length`.
+
+  Returns:
+    dict of int32 `[num_examples, max_seq_length]` arrays `input_ids`,
+    `attention_mask`, `token_type_ids` (0 for a, 1 for b).
+  """
+  enc = tokenizer(list(texts_a), list(texts_b) if texts_b is not None else None,
+                  max_length=max_seq_length, truncation='longest_first', padding='max_length',
+                  return_token_type_ids=True, return_attention_mask=True)
+  return {k: np.asarray(enc[k], np.int32)
+          for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+
+
+def load_split(path: str, task: GlueTask, tokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
+  """A labelled split as arrays: `encode(...)` plus `labels [num_examples]` int32."""
+  a, b, labels = read_tsv(path, task)
+  return dict(encode(tokenizer, a, b, max_seq_length), labels=labels)
+
+
+class ClassificationBatches:
+  """Shuffled, endless global batches; batch `step` is a pure function of (seed, step).
+
+  Example order is the concatenation of per-epoch permutations
+  `default_rng([seed, epoch]).permutation(N)`; step s takes positions
+  `[s*B, (s+1)*B)` of that stream. Each host keeps its contiguous rows
+  `[p*B/P, (p+1)*B/P)` of every global batch. Same interface as
+  `input_pipeline.BatchIterator` (`next()`, `close()`).
+
+  Raises:
+    ValueError: global batch not divisible by the number of hosts.
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], *, global_batch_size: int, seed: int,
+               start_step: int = 0, process_index: int = 0, process_count: int = 1):
+    if global_batch_size % process_count:
+      raise ValueError(f'global_batch_size {global_batch_size} is not divisible by '
+                       f'{process_count} hosts.')
+    self.arrays, self.seed, self.step = arrays, seed, start_step
+    self.global_batch_size = global_batch_size
+    self.num_examples = len(arrays['labels'])
+    per_host = global_batch_size // process_count
+    self._rows = slice(process_index * per_host, (process_index + 1) * per_host)
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)}
+    return self._perms[epoch]
+
+  def global_batch(self, step: int) -> dict[str, np.ndarray]:
+    n, b = self.num_examples, self.global_batch_size
+    pos = np.arange(step * b, (step + 1) * b)
+    idx = np.concatenate([self._perm(int(e))[pos[pos // n == e] % n] for e in np.unique(pos // n)])
+    return {k: v[idx] for k, v in self.arrays.items()}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.global_batch(self.step)
+    self.step += 1
+    return {k: v[self._rows] for k, v in batch.items()}
+
+  def close(self) -> None:
+    pass
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
+  """The whole split in order as fixed-size global batches.
+
+  The last batch is filled with padding rows (attention_mask 0, label -100),
+  which every metric ignores, so all batches share one compiled shape.
+  """
+  n = len(arrays['labels'])
+  out = []
+  for start in range(0, n, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+    short = batch_size - len(batch['labels'])
+    if short:
+      batch = {k: np.concatenate([v, np.full((short,) + v.shape[1:],
+                                             IGNORE_INDEX if k == 'labels' else 0, v.dtype)])
+               for k, v in batch.items()}
+    out.append(batch)
+  return out
+
+
+def f1_from_counts(tp: float, fp: float, fn: float) -> float:
+  """Binary F1 of the positive class (label 1) from summed counts, as GLUE's MRPC F1."""
+  return 2 * tp / max(2 * tp + fp + fn, 1e-9)
