@@ -25,7 +25,7 @@ from flaxdistil import input_pipeline
 from flaxdistil import models
 
 
-def flax_probs(workdir: str, task, tokenizer, texts_a, texts_b, batch_size: int = 128):
+def flax_probs(workdir: str, tokenizer, texts_a, texts_b, batch_size: int = 128):
   """`[N, num_labels]` float32 softmax probabilities of the Flax model in `workdir`."""
   cfg, params, meta, _ = export.load_student(workdir)
   seq_len = meta['fingerprint']['max_seq_length']
@@ -67,7 +67,7 @@ def main():
   task = glue.get_task(args.task)
   texts_a, texts_b, labels = glue.read_tsv(args.tsv, task)
   tokenizer = input_pipeline.load_tokenizer(args.hf)
-  probs, seq_len = flax_probs(args.workdir, task, tokenizer, texts_a, texts_b)
+  probs, seq_len = flax_probs(args.workdir, tokenizer, texts_a, texts_b)
   flax_ids = probs.argmax(-1)
   hf_labels, hf_scores = pipeline_predictions(args.hf, texts_a, texts_b, seq_len)
   name_to_id = {n: i for i, n in enumerate(task.label_names)}
