@@ -47,7 +47,7 @@ def test_export_cli_loads_in_transformers_and_fill_mask_matches_flax(trained, tm
 
   fill = transformers.pipeline('fill-mask', model=str(out), top_k=5, device='cpu')
   tok = fill.tokenizer
-  words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:12]
+  words = [w for w in sorted(tok.get_vocab()) if w.isalpha() and len(w) > 2][:12]
   text = ' '.join(words[:5]) + f' {tok.mask_token} ' + ' '.join(words[5:9]) + ' .'
   torch_top5 = [p['token'] for p in fill(text)]
 

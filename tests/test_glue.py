@@ -140,7 +140,8 @@ def _synthetic_task(tmp_path):
   import transformers
   syn = synthetic.write_corpus(str(tmp_path / 'syn'))
   tok = transformers.AutoTokenizer.from_pretrained(syn['tokenizer'])
-  words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:60]
+  # sorted: get_vocab()'s order differs between processes (a Rust hash map).
+  words = [w for w in sorted(tok.get_vocab()) if w.isalpha() and len(w) > 2][:60]
   rng = np.random.default_rng(0)
   for split, n in (('train', 400), ('dev', 64)):
     rows = []
@@ -164,7 +165,7 @@ def _glue_cfg(role, tmp_path, tokenizer):
       'data.eval_files': (str(tmp_path / 'dev.tsv'),), 'data.tokenizer': tokenizer,
       'data.max_seq_length': 16, 'data.global_batch_size': 16, 'data.eval_batch_size': 16,
       'student.path': str(tmp_path / 'pretrained'), 'student.layers': (0, 1),
-      'num_train_steps': 60, 'eval_every_steps': 0, 'log_every_steps': 20,
+      'num_train_steps': 150, 'eval_every_steps': 0, 'log_every_steps': 50,
       'optim.learning_rate': 2e-3, 'optim.warmup_steps': 5, 'checkpoint.async_save': False})
   if role != 'teacher':
     cfg.teacher.path = str(tmp_path / 'teacher_hf')
