@@ -29,6 +29,7 @@ import numpy as np
 from flaxdistil import checkpointing
 from flaxdistil import hf_conversion
 from flaxdistil import input_pipeline
+from flaxdistil import intermediate
 from flaxdistil import models
 from flaxdistil.models import ModelConfig
 from flaxdistil import sharding
@@ -234,15 +235,8 @@ def _model_card(meta: dict, step: int, cfg: models.ModelConfig) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def load_student(workdir: str, step: int | None = None):
-  """Restores `(ModelConfig, params, meta, step)` of the student onto one device.
-
-  Only the student's params (and the step) are read, so this works whatever
-  the optimizer state or mesh of the run that wrote the checkpoint.
-
-  Raises:
-    FileNotFoundError: no checkpoint in `workdir`, or `step` absent.
-  """
+def _restore_student(workdir: str, step: int | None, with_projection: bool):
+  """`(ModelConfig, {'params', 'step'[, 'proj']}, meta)` restored onto one device."""
   meta = checkpointing.read_meta(workdir, step)
   if meta is None:
     root = checkpointing.checkpoint_dir(workdir)
@@ -256,12 +250,41 @@ def load_student(workdir: str, step: int | None = None):
   one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   item = {'params': checkpointing.abstract_like(nn.meta.unbox(boxed), p_shard),
           'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=one)}
+  projection = meta['fingerprint'].get('projection')
+  if with_projection and projection:
+    boxed_proj = intermediate.abstract_projection_params(*projection)
+    item['proj'] = checkpointing.abstract_like(
+        nn.meta.unbox(boxed_proj),
+        sharding.param_shardings(boxed_proj, mesh, sharding.DEFAULT_LOGICAL_AXIS_RULES))
   manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
   restored = checkpointing.restore_latest(manager, item, step=step, partial=True)
   if restored is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointing.checkpoint_dir(workdir)}.')
   state, meta = restored
-  return scfg, jax.device_get(state['params']), meta, int(state['step'])
+  return scfg, jax.device_get(state), meta
+
+
+def load_student(workdir: str, step: int | None = None):
+  """Restores `(ModelConfig, params, meta, step)` of the student onto one device.
+
+  Only the student's params (and the step) are read, so this works whatever
+  the optimizer state or mesh of the run that wrote the checkpoint.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `workdir`, or `step` absent.
+  """
+  scfg, state, meta = _restore_student(workdir, step, with_projection=False)
+  return scfg, state['params'], meta, int(state['step'])
+
+
+def load_student_with_projection(workdir: str, step: int | None = None):
+  """`load_student` plus the TinyBERT projections: `(ModelConfig, params, proj, meta, step)`.
+
+  `proj` is `{'embedding': W_e, 'hidden': W_h}` (`intermediate.init_projection_params`
+  layout) for a run that trained a student narrower than its teacher, else None.
+  """
+  scfg, state, meta = _restore_student(workdir, step, with_projection=True)
+  return scfg, state['params'], state.get('proj'), meta, int(state['step'])
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'float32',

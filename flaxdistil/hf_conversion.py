@@ -474,15 +474,6 @@ def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
   return config, params_from_hf_state_dict(state_dict, config)
 
 
-def read_id2label(path: str) -> dict[int, str]:
-  """``id2label`` of a local HF model directory's config.json ({} if none)."""
-  try:
-    c = _read_config(_resolve_model_dir(path))
-  except (FileNotFoundError, ValueError):
-    return {}
-  return {int(k): str(v) for k, v in (c.get('id2label') or {}).items()}
-
-
 def select_teacher_layers(num_teacher_layers: int,
                           num_student_layers: int) -> list[int]:
   """Teacher layer indices copied into the student, evenly spread.

@@ -172,10 +172,11 @@ def _with_head(params, scfg, seed: int):
   """Adds a freshly initialised classification head when `params` lack a matching one."""
   if not scfg.num_labels:
     return params
-  fresh = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 4)))
+  want = models.unbox(models.abstract_params(scfg))['classifier_head']
   head = params.get('classifier_head')
-  if head is None or jax.tree.map(lambda x: x.shape, head) != jax.tree.map(lambda x: x.shape,
-                                                                           fresh['classifier_head']):
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+  if head is None or shapes(head) != shapes(want):
+    fresh = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 4)))
     params = dict(params, classifier_head=fresh['classifier_head'])
   return params
 
@@ -232,6 +233,12 @@ def _files_id(files) -> list:
   return [[os.path.basename(f), os.path.getsize(f)] for f in files if os.path.exists(f)]
 
 
+def _eval_batch_size(d, mesh, rules) -> int:
+  """`data.eval_batch_size` rounded down to a multiple of the batch shards (at least one row each)."""
+  shards = sharding.num_batch_shards(mesh, rules)
+  return max(shards, d.eval_batch_size - d.eval_batch_size % shards)
+
+
 def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, workdir, mesh, rules):
   """`(train_batches, eval_batches)` of packed, masked text (MLM distillation)."""
   d, gbs, vocab_size = config.data, config.data.global_batch_size, len(tokenizer)
@@ -272,11 +279,9 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, workdir, mesh
   def eval_batches():
     if packed_eval is None:
       return []
-    bs = d.eval_batch_size
-    shards = sharding.num_batch_shards(mesh, rules)
-    bs = max(shards, bs - bs % shards)
-    return input_pipeline.eval_batches(packed_eval, bs, config.seed + 12345,
-                                       d.eval_num_sequences or None, **mask_kwargs)
+    return input_pipeline.eval_batches(packed_eval, _eval_batch_size(d, mesh, rules),
+                                       config.seed + 12345, d.eval_num_sequences or None,
+                                       **mask_kwargs)
 
   return train_batches, eval_batches
 
@@ -303,10 +308,7 @@ def _task_batches(config, task, tokenizer, train_files, eval_files, mesh, rules)
         process_index=jax.process_index(), process_count=jax.process_count())
 
   def eval_batches():
-    if dev is None:
-      return []
-    shards = sharding.num_batch_shards(mesh, rules)
-    return glue.eval_batches(dev, max(shards, d.eval_batch_size - d.eval_batch_size % shards))
+    return [] if dev is None else glue.eval_batches(dev, _eval_batch_size(d, mesh, rules))
 
   return train_batches, eval_batches
 

@@ -28,7 +28,6 @@ training run; --probe_train 20000 takes about 3 min.
 """
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -62,11 +61,9 @@ def wiki_sentences(path: str, n: int, min_words: int = 5, max_words: int = 60) -
 
 def read_sst2(path: str) -> tuple[list[str], np.ndarray]:
   """GLUE SST-2 tsv (header `sentence\tlabel`) -> (sentences, int labels [N])."""
-  with open(path, encoding='utf-8') as f:
-    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
-  head = rows[0]
-  si, li = head.index('sentence'), head.index('label')
-  return [r[si] for r in rows[1:]], np.array([int(r[li]) for r in rows[1:]], np.int64)
+  from flaxdistil import glue  # pylint: disable=g-import-not-at-top
+  sentences, _, labels = glue.read_tsv(path, glue.TASKS['sst2'])
+  return sentences, labels
 
 
 def tokenize(tok, texts: list[str]) -> list[list[int]]:
@@ -107,10 +104,7 @@ def make_encoder(cfg, params):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flaxdistil import models  # pylint: disable=g-import-not-at-top
-  kw = {'with_mlm_head': False}
-  if 'num_labels' in {f.name for f in dataclasses.fields(cfg)}:
-    kw['num_labels'] = 0
-  model = models.MaskedLM(dataclasses.replace(cfg, **kw))
+  model = models.MaskedLM(dataclasses.replace(cfg, with_mlm_head=False, num_labels=0))
   params = {k: v for k, v in params.items() if k in ('embeddings', 'encoder')}
 
   @jax.jit
@@ -134,44 +128,10 @@ def embed(encoder, ids: list[list[int]], batch_size: int, pad_id: int) -> np.nda
 
 
 def load_run(workdir: str):
-  """Newest checkpoint of a run -> (ModelConfig, params, proj or None, step), on one device.
-
-  Like `export.load_student`, plus the TinyBERT projections `state['proj']` when the run's
-  fingerprint says it trained some (narrower student); a run without them restores without.
-  """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flaxdistil import checkpointing, intermediate, models, sharding  # pylint: disable=g-import-not-at-top
-  meta = checkpointing.read_meta(workdir)
-  if meta is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpointing.checkpoint_dir(workdir)}')
-  fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
-  scfg = models.ModelConfig(**{k: v for k, v in meta['fingerprint']['student_config'].items()
-                               if k in fields})
-  mesh = sharding.create_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.devices()[:1])
-  rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
-  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  boxed = models.abstract_params(scfg)
-  item = {'params': checkpointing.abstract_like(nn.meta.unbox(boxed),
-                                                sharding.param_shardings(boxed, mesh, rules)),
-          'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=one)}
-  projection = meta['fingerprint'].get('projection')
-  if projection:
-    boxed_proj = intermediate.abstract_projection_params(*projection)
-    item['proj'] = checkpointing.abstract_like(nn.meta.unbox(boxed_proj),
-                                               sharding.param_shardings(boxed_proj, mesh, rules))
-  manager = checkpointing.make_manager(workdir, read_only=True, async_save=False)
-  try:
-    state, _ = checkpointing.restore_latest(manager, item, partial=True)
-  except RuntimeError:
-    if 'proj' not in item:
-      raise
-    print(f'warning: {workdir}: could not restore proj; no projection', file=sys.stderr)
-    item.pop('proj')
-    state, _ = checkpointing.restore_latest(manager, item, partial=True)
-  state = jax.device_get(state)
-  return scfg, state['params'], state.get('proj'), int(state['step'])
+  """Newest checkpoint of a run -> (ModelConfig, params, proj or None, step), on one device."""
+  from flaxdistil import export  # pylint: disable=g-import-not-at-top
+  scfg, params, proj, _, step = export.load_student_with_projection(workdir)
+  return scfg, params, proj, step
 
 
 def project(pooled: np.ndarray, proj_hidden, teacher_hidden: int) -> np.ndarray:
