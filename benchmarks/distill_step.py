@@ -71,6 +71,11 @@ def parse_args(argv=None):
                  help='compute dtype (params and optimizer state stay float32)')
   p.add_argument('--hidden_size', type=int, default=768, help='heads = hidden/64, FFN = 4*hidden')
   p.add_argument('--num_microbatches', type=int, default=1, help='gradient accumulation factor')
+  p.add_argument('--vocab_chunk_size', default='0',
+                 help='comma list of distill.vocab_chunk_size values to time on the JAX side, '
+                      'e.g. "0,32" (0 = dense [B, T, V] logits)')
+  p.add_argument('--repeats', type=int, default=2,
+                 help='timing windows of --steps steps per side; min and median are reported')
   p.add_argument('--peak_tflops', type=float, default=0.0,
                  help='peak TFLOP/s for MFU; 0 = per-device-kind default or measured')
   p.add_argument('--skip_torch', action='store_true', help='time only the JAX step')
@@ -80,8 +85,14 @@ def parse_args(argv=None):
     p.error(f'--hidden_size {a.hidden_size} must be a multiple of 64 (head size 64, as bert-base).')
   if a.batch_size % a.num_microbatches:
     p.error(f'--batch_size {a.batch_size} is not divisible by --num_microbatches {a.num_microbatches}.')
-  if a.steps < 1 or a.warmup < 0:
-    p.error('--steps must be >= 1 and --warmup >= 0.')
+  if a.steps < 1 or a.warmup < 0 or a.repeats < 1:
+    p.error('--steps and --repeats must be >= 1 and --warmup >= 0.')
+  try:
+    a.vocab_chunk_sizes = [int(x) for x in a.vocab_chunk_size.split(',')]
+  except ValueError:
+    p.error(f'--vocab_chunk_size {a.vocab_chunk_size!r}: give integers, e.g. "0,32".')
+  if any(c < 0 for c in a.vocab_chunk_sizes):
+    p.error('--vocab_chunk_size values must be >= 0.')
   return a
 
 
@@ -144,7 +155,22 @@ def _rss_bytes() -> int:
 
 # ----------------------------------------------------------------------------- JAX
 
-def run_jax(a, host_batch) -> dict:
+def _windows(a, step) -> list[float]:
+  """Seconds per step of `a.repeats` windows of `a.steps` steps each (`step()` blocks)."""
+  out = []
+  for _ in range(a.repeats):
+    t0 = time.perf_counter()
+    step(a.steps)
+    out.append((time.perf_counter() - t0) / a.steps)
+  return out
+
+
+def _summarise(times: list[float]) -> dict:
+  return {'step_time_s': min(times), 'step_time_median_s': float(np.median(times)),
+          'step_times_s': times}
+
+
+def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
   cfg = distilbert_config.get_config()
   dtype = getattr(jnp, a.dtype)
   tcfg = models.ModelConfig(
@@ -170,7 +196,7 @@ def run_jax(a, host_batch) -> dict:
   batch = sharding.make_global_batch(host_batch, b_shard, a.batch_size)
 
   step_fn = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights,
-                                  a.num_microbatches)
+                                  a.num_microbatches, vocab_chunk_size=vocab_chunk_size)
   t0 = time.perf_counter()
   with sharding.mesh_context(mesh, rules):  # logical constraints apply while tracing
     compiled = jax.jit(step_fn, in_shardings=(state_shard, t_shard, b_shard),
@@ -181,13 +207,15 @@ def run_jax(a, host_batch) -> dict:
   for _ in range(a.warmup):
     state, metrics = compiled(state, t_params, batch)
   jax.block_until_ready((state, t_params))
-  t0 = time.perf_counter()
-  for _ in range(a.steps):  # dispatch is asynchronous, as in the train loop
-    state, metrics = compiled(state, t_params, batch)
-  jax.block_until_ready((state, metrics))
-  step_s = (time.perf_counter() - t0) / a.steps
 
-  out = {'step_time_s': step_s, 'compile_s': compile_s, 'loss': float(metrics['loss']),
+  def steps(n):
+    nonlocal state, metrics
+    for _ in range(n):  # dispatch is asynchronous, as in the train loop
+      state, metrics = compiled(state, t_params, batch)
+    jax.block_until_ready((state, metrics))
+
+  out = {**_summarise(_windows(a, steps)), 'compile_s': compile_s,
+         'vocab_chunk_size': vocab_chunk_size, 'loss': float(metrics['loss']),
          'finite': bool(metrics['finite']), 'teacher_params': models.count_params(t_params),
          'student_params': models.count_params(state['params'])}
   stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
@@ -291,10 +319,13 @@ def run_torch(a, host_batch) -> dict:
   for _ in range(a.warmup):
     step()
   sync()
-  t0 = time.perf_counter()
-  losses_ = [step() for _ in range(a.steps)]
-  sync()
-  out = {'step_time_s': (time.perf_counter() - t0) / a.steps, 'loss': losses_[-1],
+  losses_ = []
+
+  def steps(n):
+    losses_.extend(step() for _ in range(n))
+    sync()
+
+  out = {**_summarise(_windows(a, steps)), 'loss': losses_[-1],
          'teacher_params': sum(p.numel() for p in teacher.parameters()),
          'student_params': sum(p.numel() for p in student.parameters()),
          'attn_implementation': student.config._attn_implementation}  # pylint: disable=protected-access
@@ -334,34 +365,44 @@ def main(argv=None):
   if not a.skip_torch:
     print('timing PyTorch (HF distiller.py-style step) ...', flush=True)
     torch_res = run_torch(a, host_batch)
-  print('timing JAX (flaxdistil train_step) ...', flush=True)
-  jax_res = run_jax(a, host_batch)
+  jax_runs = []
+  for chunk in a.vocab_chunk_sizes:
+    print(f'timing JAX (flaxdistil train_step, vocab_chunk_size={chunk}) ...', flush=True)
+    jax_runs.append(run_jax(a, host_batch, chunk))
+  jax_res = jax_runs[0]
   peak, peak_src = peak_flops(a, device)
   peak_total = peak * jax.local_device_count()  # MFU over every device of the mesh
 
-  for r in filter(None, (jax_res, torch_res)):
+  for r in filter(None, (*jax_runs, torch_res)):
     r['tokens_per_s'] = flops['tokens_per_step'] / r['step_time_s']
     r['model_tflops_per_s'] = flops['flops_per_step'] / r['step_time_s'] / 1e12
     r['mfu'] = flops['flops_per_step'] / r['step_time_s'] / peak_total
   if torch_res is not None and (torch_res['device'] == 'cpu') != (device.platform == 'cpu'):
     torch_res['mfu'] = None  # e.g. a CPU-only torch beside a GPU JAX: one peak does not fit both
     print('WARNING: PyTorch ran on', torch_res['device'], 'but JAX on', device.platform)
-  ratio = jax_res['tokens_per_s'] / torch_res['tokens_per_s'] if torch_res else None
+  ratios = [r['tokens_per_s'] / torch_res['tokens_per_s'] if torch_res else None for r in jax_runs]
+  ratio = ratios[0]
 
-  rows = [('step time (ms)', lambda r: f"{r['step_time_s'] * 1e3:.1f}"),
+  rows = [('step time (ms), min / median', lambda r: f"{r['step_time_s'] * 1e3:.1f} / "
+                                                      f"{r['step_time_median_s'] * 1e3:.1f}"),
           ('tokens/s', lambda r: f"{r['tokens_per_s']:,.0f}"),
           ('model TFLOP/s', lambda r: f"{r['model_tflops_per_s']:.3f}"),
           ('MFU', lambda r: '-' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"),
           ('peak memory (GiB)', lambda r: f"{r.get('peak_memory_bytes', float('nan')) / GIB:.2f}"),
+          ('XLA temp buffers (GiB)', lambda r: f"{r['memory_analysis']['temp'] / GIB:.3f}"
+           if 'memory_analysis' in r else '-'),
           ('loss (last step)', lambda r: f"{r['loss']:.4f}"),
           ('params teacher / student', lambda r: f"{r['teacher_params']:,} / {r['student_params']:,}")]
-  cols = [('JAX flaxdistil', jax_res)] + ([('PyTorch HF distiller-style', torch_res)] if torch_res else [])
+  label = lambda c: 'JAX, dense logits' if not c else f'JAX, vocab chunks of {c}'
+  cols = [(label(r['vocab_chunk_size']), r) for r in jax_runs]
+  cols += [('PyTorch HF distiller-style', torch_res)] if torch_res else []
   print('\n| metric | ' + ' | '.join(c for c, _ in cols) + ' |\n|---|' + '---|' * len(cols))
   for name, fmt in rows:
     print(f'| {name} | ' + ' | '.join(fmt(r) for _, r in cols) + ' |')
   print()
-  print((f'JAX / PyTorch tokens/s: {ratio:.2f}x; ' if ratio else '')
-        + f"JAX compile (excluded from timing): {jax_res['compile_s']:.1f} s")
+  for r, q in zip(jax_runs, ratios):
+    print((f"{label(r['vocab_chunk_size'])} / PyTorch tokens/s (min step times): {q:.2f}x; "
+           if q else '') + f"JAX compile (excluded from timing): {r['compile_s']:.1f} s")
   print(f"model FLOPs/step: {flops['flops_per_step'] / 1e9:,.1f} GFLOP (teacher fwd "
         f"{flops['teacher_fwd_flops'] / 1e9:,.1f} + student fwd+bwd "
         f"{flops['student_fwd_bwd_flops'] / 1e9:,.1f}); N_t={flops['teacher_matmul_params']:,}, "
@@ -383,8 +424,9 @@ def main(argv=None):
               'loadavg_before': load0, 'loadavg_after': os.getloadavg(),
               'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'flops': flops,
               'peak_flops_per_device': peak, 'peak_flops_source': peak_src,
-              'logits_bytes_per_microbatch': logits_bytes, 'jax': jax_res, 'torch': torch_res,
-              'jax_over_torch_tokens_per_s': ratio}
+              'logits_bytes_per_microbatch': logits_bytes, 'jax': jax_res, 'jax_runs': jax_runs,
+              'torch': torch_res, 'jax_over_torch_tokens_per_s': ratio,
+              'jax_runs_over_torch_tokens_per_s': ratios}
     os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
     with open(a.json_out, 'w') as f:
       json.dump(result, f, indent=1, default=str)

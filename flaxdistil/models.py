@@ -142,6 +142,9 @@ class ModelOutput(flax.struct.PyTreeNode):
       (``intermediate.value_relation_kl``).
     class_logits: [batch, num_labels] float32 sequence-classification logits
       (``config.num_labels > 0``), else None.
+    mlm_hidden: [batch, seq_len, hidden] compute dtype: the MLM head's
+      transformed states before the tied decoder, only with
+      ``return_mlm_hidden=True`` (then ``logits`` is None).
   """
   logits: jax.Array | None
   hidden_states: tuple[jax.Array, ...]
@@ -149,6 +152,7 @@ class ModelOutput(flax.struct.PyTreeNode):
   attention_scores: tuple[jax.Array, ...] | None = None
   values: tuple[jax.Array, ...] | None = None
   class_logits: jax.Array | None = None
+  mlm_hidden: jax.Array | None = None
 
 
 def _init(names, init=None):
@@ -226,32 +230,43 @@ class Embeddings(nn.Module):
 class SelfAttention(nn.Module):
   """Multi-head self-attention (HF ``BertSelfAttention`` + output dense).
 
-  Scores and softmax are computed in float32 even for bf16 compute.
+  Scores and softmax are computed in float32 even for bf16 compute. When the
+  probabilities are not needed as outputs and no attention dropout applies
+  (eval, the teacher forward, or ``attention_probs_dropout_prob=0``), the core
+  goes through ``jax.nn.dot_product_attention``: cuDNN flash attention on GPU,
+  the same XLA math as below on CPU.
   """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool):
+  def __call__(self, x, bias, deterministic: bool, need_probs: bool = True):
     """x: [B, T, H]; bias: [B, 1, 1, T] float32 additive mask.
 
     Returns (output [B, T, H], probs [B, heads, T, T] float32,
-    scores [B, heads, T, T] float32 (softmax input), values [B, heads, T, head_dim]).
-    Unused returns are dead code that XLA removes under jit.
+    scores [B, heads, T, T] float32 (softmax input), values [B, heads, T, head_dim]);
+    probs and scores are None when ``need_probs`` is False and the fused
+    kernel ran. Unused returns are dead code that XLA removes under jit.
     """
     cfg = self.config
     b, t, _ = x.shape
     qkv_names = (('embed', 'heads'), ('heads',))
     split = lambda y: y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-    q = split(_dense(cfg, cfg.hidden_size, qkv_names, 'query')(x))
+    q = split(_dense(cfg, cfg.hidden_size, qkv_names, 'query')(x))  # [B, T, heads, D]
     k = split(_dense(cfg, cfg.hidden_size, qkv_names, 'key')(x))
     v = split(_dense(cfg, cfg.hidden_size, qkv_names, 'value')(x))
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
-                        preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5) + bias
-    probs = jax.nn.softmax(scores, axis=-1)
-    dropped = nn.Dropout(cfg.attention_probs_dropout_prob)(
-        probs, deterministic=deterministic)
-    ctx = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(cfg.dtype), v)
+    if not need_probs and (deterministic or cfg.attention_probs_dropout_prob == 0.0):
+      # jax's API takes no dropout, hence the condition. A boolean key mask
+      # gives the same softmax as the additive finfo.min bias (exp underflows to 0).
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=bias > jnp.finfo(jnp.float32).min / 2)
+      probs = scores = None
+    else:
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                          preferred_element_type=jnp.float32)
+      scores = scores * (cfg.head_dim ** -0.5) + bias
+      probs = jax.nn.softmax(scores, axis=-1)
+      dropped = nn.Dropout(cfg.attention_probs_dropout_prob)(
+          probs, deterministic=deterministic)
+      ctx = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(cfg.dtype), v)
     ctx = ctx.reshape(b, t, cfg.hidden_size)
     out = _dense(cfg, cfg.hidden_size, (('heads', 'embed'), ('embed',)),
                  'output')(ctx)
@@ -267,10 +282,10 @@ class TransformerLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool = True):
+  def __call__(self, x, bias, deterministic: bool = True, need_probs: bool = True):
     """x: [B, T, H] -> ([B, T, H], (probs, scores, values)) as SelfAttention."""
     cfg = self.config
-    attn, *attn_out = SelfAttention(cfg, name='attention')(x, bias, deterministic)
+    attn, *attn_out = SelfAttention(cfg, name='attention')(x, bias, deterministic, need_probs)
     if cfg.model_type == 'bert':
       attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, 'attention_layer_norm')(x + attn)
@@ -290,15 +305,15 @@ class Encoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool):
+  def __call__(self, x, bias, deterministic: bool, need_probs: bool = True):
     cfg = self.config
     layer_cls = TransformerLayer
     if cfg.remat:
-      # Argument 0 is the module itself, so `deterministic` is argnum 3.
-      layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
+      # Argument 0 is the module itself, so `deterministic` and `need_probs` are argnums 3, 4.
+      layer_cls = nn.remat(TransformerLayer, static_argnums=(3, 4))
     hidden_states, attn_outputs = [x], []
     for i in range(cfg.num_hidden_layers):
-      x, attn_out = layer_cls(cfg, name=f'layer_{i}')(x, bias, deterministic)
+      x, attn_out = layer_cls(cfg, name=f'layer_{i}')(x, bias, deterministic, need_probs)
       hidden_states.append(x)
       attn_outputs.append(attn_out)
     # (probs, scores, values), each a tuple over layers.
@@ -316,14 +331,21 @@ class MLMHead(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, embeddings: Embeddings):
-    """x: [B, T, H] -> logits [B, T, V] (compute dtype)."""
+  def __call__(self, x, embeddings: Embeddings, project: bool = True):
+    """x: [B, T, H] -> logits [B, T, V] (compute dtype).
+
+    ``project=False`` stops before the tied decoder and returns the
+    transformed hidden states [B, T, H], for losses that apply the decoder
+    themselves a chunk at a time (``losses.chunked_vocab_terms``).
+    """
     cfg = self.config
     h = _dense(cfg, cfg.hidden_size, (('embed', None), (None,)), 'transform')(x)
     h = _ACTIVATIONS[cfg.hidden_act](h)
     h = _layer_norm(cfg, 'transform_layer_norm')(h)
     bias = self.param('bias', _init(('vocab',), nn.initializers.zeros),
                       (cfg.vocab_size,), jnp.float32)
+    if not project:
+      return nn.with_logical_constraint(h, ('act_batch', 'act_len', 'act_embed'))
     logits = embeddings.attend(h) + bias.astype(cfg.dtype)
     return nn.with_logical_constraint(logits, ('act_batch', 'act_len', 'vocab'))
 
@@ -373,7 +395,8 @@ class MaskedLM(nn.Module):
                output_attentions: bool = False,
                output_attention_scores: bool = False,
                output_values: bool = False,
-               logits_positions=None) -> ModelOutput:
+               logits_positions=None,
+               return_mlm_hidden: bool = False) -> ModelOutput:
     """Runs the model.
 
     Args:
@@ -396,6 +419,10 @@ class MaskedLM(nn.Module):
         to masked tokens this skips ~85% of the vocab projection, the most
         expensive matmul of a small model (BERT pretraining's
         `masked_lm_positions` does the same).
+      return_mlm_hidden: run the MLM head up to (not including) the tied
+        decoder: `logits` is None and `mlm_hidden` [batch, seq_len or
+        num_positions, hidden] holds its input; `vocab_projection(params)`
+        gives the decoder, so a loss can form the logits chunk by chunk.
 
     Returns:
       ModelOutput (see its docstring for shapes).
@@ -429,13 +456,16 @@ class MaskedLM(nn.Module):
                      jnp.finfo(jnp.float32).min).astype(jnp.float32)
     x = self.embeddings(input_ids, token_type_ids, deterministic)
     hidden_states, (attentions, scores, values) = self.encoder(
-        x, bias, deterministic)
-    logits = None
+        x, bias, deterministic, output_attentions or output_attention_scores)
+    logits = mlm_hidden = None
     if cfg.with_mlm_head:
       h = hidden_states[-1]
       if logits_positions is not None:
         h = jnp.take_along_axis(h, logits_positions[..., None], axis=1)  # [B, M, H]
-      logits = self.mlm_head(h, self.embeddings)
+      if return_mlm_hidden:
+        mlm_hidden = self.mlm_head(h, self.embeddings, project=False)
+      else:
+        logits = self.mlm_head(h, self.embeddings)
     class_logits = None
     if cfg.num_labels:
       class_logits = self.classifier_head(hidden_states[-1], deterministic)
@@ -445,7 +475,8 @@ class MaskedLM(nn.Module):
         attentions=attentions if output_attentions else None,
         attention_scores=scores if output_attention_scores else None,
         values=values if output_values else None,
-        class_logits=class_logits)
+        class_logits=class_logits,
+        mlm_hidden=mlm_hidden)
 
 
 def unbox(tree):
@@ -481,6 +512,15 @@ def abstract_params(config: ModelConfig):
   """
   return jax.eval_shape(
       functools.partial(_init_boxed, config), jax.random.PRNGKey(0))
+
+
+def vocab_projection(params) -> tuple[jax.Array, jax.Array]:
+  """The tied MLM decoder of a params tree: `(embedding [V, H], bias [V])` float32.
+
+  `logits = mlm_hidden @ embedding.T + bias` (HF ``BertLMPredictionHead.decoder``
+  / DistilBERT ``vocab_projector``, tied to the word embeddings).
+  """
+  return params['embeddings']['word_embeddings']['embedding'], params['mlm_head']['bias']
 
 
 def count_params(params) -> int:

@@ -108,7 +108,8 @@ def _restrict_to_masked(batch, max_predictions: int):
 def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: losses.DistillWeights,
                     num_microbatches: int, skip_nonfinite: bool = True,
                     max_predictions_per_seq: int = 0,
-                    inter: tuple[intermediate.IntermediateWeights, list[int]] | None = None):
+                    inter: tuple[intermediate.IntermediateWeights, list[int]] | None = None,
+                    vocab_chunk_size: int = 0):
   """Builds `train_step(state, teacher_params, batch) -> (state, metrics)`.
 
   Args:
@@ -129,6 +130,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
       intermediate-layer terms (`intermediate.py`), or None. Projection
       params of a narrower student live in `state['proj']` and are trained
       with the student (one optimizer, one clipping norm).
+    vocab_chunk_size: >0 computes the vocabulary terms (mlm, ce, mse) of MLM
+      batches with `losses.chunked_vocab_terms`, this many positions at a
+      time, never holding `[B, T, V]` logits; 0 = dense logits.
 
   The state: `{'step', 'params', 'opt_state', 'rng', 'num_skipped'}` plus
   `'proj'` when projections exist; the optimizer state is over the trainable
@@ -142,22 +146,40 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
       weights.alpha_ce or weights.alpha_cos or weights.alpha_mse or
       any(intermediate.term_alphas(iw).values()))
   out_flags = intermediate.model_kwargs(iw)
+  vocab_alphas = {'alpha_mlm': 0.0, 'alpha_ce': 0.0, 'alpha_mse': 0.0}
+  chunked = bool(vocab_chunk_size) and student.config.with_mlm_head and any(
+      getattr(weights, k) for k in vocab_alphas)
 
   def loss_fn(trainable, teacher_params, mb, counts, rng):
     pos, types = mb.get('logits_positions'), mb.get('token_type_ids')
+    task = _is_task_batch(mb)
+    hidden_only = chunked and not task
     s_out = student.apply({'params': trainable['student']}, mb['input_ids'], mb['attention_mask'],
                           types, deterministic=False, rngs={'dropout': rng}, logits_positions=pos,
-                          **out_flags)
+                          return_mlm_hidden=hidden_only, **out_flags)
     t_out = None
     if need_teacher:
       t_out = jax.lax.stop_gradient(teacher.apply(
           {'params': teacher_params}, mb['input_ids'], mb['attention_mask'], types,
-          deterministic=True, logits_positions=pos, **out_flags))
-    if _is_task_batch(mb):
+          deterministic=True, logits_positions=pos, return_mlm_hidden=hidden_only, **out_flags))
+    if task:
       terms = losses.task_terms(s_out, t_out, mb, weights)
+      loss = losses.combine(terms, counts, weights)
+    elif hidden_only:
+      cast = lambda proj, m: tuple(x.astype(m.config.dtype) for x in proj)
+      t_proj = None
+      if t_out is not None and (weights.alpha_ce or weights.alpha_mse):
+        t_proj = cast(models.vocab_projection(teacher_params), teacher)
+      loss, terms = losses.chunked_vocab_terms(
+          s_out.mlm_hidden, cast(models.vocab_projection(trainable['student']), student),
+          None if t_proj is None else t_out.mlm_hidden, t_proj, mb, weights, counts,
+          vocab_chunk_size)
+      rest = losses.distillation_terms(s_out, t_out, mb, weights._replace(**vocab_alphas))
+      loss = loss + losses.combine(rest, counts, weights)
+      terms = {**terms, **rest}
     else:
       terms = losses.distillation_terms(s_out, t_out, mb, weights)
-    loss = losses.combine(terms, counts, weights)
+      loss = losses.combine(terms, counts, weights)
     if inter:
       i_terms = intermediate.intermediate_terms(s_out, t_out, mb, iw, layer_map,
                                                 trainable.get('proj'))
@@ -460,7 +482,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   max_pred = config.distill.max_predictions_per_seq
   step_fn = make_train_step(run.student_model, teacher_model, tx, weights,
                             config.optim.num_microbatches, max_predictions_per_seq=max_pred,
-                            inter=run.inter)
+                            inter=run.inter, vocab_chunk_size=config.distill.vocab_chunk_size)
   with sharding.mesh_context(mesh, rules):
     # The batch's shardings come with it (make_global_batch): leaves differ in rank.
     p_train_step = jax.jit(step_fn, in_shardings=(state_shard, None if t_params is None else t_shard,

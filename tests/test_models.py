@@ -310,3 +310,30 @@ def test_logits_positions_equal_gathered_full_logits(bert_params):
   assert part.shape == (3, 3, cfg.vocab_size)
   np.testing.assert_allclose(part, jnp.take_along_axis(full, pos[..., None], axis=1),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('model_type', ['bert', 'distilbert'])
+def test_fused_attention_path_equals_explicit_probs_path(bert_params, model_type):
+  # Without output_attentions the core runs through jax.nn.dot_product_attention; asking for
+  # the probabilities forces the explicit einsum/softmax path. Both must agree, padding included.
+  cfg = _cfg(model_type)
+  params = bert_params if model_type == 'bert' else models.init_params(cfg, jax.random.PRNGKey(3))
+  ids, mask = _inputs()
+  fused = MaskedLM(cfg).apply({'params': params}, ids, mask)
+  explicit = MaskedLM(cfg).apply({'params': params}, ids, mask, output_attentions=True)
+  valid = np.asarray(mask)[..., None] > 0
+  for a, b in zip(fused.hidden_states, explicit.hidden_states):
+    np.testing.assert_allclose(np.where(valid, a, 0), np.where(valid, b, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.where(valid, fused.logits, 0), np.where(valid, explicit.logits, 0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_mlm_hidden_and_vocab_projection_rebuild_logits(bert_params):
+  cfg = _cfg('bert')
+  ids, mask = _inputs()
+  model = MaskedLM(cfg)
+  logits = model.apply({'params': bert_params}, ids, mask).logits
+  out = model.apply({'params': bert_params}, ids, mask, return_mlm_hidden=True)
+  assert out.logits is None and out.mlm_hidden.shape == (3, 9, 32)
+  emb, bias = models.vocab_projection(bert_params)
+  np.testing.assert_allclose(out.mlm_hidden @ emb.T + bias, logits, rtol=1e-5, atol=1e-5)

@@ -42,7 +42,8 @@ def _setup(dropout=0.0):
   return tcfg, scfg, tparams, sparams, batch
 
 
-def _one_step(mesh_shape, num_microbatches=1, devices=None, dropout=0.0, teacher_rules=RULES):
+def _one_step(mesh_shape, num_microbatches=1, devices=None, dropout=0.0, teacher_rules=RULES,
+              vocab_chunk_size=0, max_predictions_per_seq=0, restrict=False):
   tcfg, scfg, tparams, sparams, batch = _setup(dropout)
   cfg = tiny.get_config()
   tx, _ = train.make_optimizer(cfg.optim, 10)
@@ -51,7 +52,9 @@ def _one_step(mesh_shape, num_microbatches=1, devices=None, dropout=0.0, teacher
   t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, teacher_rules)
   state = train.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
   step = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
-                               losses.DistillWeights(alpha_mse=0.1), num_microbatches)
+                               losses.DistillWeights(alpha_mse=0.1, restrict_ce_to_mask=restrict),
+                               num_microbatches, max_predictions_per_seq=max_predictions_per_seq,
+                               vocab_chunk_size=vocab_chunk_size)
   b_shard = sharding.batch_sharding(mesh, RULES)
   with sharding.mesh_context(mesh, RULES):
     fn = jax.jit(step, in_shardings=(shard, t_shard, b_shard))
@@ -102,6 +105,31 @@ def test_gradient_accumulation_equals_one_big_batch(single_device):
   params4, metrics4, _ = _one_step((1, 1, 1), num_microbatches=4, devices=jax.devices()[:1])
   np.testing.assert_allclose(metrics4['loss'], ref_metrics['loss'], rtol=1e-5)
   _assert_trees_close(params4, ref_params)
+
+
+@pytest.mark.parametrize('mesh_shape,num_microbatches,chunk',
+                         [((1, 1, 1), 1, 5), ((2, 2, 2), 2, 4), ((8, 1, 1), 1, 12)])
+def test_chunked_vocab_step_equals_dense_step(single_device, mesh_shape, num_microbatches, chunk):
+  # vocab_chunk_size only changes how the logits are formed: same losses, same update, also
+  # sharded (vocab over 'tensor') and with accumulation, and with a chunk not dividing seq_len.
+  ref_params, ref_metrics, _ = single_device
+  devices = jax.devices()[:1] if mesh_shape == (1, 1, 1) else None
+  params, metrics, _ = _one_step(mesh_shape, num_microbatches, devices=devices,
+                                 vocab_chunk_size=chunk)
+  for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_cos', 'loss_mse', 'grad_norm'):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, err_msg=k)
+  _assert_trees_close(params, ref_params)
+
+
+def test_chunked_vocab_step_on_masked_positions_equals_dense():
+  one = jax.devices()[:1]
+  ref_params, ref_metrics, _ = _one_step((1, 1, 1), devices=one, max_predictions_per_seq=6,
+                                         restrict=True)
+  params, metrics, _ = _one_step((1, 1, 1), devices=one, max_predictions_per_seq=6,
+                                 restrict=True, vocab_chunk_size=4)
+  for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_mse'):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, err_msg=k)
+  _assert_trees_close(params, ref_params)
 
 
 def test_step_changes_only_student_and_skips_nonfinite():
