@@ -79,6 +79,8 @@ def parse_args(argv=None):
   p.add_argument('--peak_tflops', type=float, default=0.0,
                  help='peak TFLOP/s for MFU; 0 = per-device-kind default or measured')
   p.add_argument('--skip_torch', action='store_true', help='time only the JAX step')
+  p.add_argument('--memory_only', action='store_true',
+                 help="compile the JAX step(s) and print XLA's memory analysis; no timing, no torch")
   p.add_argument('--json_out', default='', help='write all results to this JSON file')
   a = p.parse_args(argv)
   if a.hidden_size % 64:
@@ -203,6 +205,11 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
                        out_shardings=(state_shard, replicated),
                        donate_argnums=(0,)).lower(state, t_params, batch).compile()
   compile_s = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  if a.memory_only:
+    return {'vocab_chunk_size': vocab_chunk_size, 'compile_s': compile_s,
+            'memory_analysis': {k: int(getattr(ma, f'{k}_size_in_bytes', 0))
+                                for k in ('temp', 'argument', 'output', 'alias', 'generated_code')}}
 
   for _ in range(a.warmup):
     state, metrics = compiled(state, t_params, batch)
@@ -219,7 +226,6 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
          'finite': bool(metrics['finite']), 'teacher_params': models.count_params(t_params),
          'student_params': models.count_params(state['params'])}
   stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
-  ma = compiled.memory_analysis()
   if all('peak_bytes_in_use' in s for s in stats):
     out['peak_memory_bytes'] = max(s['peak_bytes_in_use'] for s in stats)
     out['peak_memory_source'] = "max over devices of memory_stats()['peak_bytes_in_use']"
@@ -362,9 +368,20 @@ def main(argv=None):
         f'vocab {a.vocab_size}, {a.num_microbatches} microbatch(es)', flush=True)
 
   torch_res = None
-  if not a.skip_torch:
+  if not a.skip_torch and not a.memory_only:
     print('timing PyTorch (HF distiller.py-style step) ...', flush=True)
     torch_res = run_torch(a, host_batch)
+  if a.memory_only:
+    print(f'| vocab_chunk_size | XLA temp buffers (GiB) | arguments (GiB) | compile (s) |\n|---|---|---|---|')
+    for chunk in a.vocab_chunk_sizes:
+      r = run_jax(a, host_batch, chunk)
+      m = r['memory_analysis']
+      print(f"| {chunk or 'dense'} | {m['temp'] / GIB:.3f} | {m['argument'] / GIB:.3f} | "
+            f"{r['compile_s']:.1f} |", flush=True)
+    print(f'full-vocab logits per microbatch: [{mb}, {a.seq_len}, {a.vocab_size}] x '
+          f'{jnp.dtype(a.dtype).itemsize} B = {logits_bytes / 2 / GIB:.3f} GiB per model')
+    return
+
   jax_runs = []
   for chunk in a.vocab_chunk_sizes:
     print(f'timing JAX (flaxdistil train_step, vocab_chunk_size={chunk}) ...', flush=True)
