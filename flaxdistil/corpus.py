@@ -36,7 +36,8 @@ import numpy as np
 _CACHE_VERSION = 2    # bump when the shard layout or document splitting changes
 _BUILDERS = {'.txt': 'text', '.text': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
 _TOKENIZE_BATCH = 1000  # documents per encode_batch call
-UNIT_BYTES = 32 << 20   # text bytes per unit (= shard); bounds each worker's memory
+MAX_UNIT_BYTES = 32 << 20  # text bytes per unit (= shard) at most: bounds each worker's memory
+MIN_UNIT_BYTES = 1 << 20   # small corpora are still cut into ~8 units per CPU for load balance
 log = logging.getLogger(__name__)
 
 
@@ -126,10 +127,17 @@ def _paragraph_cuts(path: str, unit_bytes: int) -> list[int]:
 
 
 def file_units(files: Sequence[str], *, text_column: str = 'text',
-               unit_bytes: int = UNIT_BYTES) -> list[Unit]:
-  """Units for local files in order (.txt split at paragraph boundaries, others one per file)."""
+               unit_bytes: int | None = None) -> list[Unit]:
+  """Units for local files in order (.txt split at paragraph boundaries, others one per file).
+
+  `unit_bytes` None: total size / (8 * CPUs), clipped to [1 MiB, 32 MiB]. Rows never depend on it.
+  """
+  files = check_files(files)
+  if unit_bytes is None:
+    total = sum(os.path.getsize(f) for f in files)
+    unit_bytes = min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, total // (8 * (os.cpu_count() or 1))))
   units = []
-  for f in check_files(files):
+  for f in files:
     b = builder_for(f)
     if b == 'text':
       cuts = _paragraph_cuts(f, unit_bytes)
@@ -327,7 +335,7 @@ def _build_shard(out_dir: str, index: int, unit: Unit, sep_id: int, vocab_size: 
 
 # ----------------------------------------------------------------------------------------- cache
 def _source_key(units: Sequence[Unit]) -> list:
-  files = sorted({u.path for u in units})
+  files = list(dict.fromkeys(u.path for u in units))  # in corpus order: the order is content
   stat = lambda f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] if os.path.exists(f) else None
   return [[os.path.abspath(f) if os.path.exists(f) else f, stat(f)] for f in files] + [
       [u.builder, u.column] for u in units[:1]]
@@ -404,8 +412,12 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
           initargs=(tokenizer.backend_tokenizer.to_str(),)) as pool:
         futures = {pool.submit(_build_shard, out_dir, i, units[i], sep_id, vocab_size): i
                    for i in todo}
-        for fut in concurrent.futures.as_completed(futures):
-          done[futures[fut]] = fut.result()
+        try:
+          for fut in concurrent.futures.as_completed(futures):
+            done[futures[fut]] = fut.result()
+        except BaseException:
+          pool.shutdown(cancel_futures=True)  # report a bad file now, not after the whole corpus
+          raise
     shards = [done[i] for i in sorted(done)]
     total = sum(s['num_tokens'] for s in shards)
     if total == 0:
@@ -414,7 +426,12 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
                        'contain text (and max_documents > 0).')
     counts = sum(np.load(os.path.join(out_dir, s['file'][:-4] + '.counts.npy')) for s in shards)
     _atomic_save(os.path.join(out_dir, 'counts.npy'), counts)
-    data_hash = hashlib.sha256(''.join(s['sha256'] for s in shards).encode()).hexdigest()
+    data_hash = hashlib.sha256()  # of the whole stream as int32, so independent of the unit split
+    for s in shards:
+      tokens = np.load(os.path.join(out_dir, s['file']), mmap_mode='r')
+      for i in range(0, len(tokens), 1 << 24):
+        data_hash.update(np.ascontiguousarray(tokens[i:i + (1 << 24)], np.int32).tobytes())
+    data_hash = data_hash.hexdigest()
     manifest = {'version': _CACHE_VERSION, 'tokenizer_sha256': tokenizer_hash(tokenizer),
                 'vocab_size': vocab_size, 'sep_token_id': sep_id, 'shards': shards,
                 'num_documents': sum(s['num_documents'] for s in shards), 'num_tokens': total,
@@ -467,11 +484,13 @@ class PackedDataset:
     return np.load(os.path.join(self.directory, 'counts.npy'))
 
   def _gather(self, pos: np.ndarray) -> np.ndarray:
-    """Token ids at global stream positions `pos` (any shape, all < num_tokens) as int32."""
+    """Token ids at global stream positions `pos` ([P] int64, all < num_tokens) as int32."""
     out = np.empty(pos.shape, np.int32)
     shard = np.searchsorted(self._starts, pos, side='right') - 1
-    for s in np.unique(shard):
-      sel = shard == s
+    order = np.argsort(shard, kind='stable')  # group by shard: one fancy read per shard touched
+    bounds = np.searchsorted(shard[order], np.arange(len(self._arrays) + 1))
+    for s in np.flatnonzero(np.diff(bounds)):
+      sel = order[bounds[s]:bounds[s + 1]]
       out[sel] = self._arrays[s][pos[sel] - self._starts[s]]
     return out
 
