@@ -200,7 +200,7 @@ def test_hub_style_dataset_directory_streaming_and_not(tok, tmp_path):
   with pytest.raises(ValueError, match="no split 'test'.*data.dataset_split"):
     ip.load_packed((), tok, 16, cache_dir=str(tmp_path / 'c'), dataset=repo, dataset_split='test')
   with pytest.raises(ValueError, match='no "text" column.*data.text_column'):
-    ip.load_packed((), tok, 16, cache_dir=str(tmp_path / 'c'), dataset=repo)
+    ip.load_packed((), tok, 16, cache_dir=str(tmp_path / 'c'), dataset=repo, num_proc=1)
   with pytest.raises(ValueError, match='Cannot resolve dataset'):
     ip.load_packed((), tok, 16, cache_dir=str(tmp_path / 'c'), dataset=str(tmp_path / 'nope'))
 
@@ -251,7 +251,8 @@ def test_run_reads_a_hub_dataset_into_the_shared_cache(tmp_path, monkeypatch):
   monkeypatch.setenv('FLAXDISTIL_CACHE', str(tmp_path / 'shared_cache'))
   cfg = tiny.get_config()
   cfg.update_from_flattened_dict({'data.synthetic': False, 'data.tokenizer': syn['tokenizer'],
-                                  'data.dataset': repo, 'data.dataset_eval_split': 'validation'})
+                                  'data.dataset': repo, 'data.dataset_eval_split': 'validation',
+                                  'data.num_proc': 1})  # the 2-process path is tested above
   run = setup.build_run(cfg, str(tmp_path / 'w1'))
   tokenizer = ip.load_tokenizer(syn['tokenizer'])
   def no_tokenizing(*_):
