@@ -4,7 +4,8 @@ Corpora are built in a temp dir by concatenating N copies of the Wikipedia train
 blank line between copies), so "10x" = 520 MB and "40x" = 2.08 GB of text with repeated content
 (tokenisation cost is the same as for distinct text). For each size and process count, one
 preprocessing (`corpus.build_token_shards`, cold cache) runs in a fresh subprocess that reports
-wall time, tokens/s and peak RSS (its own and its worker processes', from getrusage). Then, on the
+wall time, tokens/s and peak RSS: its own (getrusage; with 1 process the tokenisation runs there)
+and the largest worker's (VmHWM recorded by each worker in its shard's json). Then, on the
 cache hit: time to open the packed corpus, to the first global batch at step 0, and to the first
 batch when resuming at a late step; and the disk size of the cache. `--old` also runs the
 pre-issue-12 in-memory `load_packed_dataset` (taken from git, commit OLD_COMMIT) on the 1x corpus.
@@ -49,7 +50,8 @@ def _child(args) -> None:
     out['wall_s'] = time.perf_counter() - t0
     manifest = json.load(open(os.path.join(directory, 'manifest.json')))
     out.update(tokens=manifest['num_tokens'], documents=manifest['num_documents'],
-               shards=len(manifest['shards']), directory=directory)
+               shards=len(manifest['shards']), directory=directory,
+               worker_peak_mb=max(s['peak_rss_mb'] or 0 for s in manifest['shards']))
   elif args.child == 'old':
     import importlib.util
     src = subprocess.run(['git', '-C', ROOT, 'show', f'{OLD_COMMIT}:flaxdistil/input_pipeline.py'],
@@ -87,7 +89,6 @@ def _child(args) -> None:
     out['batch_s'] = (time.perf_counter() - t0) / 10
     out.update(rows=len(packed), epoch_at_resume=args.resume_step * args.batch // len(packed))
   out['rss_self_mb'] = _rss_mb(resource.RUSAGE_SELF)
-  out['rss_workers_mb'] = _rss_mb(resource.RUSAGE_CHILDREN)
   print('RESULT ' + json.dumps(out), flush=True)
 
 
@@ -180,12 +181,12 @@ def main():
 
 
 def _prefix(d, p):
-  return {p + k: v for k, v in d.items() if k not in ('rss_workers_mb',)}
+  return {p + k: v for k, v in d.items()}
 
 
 def _table(results):
   print('\n| path | text | procs | wall s | tokens/s | peak RSS MB (main / workers) | disk MB | '
-        'open on hit s | first batch s | resume batch s (step) | batch s |')
+        'open on hit s | first batch s | resume at step 10^6 s | batch s |')
   print('|---|---|---|---|---|---|---|---|---|---|---|')
   base = {}
   for r in results:
@@ -195,11 +196,12 @@ def _table(results):
       base[key] = tps
     speed = f' (x{tps / base[key]:.2f})' if r['num_proc'] != 1 and key in base else ''
     hit = lambda k, f='{:.2f}': f.format(r[k]) if k in r else '-'
+    workers = f"{r['worker_peak_mb']:.0f}" if r['num_proc'] not in (1, 'threads') else '-'
     print(f"| {r['path']} | {r['text_mb']:.0f} MB | {r['num_proc']} | {r['wall_s']:.1f} | "
-          f"{tps / 1e6:.2f} M{speed} | {r['rss_self_mb']:.0f} / {r['rss_workers_mb']:.0f} | "
+          f"{tps / 1e6:.2f} M{speed} | {r['rss_self_mb']:.0f} / {workers} | "
           f"{r['bytes'] / 1e6:.0f} | {hit('hit_open_s', '{:.2f}') if 'hit_open_s' in r else '-'} | "
           f"{hit('hit_first_batch_s')} | "
-          f"{hit('hit_resume_batch_s')}{' (%d)' % 10 ** 6 if 'hit_resume_batch_s' in r else ''} | "
+          f"{hit('hit_resume_batch_s')}{' (epoch %d)' % r['hit_epoch_at_resume'] if 'hit_resume_batch_s' in r else ''} | "
           f"{hit('hit_batch_s', '{:.3f}')} |")
 
 

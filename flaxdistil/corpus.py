@@ -298,6 +298,14 @@ def _atomic_json(path: str, obj) -> None:
 _WORKER: dict = {}
 
 
+def _peak_rss_mb() -> float | None:
+  """This process's peak resident memory (VmHWM: per address space, so not the pre-exec fork's)."""
+  with contextlib.suppress(OSError, ValueError, StopIteration):
+    with open('/proc/self/status') as f:
+      return int(next(l for l in f if l.startswith('VmHWM:')).split()[1]) / 1024
+  return None
+
+
 def _init_worker(tokenizer_json: str) -> None:
   # One Rust thread per worker process: the pool, not rayon, spreads the work over the cores.
   os.environ['TOKENIZERS_PARALLELISM'] = 'false'
@@ -328,7 +336,8 @@ def _build_shard(out_dir: str, index: int, unit: Unit, sep_id: int, vocab_size: 
   counts = np.bincount(tokens, minlength=vocab_size).astype(np.int64)
   _atomic_save(os.path.join(out_dir, name + '.counts.npy'), counts)
   meta = {'file': name + '.npy', 'unit': dataclasses.asdict(unit), 'num_documents': num_docs,
-          'num_tokens': int(len(tokens)), 'sha256': hashlib.sha256(tokens.tobytes()).hexdigest()}
+          'num_tokens': int(len(tokens)), 'sha256': hashlib.sha256(tokens.tobytes()).hexdigest(),
+          'peak_rss_mb': _peak_rss_mb()}
   _atomic_json(os.path.join(out_dir, name + '.json'), meta)
   return meta
 
