@@ -7,7 +7,8 @@ preprocessing (`corpus.build_token_shards`, cold cache) runs in a fresh subproce
 wall time, tokens/s and peak RSS: its own (getrusage; with 1 process the tokenisation runs there)
 and the largest worker's (VmHWM recorded by each worker in its shard's json). Then, on the
 cache hit: time to open the packed corpus, to the first global batch at step 0, and to the first
-batch when resuming at a late step; and the disk size of the cache. `--old` also runs the
+batch when resuming at a late step; the disk size of the cache; and for `--train_step_sizes` the
+wall time of a whole 1-step `configs/wiki_mini.py` training run on that cache hit. `--old` also runs the
 pre-issue-12 in-memory `load_packed_dataset` (taken from git, commit OLD_COMMIT) on the 1x corpus.
 Tokenisation runs one Rust thread per process (TOKENIZERS_PARALLELISM=false) so 1 vs 2 processes
 measures the process-level scaling; the old path runs as it did (Rust threads on).
@@ -106,6 +107,24 @@ def _run_child(kind, args, **extra) -> dict:
   return json.loads([l for l in r.stdout.splitlines() if l.startswith('RESULT ')][-1][7:])
 
 
+def _first_train_step(corpus_path, cache, workdir) -> float:
+  """Wall seconds of a whole 1-step `configs/wiki_mini.py` run on a cache hit (process start,
+  teacher load, data open, jit compile, one step, final checkpoint)."""
+  shutil.rmtree(workdir, ignore_errors=True)
+  cmd = [sys.executable, '-m', 'flaxdistil.main', '--config', 'configs/wiki_mini.py',
+         '--workdir', workdir, f'--config.data.train_files=("{corpus_path}",)',
+         '--config.data.eval_files=()', f'--config.data.cache_dir={cache}',
+         '--config.num_train_steps=1', '--config.eval_every_steps=0',
+         '--config.checkpoint.async_save=False']
+  t0 = time.perf_counter()
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                     env=dict(os.environ, HF_HUB_OFFLINE='1'))
+  if r.returncode:
+    raise RuntimeError(f'train step run failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}')
+  shutil.rmtree(workdir, ignore_errors=True)
+  return time.perf_counter() - t0
+
+
 def _du(path) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -129,6 +148,8 @@ def main():
   ap.add_argument('--procs', default='1,2', help='process counts to run')
   ap.add_argument('--serial_sizes', default='1', help='sizes also run with 1 process (slow)')
   ap.add_argument('--old', type=int, default=1, help='also run the old in-memory path on 1x')
+  ap.add_argument('--train_step_sizes', default='1,40',
+                  help='sizes whose cache hit is also timed through a 1-step wiki_mini run')
   ap.add_argument('--batch', type=int, default=4096, help='global batch (sequences of 128)')
   ap.add_argument('--resume_step', type=int, default=10 ** 6)
   ap.add_argument('--tmp', default='', help='scratch dir (default: a new temp dir, removed)')
@@ -145,6 +166,7 @@ def main():
   sizes = [int(s) for s in args.sizes.split(',')]
   procs = [int(p) for p in args.procs.split(',')]
   serial = {int(s) for s in args.serial_sizes.split(',') if s}
+  train_sizes = {int(s) for s in args.train_step_sizes.split(',') if s}
   text_mb = os.path.getsize(args.train_file) / 1e6
   results = []
   try:
@@ -167,6 +189,8 @@ def main():
         r.update(path='sharded', size=size, text_mb=os.path.getsize(corpus_path) / 1e6, num_proc=p,
                  bytes=_du(r.pop('directory')))
         r.update(_prefix(_run_child('hit', args, corpus=corpus_path, cache=cache), 'hit_'))
+        if size in train_sizes and p == procs[-1]:
+          r['hit_train_step_s'] = _first_train_step(corpus_path, cache, os.path.join(tmp, 'run'))
         results.append(r)
         print(json.dumps(r), flush=True)
         shutil.rmtree(cache)
@@ -186,8 +210,8 @@ def _prefix(d, p):
 
 def _table(results):
   print('\n| path | text | procs | wall s | tokens/s | peak RSS MB (main / workers) | disk MB | '
-        'open on hit s | first batch s | resume at step 10^6 s | batch s |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|')
+        'open on hit s | first batch s | resume at step 10^6 s | batch s | 1-step run s |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   base = {}
   for r in results:
     tps = r['tokens'] / r['wall_s']
@@ -202,7 +226,7 @@ def _table(results):
           f"{r['bytes'] / 1e6:.0f} | {hit('hit_open_s', '{:.2f}') if 'hit_open_s' in r else '-'} | "
           f"{hit('hit_first_batch_s')} | "
           f"{hit('hit_resume_batch_s')}{' (epoch %d)' % r['hit_epoch_at_resume'] if 'hit_resume_batch_s' in r else ''} | "
-          f"{hit('hit_batch_s', '{:.3f}')} |")
+          f"{hit('hit_batch_s', '{:.3f}')} | {hit('hit_train_step_s', '{:.1f}')} |")
 
 
 if __name__ == '__main__':
