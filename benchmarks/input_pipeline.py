@@ -1,7 +1,7 @@
 """Benchmark: corpus preprocessing at scale (issue 12). Prints a markdown table and JSON lines.
 
 Corpora are built in a temp dir by concatenating N copies of the Wikipedia train text (52 MB; a
-blank line between copies), so "10x" = 520 MB and "40x" = 2.08 GB of text with repeated content
+blank line between copies), so "10x" = 520 MB and "36x" = 1.87 GB of text with repeated content
 (tokenisation cost is the same as for distinct text). For each size and process count, one
 preprocessing (`corpus.build_token_shards`, cold cache) runs in a fresh subprocess that reports
 wall time, tokens/s and peak RSS: its own (getrusage; with 1 process the tokenisation runs there)
@@ -13,7 +13,7 @@ pre-issue-12 in-memory `load_packed_dataset` (taken from git, commit OLD_COMMIT)
 Tokenisation runs one Rust thread per process (TOKENIZERS_PARALLELISM=false) so 1 vs 2 processes
 measures the process-level scaling; the old path runs as it did (Rust threads on).
 
-  python benchmarks/input_pipeline.py                           # sizes 1,10,40; ~10 min idle
+  python benchmarks/input_pipeline.py                           # sizes 1,10,36; ~10 min idle
   python benchmarks/input_pipeline.py --sizes 1 --serial_sizes 1  # quick check
 """
 from __future__ import annotations
@@ -144,11 +144,12 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument('--train_file', default=os.path.join(SHARED, 'data/wikipedia-en-2018/train.txt'))
   ap.add_argument('--tokenizer', default=os.path.join(SHARED, 'models/tokenizer-bert-base-uncased'))
-  ap.add_argument('--sizes', default='1,10,40', help='corpus sizes in copies of --train_file')
+  ap.add_argument('--sizes', default='1,10,36',
+                  help='corpus sizes in copies of --train_file (36x = 1.87 GB)')
   ap.add_argument('--procs', default='1,2', help='process counts to run')
   ap.add_argument('--serial_sizes', default='1', help='sizes also run with 1 process (slow)')
   ap.add_argument('--old', type=int, default=1, help='also run the old in-memory path on 1x')
-  ap.add_argument('--train_step_sizes', default='1,40',
+  ap.add_argument('--train_step_sizes', default='36',
                   help='sizes whose cache hit is also timed through a 1-step wiki_mini run')
   ap.add_argument('--batch', type=int, default=4096, help='global batch (sequences of 128)')
   ap.add_argument('--resume_step', type=int, default=10 ** 6)
