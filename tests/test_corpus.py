@@ -1,5 +1,4 @@
 """Tests for flaxdistil.corpus: sharded parallel tokenisation == single-process packing, cache, reads."""
-import json
 import os
 import threading
 
