@@ -237,10 +237,11 @@ class _BatchSource:
   def permutation(self, epoch: int) -> np.ndarray:
     with self.lock:
       if epoch not in self.perms:
-        if len(self.perms) >= 4:  # only neighbouring epochs are ever needed
+        if len(self.perms) >= 2:  # a batch spans at most 2 epochs (B <= N); 8N bytes each
           self.perms.pop(min(self.perms))
-        self.perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(
-            len(self.packed))
+        n = len(self.packed)
+        perm = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
+        self.perms[epoch] = perm.astype(np.int32) if n < 2 ** 31 else perm  # same values, half RAM
       return self.perms[epoch]
 
   def rows(self, step: int) -> np.ndarray:
