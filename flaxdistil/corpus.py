@@ -1,8 +1,8 @@
 """Corpus preprocessing at scale: parallel tokenisation into on-disk token shards, and packed reads.
 
-A corpus (local files or a hub-style dataset) is cut into contiguous *units* (a ~32 MB byte range of a
-.txt file at a paragraph boundary, or one json/parquet/csv file), each tokenised by one worker process
-into one shard: `shard-00000.npy`, the 1-D token stream of its documents, each non-empty document
+A corpus (local files or a hub-style dataset) is cut into contiguous *units* (a byte range of at most
+32 MB of a .txt file at a paragraph boundary, or one json/parquet file), each tokenised by one worker
+process into one shard: `shard-00000.npy`, the 1-D token stream of its documents, each non-empty document
 followed by one [SEP] (uint16 when the vocabulary fits, else int32), plus its token counts. A
 `manifest.json` written last lists the shards (documents, tokens, sha256) and is the "done" marker.
 `PackedDataset` memory-maps the shards and cuts windows on read: row i is `[CLS] s[i*W:(i+1)*W] [SEP]`
