@@ -81,13 +81,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_files = ()            # held-out files for evaluation
   c.data.tokenizer = ''             # '' = the teacher's tokenizer (teacher.path)
   c.data.synthetic = False          # generate a small corpus + tokenizer in the workdir
-  c.data.streaming = False          # pack on the fly (datasets streaming) for corpora larger
-                                    # than memory; corpus order, no shuffling
+  c.data.dataset = ''               # instead of train_files: a hub dataset name or a local dir
+                                    # laid out like one (data/train-*.parquet|jsonl), read as
+                                    # datasets.load_dataset(dataset, split=dataset_split)
+  c.data.dataset_split = 'train'    # split of data.dataset to train on
+  c.data.dataset_eval_split = ''    # split of data.dataset to evaluate on ('' = data.eval_files)
+  c.data.text_column = 'text'       # document column of json/parquet files and data.dataset
+  c.data.streaming = False          # pack on the fly without a cache: corpus order, no shuffling,
+                                    # resume re-reads (the sharded cache has neither limit)
+  c.data.num_proc = 0               # tokenisation processes on a cache miss (0 = all CPUs)
   c.data.max_seq_length = 128       # tokens per packed sequence incl. [CLS]/[SEP]
   c.data.global_batch_size = 4096   # sequences per optimizer step (all hosts)
   c.data.eval_batch_size = 64       # sequences per eval batch
   c.data.eval_num_sequences = 4096  # held-out sequences evaluated (0 = all)
-  c.data.cache_dir = ''             # tokenisation cache ('' = <workdir>/data_cache)
+  c.data.cache_dir = ''             # token shard cache shared by runs ('' = $FLAXDISTIL_CACHE or
+                                    # ~/.cache/flaxdistil); keyed by files + tokenizer
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-4      # peak LR (HF distiller default)

@@ -1,9 +1,10 @@
 """Input pipeline for MLM distillation: tokenize, pack, cache, mask and batch (pure numpy).
 
-Flow: `load_tokenizer` -> `load_packed_dataset` (documents -> packed `[N, T]` int32 windows, cached as
-.npy) -> `BatchIterator` (shuffled global batches, BERT masking, host slicing, prefetch thread) and
-`eval_batches` (fixed masked batches). `streaming_batches` packs on the fly for corpora that do not fit
-in memory. Nothing here imports jax: the train loop puts the numpy batches on devices.
+Flow: `load_tokenizer` -> `load_packed` (documents -> token shards on disk, tokenised in parallel once
+and cached by `corpus`; packed `[N, T]` int32 windows read on demand) -> `BatchIterator` (shuffled
+global batches, BERT masking, host slicing, prefetch thread) and `eval_batches` (fixed masked batches).
+`streaming_batches` packs on the fly without any cache (corpus order). Nothing here imports jax: the
+train loop puts the numpy batches on devices.
 
 Behaviour matched (HF / Google code):
 - packing: HF examples/pytorch/language-modeling/run_mlm.py `group_texts` (concatenate, cut blocks),
@@ -16,24 +17,19 @@ Behaviour matched (HF / Google code):
 """
 from __future__ import annotations
 
-import codecs
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import queue
 import tempfile
 import threading
-import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from flaxdistil import corpus
+
 IGNORE_INDEX = -100   # label value for positions without an MLM target (torch CrossEntropy default)
-_CACHE_VERSION = 1    # bump when the packing layout changes so old .npy caches are not reused
-_BUILDERS = {'.txt': 'text', '.text': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
-_TOKENIZE_BATCH = 1000  # documents per encode_batch call: large enough for Rust threads to share work
 log = logging.getLogger(__name__)
 
 
@@ -80,209 +76,53 @@ def load_tokenizer(path_or_name: str):
 
 
 # ----------------------------------------------------------------------------------------- packing
-def _builder_for(path: str) -> str:
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in _BUILDERS:
-    raise ValueError(f'Unsupported data file extension {ext!r} for {path}; use one of '
-                     f'{sorted(_BUILDERS)} (text: one paragraph per line, blank line between documents; '
-                     'json/parquet: a "text" column).')
-  return _BUILDERS[ext]
+def load_packed(files: Sequence[str] = (), tokenizer=None, max_seq_length: int = 128, *,
+                cache_dir: str | None = None, dataset: str = '', dataset_split: str = 'train',
+                text_column: str = 'text', num_proc: int = 0,
+                max_documents: int | None = None) -> corpus.PackedDataset:
+  """Tokenises (once, cached, in parallel) and returns the packed, memory-mapped corpus.
 
+  Source: `files` (.txt: a document = a blank-line separated block; .json/.jsonl/.parquet: one row
+  per document, column `text_column`) or `dataset` (a hub name or a local directory laid out like a
+  hub dataset repo, read as `datasets.load_dataset(dataset, split=dataset_split)[text_column]`).
+  Documents are tokenized without special tokens, concatenated with one [SEP] after each document
+  except the last, and cut into windows of `max_seq_length - 2` tokens, each stored as `[CLS] w [SEP]`;
+  the last partial window is `[CLS] w [SEP]` followed by `pad_token_id`. So long lines are split
+  across rows, no token is dropped, and only the last row has padding (same block scheme as HF
+  run_mlm.py `group_texts`, which however drops the remainder). The rows do not depend on
+  `num_proc` (see `corpus`).
 
-def _check_files(files: Sequence[str]) -> list[str]:
-  if isinstance(files, (str, os.PathLike)):
-    files = [files]
-  files = [os.fspath(f) for f in files]
-  if not files:
-    raise ValueError('No data files given; pass at least one .txt/.json/.jsonl/.parquet file.')
-  missing = [f for f in files if not os.path.isfile(f)]
-  if missing:
-    raise FileNotFoundError(f'Data file(s) not found: {missing}; fix the paths (relative paths are '
-                            f'resolved against {os.getcwd()}).')
-  list(map(_builder_for, files))  # unsupported extensions fail before any work
-  return files
-
-
-def _check_utf8(path: str, chunk: int = 16 << 20) -> None:
-  """Raises ValueError naming `path` and the byte offset if it is not valid UTF-8 (~1 s per GB)."""
-  decoder, offset = codecs.getincrementaldecoder('utf-8')(), 0
-  with open(path, 'rb') as f:
-    while True:
-      data = f.read(chunk)
-      try:
-        decoder.decode(data, final=not data)
-      except UnicodeDecodeError as e:
-        raise ValueError(f'{path} is not valid UTF-8 (byte {e.object[e.start]:#04x} near offset '
-                         f'{offset + e.start}); re-encode it as UTF-8, e.g. '
-                         f'`iconv -f latin1 -t utf-8 {path} > fixed.txt`.') from None
-      if not data:
-        return
-      offset += len(data)
-
-
-def _has_text(path: str) -> bool:
-  """False for empty / whitespace-only files (checked in O(first non-blank byte))."""
-  with open(path, 'rb') as f:
-    while chunk := f.read(1 << 20):
-      if chunk.strip():
-        return True
-  return False
-
-
-def _load_documents(path: str, hf_cache_dir: str, streaming: bool = False):
-  """One `datasets` dataset of documents (column 'text') for one file."""
-  import datasets  # lazy import: ~1 s, only needed on a cache miss
-  datasets.disable_progress_bars()
-  builder = _builder_for(path)
-  kwargs = {'sample_by': 'paragraph'} if builder == 'text' else {}  # paragraph = blank-line block
-  try:
-    ds = datasets.load_dataset(builder, data_files=[path], split='train', cache_dir=hf_cache_dir,
-                               streaming=streaming, **kwargs)
-  except Exception as e:  # datasets wraps reader errors in DatasetGenerationError
-    cause = e
-    while cause is not None and not isinstance(cause, UnicodeDecodeError):
-      cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-      raise ValueError(f'{path} is not valid UTF-8 ({cause}); re-encode it as UTF-8.') from e
-    raise
-  names = ds.column_names
-  if names is not None and 'text' not in names:
-    raise ValueError(f'{path} has no "text" column (columns: {names}); rename the document column '
-                     'to "text".')
-  return ds
-
-
-def _backend(tokenizer):
-  """A copy of the Rust tokenizer with truncation/padding off so no document is cut."""
-  from tokenizers import Tokenizer
-  backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-  backend.no_truncation()
-  backend.no_padding()
-  return backend
-
-
-def _tokenize_documents(texts: list[str], backend) -> list[np.ndarray]:
-  """Batched Rust tokenization (parallel over documents), no special tokens; int32 id arrays."""
-  encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
-  return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-
-
-def _wrap_windows(flat: np.ndarray, max_seq_length: int, cls_id: int, sep_id: int,
-                  pad_id: int) -> np.ndarray:
-  """flat [n] ids -> [ceil(n/(T-2)), T] int32 rows `[CLS] w [SEP]`; last `[CLS] w [SEP] PAD..`."""
-  width = max_seq_length - 2
-  n = len(flat)
-  rows = -(-n // width)
-  body = np.full((rows * width,), pad_id, np.int32)
-  body[:n] = flat
-  out = np.empty((rows, max_seq_length), np.int32)
-  out[:, 0] = cls_id
-  out[:, 1:-1] = body.reshape(rows, width)
-  out[:, -1] = sep_id
-  rest = n - (rows - 1) * width
-  if rows and rest < width:  # last partial window: [SEP] right after its tokens, then padding
-    out[-1, 1 + rest] = sep_id
-    out[-1, 2 + rest:] = pad_id
-  return out
-
-
-def _concat_documents(docs: Iterable[np.ndarray], sep_id: int) -> np.ndarray:
-  """Documents joined with one [SEP] after each non-empty document."""
-  sep = np.array([sep_id], np.int32)
-  parts = []
-  for d in docs:
-    if len(d):
-      parts += [d, sep]
-  return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-
-
-def _cache_path(cache_dir: str, files: list[str], tokenizer, max_seq_length: int,
-                max_documents: int | None) -> str:
-  stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-  # The serialized backend covers vocab, normalizer (lowercasing) and special tokens.
-  tok_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-  key = json.dumps([_CACHE_VERSION, stats, tok_hash, max_seq_length, max_documents])
-  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-  return os.path.join(cache_dir, f'packed_T{max_seq_length}_{digest}.npy')
-
-
-def load_packed_dataset(files: list[str], tokenizer, max_seq_length: int, *,
-                        cache_dir: str | None, max_documents: int | None = None) -> np.ndarray:
-  """Tokenizes and packs documents into fixed windows; returns `packed: [N, max_seq_length] int32`.
-
-  Documents: text files via `datasets` 'text' with `sample_by='paragraph'` (a document = a blank-line
-  separated block, its lines joined by newlines, which the tokenizer treats as spaces);
-  .json/.jsonl/.parquet use their 'text' column (one row = one document). All documents (the first
-  `max_documents` of them, in file order, if given) are tokenized without special tokens, concatenated
-  with one [SEP] after each document except the last, and cut into windows of `max_seq_length - 2`
-  tokens, each stored as `[CLS] w [SEP]`; the last partial window is `[CLS] w [SEP]` followed by
-  `pad_token_id`. So long lines are split across rows, no token is dropped, and only the last row
-  has padding (same block scheme as HF run_mlm.py `group_texts`, which however drops the remainder).
-
-  The result is cached as `<cache_dir>/packed_T{T}_{hash}.npy`, keyed by (absolute file paths, sizes,
-  mtimes, serialized tokenizer, max_seq_length, max_documents); writes are atomic (tmp + os.replace)
-  so concurrent jobs never read half files. `datasets`' own Arrow cache goes to
-  `<cache_dir>/hf_datasets` (a temporary dir deleted afterwards when `cache_dir` is None).
-
+  Returns a `corpus.PackedDataset` (`[N, max_seq_length]` int32 rows read from disk on demand). The
+  token cache is `<cache_dir or corpus.default_cache_dir()>/tokens-<key>/`, keyed by (absolute file
+  paths, sizes, mtimes, reader, serialized tokenizer, max_documents), independent of max_seq_length.
   Raises FileNotFoundError (missing files, listed), ValueError (max_seq_length < 8, unsupported
-  extension, non-UTF-8 file, missing 'text' column, no tokens at all).
+  extension, non-UTF-8 file, missing text column, unknown dataset/split, no tokens at all).
   """
   if max_seq_length < 8:
     raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8 (typically 128 or 512).')
-  files = _check_files(files)
-  cache_path = None
-  if cache_dir is not None:
-    cache_path = _cache_path(cache_dir, files, tokenizer, max_seq_length, max_documents)
-    if os.path.exists(cache_path):
-      packed = np.load(cache_path)
-      log.info('Loaded %d packed sequences from cache %s', len(packed), cache_path)
-      return packed
-  for f in files:
-    if _builder_for(f) in ('text', 'json'):
-      _check_utf8(f)
-  start = time.time()
-  backend = _backend(tokenizer)
-  docs: list[np.ndarray] = []
-  num_docs = 0
+  if dataset:
+    units = corpus.dataset_units(dataset, dataset_split, text_column)
+  else:
+    units = corpus.file_units(files, text_column=text_column)
+  return corpus.open_packed(units, tokenizer, max_seq_length,
+                            cache_dir=cache_dir or corpus.default_cache_dir(), num_proc=num_proc,
+                            max_documents=max_documents)
+
+
+def load_packed_dataset(files: list[str], tokenizer, max_seq_length: int, *,
+                        cache_dir: str | None, max_documents: int | None = None,
+                        **kwargs) -> np.ndarray:
+  """`load_packed(...)` materialised in memory: `packed: [N, max_seq_length] int32`.
+
+  For small sets (evaluation, tests). `cache_dir=None` tokenizes into a temporary directory that is
+  deleted afterwards. `kwargs` go to `load_packed` (`text_column`, `num_proc`, `dataset`, ...).
+  Raises what `load_packed` raises.
+  """
   with contextlib.ExitStack() as stack:
     if cache_dir is None:
-      hf_cache = stack.enter_context(tempfile.TemporaryDirectory(prefix='flaxdistil_hf_'))
-    else:
-      hf_cache = os.path.join(cache_dir, 'hf_datasets')
-    for f in files:
-      if not _has_text(f):  # datasets' text builder raises on files without any text
-        continue
-      for batch in _load_documents(f, hf_cache).iter(batch_size=_TOKENIZE_BATCH):
-        texts = batch['text']
-        if max_documents is not None:
-          texts = texts[:max_documents - num_docs]
-        num_docs += len(texts)
-        docs += _tokenize_documents([t or '' for t in texts], backend)
-        if max_documents is not None and num_docs >= max_documents:
-          break
-      if max_documents is not None and num_docs >= max_documents:
-        break
-  flat = _concat_documents(docs, tokenizer.sep_token_id)[:-1]  # the last [SEP] comes from the window
-  if len(flat) == 0:
-    raise ValueError(f'Empty dataset: no tokens after tokenizing {files} ({num_docs} documents); '
-                     'check that the files contain text (and max_documents > 0).')
-  packed = _wrap_windows(flat, max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                         tokenizer.pad_token_id)
-  log.info('Packed %d documents (%d tokens) into %d sequences of %d in %.1fs', num_docs, len(flat),
-           len(packed), max_seq_length, time.time() - start)
-  if cache_path is not None:
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix='.tmp_', suffix='.npy')
-    try:
-      with os.fdopen(fd, 'wb') as fh:
-        np.save(fh, packed)
-      os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared between users/jobs
-      os.replace(tmp, cache_path)
-    except BaseException:
-      with contextlib.suppress(OSError):
-        os.remove(tmp)
-      raise
-  return packed
+      cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix='flaxdistil_tok_'))
+    return np.asarray(load_packed(files, tokenizer, max_seq_length, cache_dir=cache_dir,
+                                  max_documents=max_documents, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------- masking
@@ -291,13 +131,22 @@ def token_probabilities(packed: np.ndarray, vocab_size: int, smoothing: float,
   """`[vocab_size] float32` masking weights `max(count, 1) ** -smoothing`, 0 for special tokens.
 
   As HF distillation `train.py` (`--mlm_smoothing`, 0.7 in DistilBERT): frequent tokens are masked less
-  often. Counts come from `packed` (the training set).
+  often. Counts come from `packed` (the training set: an `[N, T]` array, or a `corpus.PackedDataset`,
+  whose counts were taken at preprocessing; they differ from row counts only in special tokens,
+  which get weight 0 anyway).
   """
-  ids = np.asarray(packed).ravel()
-  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-    raise ValueError(f'Token ids span [{ids.min()}, {ids.max()}] but vocab_size={vocab_size}; pass '
+  if isinstance(packed, corpus.PackedDataset):
+    counts = packed.token_counts()
+    seen = np.flatnonzero(counts)
+    lo, hi = (seen.min(), seen.max()) if seen.size else (0, 0)
+  else:
+    ids = np.asarray(packed).ravel()
+    counts = np.bincount(ids[ids >= 0]) if ids.size else np.zeros(0, np.int64)
+    lo, hi = (ids.min(), ids.max()) if ids.size else (0, 0)
+  if lo < 0 or hi >= vocab_size:
+    raise ValueError(f'Token ids span [{lo}, {hi}] but vocab_size={vocab_size}; pass '
                      'the tokenizer/model vocabulary size.')
-  counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)
+  counts = np.pad(counts, (0, vocab_size - len(counts))).astype(np.float64)
   probs = np.maximum(counts, 1.0) ** -float(smoothing)
   probs[np.asarray(list(special_token_ids), dtype=np.int64)] = 0.0
   return probs.astype(np.float32)
@@ -305,7 +154,8 @@ def token_probabilities(packed: np.ndarray, vocab_size: int, smoothing: float,
 
 def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, mask_token_id: int,
                 vocab_size: int, special_token_ids, mlm_probability: float = 0.15,
-                token_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                token_probs: np.ndarray | None = None, global_batch_size: int | None = None,
+                row_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """BERT masking. `input_ids: [B, T]` -> (`masked_input_ids: [B, T] int32`, `labels: [B, T] int32`).
 
   Without `token_probs`: every non-special token is selected independently with `mlm_probability`
@@ -316,17 +166,25 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, mask_token_i
   Selected positions: 80% -> `mask_token_id`, 10% -> uniform random id in [0, vocab_size), 10% kept;
   `labels` holds the original id there and -100 elsewhere. `special_token_ids` are never selected and
   must include the pad id (tokenizer.all_special_ids does). Random draws have fixed shapes, so the
-  result is a pure function of the rng state and input.
+  result is a pure function of the rng state and input. With `global_batch_size` G, `input_ids` are
+  rows `[row_offset, row_offset + B)` of a G-row batch and the result equals those rows of masking
+  the whole batch (draws are made for G rows and sliced; not with `token_probs`, whose k-of-batch
+  selection couples rows: ValueError).
   """
   ids = np.asarray(input_ids)
   if ids.ndim != 2:
     raise ValueError(f'input_ids must be [batch, seq_len], got shape {ids.shape}.')
   if not 0.0 <= mlm_probability <= 1.0:
     raise ValueError(f'mlm_probability={mlm_probability} must be in [0, 1].')
+  if global_batch_size is not None and token_probs is not None:
+    raise ValueError('mask_tokens: token_probs selects k positions over the whole batch; pass the '
+                     'whole batch (no global_batch_size) with token_probs.')
   special = np.isin(ids, np.asarray(list(special_token_ids), dtype=np.int64))
-  select_u = rng.random(ids.shape)
-  action_u = rng.random(ids.shape)
-  random_ids = rng.integers(0, vocab_size, ids.shape, dtype=np.int64)
+  shape = ids.shape if global_batch_size is None else (global_batch_size, ids.shape[1])
+  rows = slice(row_offset, row_offset + len(ids))
+  select_u = rng.random(shape)[rows]
+  action_u = rng.random(shape)[rows]
+  random_ids = rng.integers(0, vocab_size, shape, dtype=np.int64)[rows]
   if token_probs is None:
     selected = (select_u < mlm_probability) & ~special
   else:
@@ -350,8 +208,9 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, mask_token_i
 
 
 # ----------------------------------------------------------------------------------------- batching
-def _batch(ids: np.ndarray, rng, pad_token_id: int, mask_kwargs: dict) -> dict[str, np.ndarray]:
-  kwargs = dict(mask_kwargs)
+def _batch(ids: np.ndarray, rng, pad_token_id: int, mask_kwargs: dict,
+           **slice_kwargs) -> dict[str, np.ndarray]:
+  kwargs = dict(mask_kwargs, **slice_kwargs)
   kwargs['special_token_ids'] = sorted(set(kwargs['special_token_ids']) | {pad_token_id})
   masked, labels = mask_tokens(ids, rng, **kwargs)
   return {'input_ids': masked, 'attention_mask': (ids != pad_token_id).astype(np.int32),
@@ -378,21 +237,37 @@ class _BatchSource:
   def permutation(self, epoch: int) -> np.ndarray:
     with self.lock:
       if epoch not in self.perms:
-        if len(self.perms) >= 4:  # only neighbouring epochs are ever needed
+        if len(self.perms) >= 2:  # a batch spans at most 2 epochs (B <= N); 8N bytes each
           self.perms.pop(min(self.perms))
-        self.perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(
-            len(self.packed))
+        n = len(self.packed)
+        perm = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
+        self.perms[epoch] = perm.astype(np.int32) if n < 2 ** 31 else perm  # same values, half RAM
       return self.perms[epoch]
 
-  def global_batch(self, step: int) -> dict[str, np.ndarray]:
+  def rows(self, step: int) -> np.ndarray:
+    """`[global_batch_size] int64` row indices of `packed` in the global batch of `step`."""
     n = len(self.packed)
     g = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
     rows = np.empty_like(g)
     for epoch in np.unique(g // n):
       sel = g // n == epoch
       rows[sel] = self.permutation(int(epoch))[g[sel] % n]
+    return rows
+
+  def global_batch(self, step: int, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
+    """Rows `[lo, hi)` of the global batch of `step`; only those rows are read from `packed`.
+
+    Without smoothing the masking draws are made for the whole batch and sliced, so any split equals
+    the whole; with `token_probs` the whole batch is read and masked, then sliced.
+    """
+    rows = self.rows(step)
+    hi = self.global_batch_size if hi is None else hi
     rng = np.random.default_rng([self.seed, 1, step])
-    return _batch(self.packed[rows], rng, self.pad_token_id, self.mask_kwargs)
+    if self.mask_kwargs.get('token_probs') is not None:
+      batch = _batch(self.packed[rows], rng, self.pad_token_id, self.mask_kwargs)
+      return {k: v[lo:hi] for k, v in batch.items()}
+    return _batch(self.packed[rows[lo:hi]], rng, self.pad_token_id, self.mask_kwargs,
+                  global_batch_size=self.global_batch_size, row_offset=lo)
 
 
 def _produce(make_batch, step: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -414,14 +289,15 @@ def _produce(make_batch, step: int, out: queue.Queue, stop: threading.Event) -> 
 
 
 class BatchIterator:
-  """Infinite iterator of host-local MLM batches from `packed [N, T]`.
+  """Infinite iterator of host-local MLM batches from `packed [N, T]` (array or PackedDataset).
 
   Each item: `{'input_ids', 'attention_mask', 'labels'}`, int32 `[global_batch_size/process_count, T]`.
   The global batch of step s is a pure function of (seed, s): row g in [s*B, (s+1)*B) is
   `perm_e[g % N]` with e = g // N and `perm_e = default_rng([seed, 0, e]).permutation(N)` (batches may
   straddle epochs; nothing is dropped), masked with `default_rng([seed, 1, s])` over the whole global
-  batch, after which this host keeps rows `[p*B/P, (p+1)*B/P)`. Hence `start_step=k` resumes exactly
-  and P hosts together see the single-host batch. (The spec's `[seed, epoch]` perm seed was given a 0
+  batch, of which this host reads and keeps rows `[p*B/P, (p+1)*B/P)` (with `token_probs` it reads all
+  B, see `mask_tokens`). Hence `start_step=k` resumes exactly (in O(N) for the epoch's permutation,
+  whatever k) and P hosts together see the single-host batch. (The spec's `[seed, epoch]` perm seed was given a 0
   tag because numpy's SeedSequence([a, b]) == SeedSequence([a, b, 0]), i.e. it collided with the
   masking stream of step 0.) `step` = the next step `__next__` returns.
 
@@ -431,11 +307,12 @@ class BatchIterator:
   global_batch_size not divisible by process_count, bad process_index, negative seed/start_step.
   """
 
-  def __init__(self, packed: np.ndarray, *, global_batch_size: int, seed: int, start_step: int = 0,
+  def __init__(self, packed, *, global_batch_size: int, seed: int, start_step: int = 0,
                process_index: int = 0, process_count: int = 1, mask_token_id: int, vocab_size: int,
                special_token_ids, mlm_probability: float = 0.15,
                token_probs: np.ndarray | None = None, prefetch: int = 2, pad_token_id: int = 0):
-    packed = np.asarray(packed)
+    if not isinstance(packed, corpus.PackedDataset):
+      packed = np.asarray(packed)
     if packed.ndim != 2 or len(packed) == 0:
       raise ValueError(f'packed must be a non-empty [N, seq_len] array, got shape {packed.shape}.')
     if global_batch_size <= 0 or global_batch_size % process_count:
@@ -465,7 +342,7 @@ class BatchIterator:
 
   def _local_maker(self):
     source, lo, size = self._source, self.process_index * self.local_batch_size, self.local_batch_size
-    return lambda step: {k: v[lo:lo + size] for k, v in source.global_batch(step).items()}
+    return lambda step: source.global_batch(step, lo, lo + size)
 
   def global_batch(self, step: int) -> dict[str, np.ndarray]:
     """The full (all hosts) batch of `step`: arrays `[global_batch_size, T]` int32."""
@@ -517,7 +394,7 @@ class BatchIterator:
       self.close()
 
 
-def eval_batches(packed_eval: np.ndarray, batch_size: int, seed: int, num_sequences: int | None,
+def eval_batches(packed_eval, batch_size: int, seed: int, num_sequences: int | None,
                  **mask_kwargs) -> list[dict[str, np.ndarray]]:
   """Fixed evaluation batches over the first `num_sequences` rows (None = all; capped at N).
 
@@ -530,8 +407,7 @@ def eval_batches(packed_eval: np.ndarray, batch_size: int, seed: int, num_sequen
   pad_token_id = mask_kwargs.pop('pad_token_id', 0)
   if batch_size <= 0:
     raise ValueError(f'batch_size={batch_size} must be positive.')
-  packed_eval = np.asarray(packed_eval)
-  rows = packed_eval if num_sequences is None else packed_eval[:num_sequences]
+  rows = np.asarray(packed_eval[:num_sequences])  # a PackedDataset reads only these rows
   out = []
   for i in range(-(-len(rows) // batch_size)):
     chunk = rows[i * batch_size:(i + 1) * batch_size]
@@ -542,28 +418,34 @@ def eval_batches(packed_eval: np.ndarray, batch_size: int, seed: int, num_sequen
   return out
 
 
-def streaming_batches(files: list[str], tokenizer, max_seq_length: int, *, global_batch_size: int,
-                      seed: int, start_position: int = 0, process_index: int = 0,
-                      process_count: int = 1, mlm_probability: float = 0.15,
-                      token_probs: np.ndarray | None = None, num_epochs: int | None = None,
-                      cache_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Packs on the fly from `datasets` streaming=True; yields batches like `BatchIterator`.
+def streaming_batches(files: Sequence[str], tokenizer, max_seq_length: int, *,
+                      global_batch_size: int, seed: int, start_position: int = 0,
+                      process_index: int = 0, process_count: int = 1,
+                      mlm_probability: float = 0.15, token_probs: np.ndarray | None = None,
+                      num_epochs: int | None = None, cache_dir: str | None = None,
+                      dataset: str = '', dataset_split: str = 'train',
+                      text_column: str = 'text') -> Iterator[dict[str, np.ndarray]]:
+  """Packs on the fly, nothing cached; yields batches like `BatchIterator`.
 
-  Same window layout as `load_packed_dataset` and the same masking (`default_rng([seed, 1, step])`
-  on the global batch, host slice `[p*B/P, (p+1)*B/P)`), so `position` (= number of global batches
-  consumed = step) is all a checkpoint needs: resume with `start_position=step`.
-  Limits: no shuffling (corpus order; shuffle the files offline), resuming re-tokenizes and skips
-  `start_position * B` windows (linear cost), each epoch ends with one padded window, and epochs
-  repeat forever unless `num_epochs` is set. No UTF-8 pre-check (files may be huge); decode errors
-  surface as ValueError when reached.
+  Reads `files` or the hub-style `dataset` (as `load_packed`; json/parquet/dataset files through
+  `datasets` streaming=True). Same window layout as `load_packed` and the same masking
+  (`default_rng([seed, 1, step])` on the global batch, host slice `[p*B/P, (p+1)*B/P)`), so `position`
+  (= number of global batches consumed = step) is all a checkpoint needs: resume with
+  `start_position=step`. Limits: no shuffling (corpus order), resuming re-tokenizes and skips
+  `start_position * B` windows (linear cost; `load_packed` has neither limit), each epoch ends with
+  one padded window, and epochs repeat forever unless `num_epochs` is set. Decode errors surface as
+  ValueError when reached.
   """
   if max_seq_length < 8:
     raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8.')
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'global_batch_size={global_batch_size} is not divisible by process_count='
                      f'{process_count}; use a multiple of the number of processes.')
-  files = _check_files(files)
-  backend = _backend(tokenizer)
+  if dataset:
+    units = corpus.dataset_units(dataset, dataset_split, text_column)
+  else:
+    units = corpus.file_units(files, text_column=text_column)
+  backend = corpus.backend(tokenizer)
   cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
   mask_kwargs = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
                      special_token_ids=list(tokenizer.all_special_ids),
@@ -576,24 +458,21 @@ def streaming_batches(files: list[str], tokenizer, max_seq_length: int, *, globa
     hf_cache = cache_dir or own_tmp.name
     while num_epochs is None or epoch < num_epochs:
       buf, produced = np.zeros((0,), np.int32), False
-      for f in files:
-        if os.path.getsize(f) == 0:
-          continue
-        try:
-          for batch in _load_documents(f, hf_cache, streaming=True).iter(batch_size=_TOKENIZE_BATCH):
-            docs = _tokenize_documents([t or '' for t in batch['text']], backend)
-            buf = np.concatenate([buf, _concat_documents(docs, sep_id)])
-            full = (len(buf) - 1) // width  # keep >= 1 token so the final [SEP] can be dropped
-            if full > 0:
-              yield from _wrap_windows(buf[:full * width], max_seq_length, cls_id, sep_id, pad_id)
-              buf, produced = buf[full * width:], True
-        except UnicodeDecodeError as e:
-          raise ValueError(f'{f} is not valid UTF-8 ({e}); re-encode it as UTF-8.') from e
+      for unit in units:
+        for texts in corpus.unit_documents(unit, hf_cache):
+          docs = corpus.tokenize_documents(texts, backend)
+          buf = np.concatenate([buf, corpus.concat_documents(docs, sep_id)])
+          full = (len(buf) - 1) // width  # keep >= 1 token so the final [SEP] can be dropped
+          if full > 0:
+            yield from corpus.wrap_windows(buf[:full * width], max_seq_length, cls_id, sep_id,
+                                           pad_id)
+            buf, produced = buf[full * width:], True
       if len(buf) > 1 or (len(buf) == 1 and buf[0] != sep_id):
-        yield from _wrap_windows(buf[:-1] if buf[-1] == sep_id else buf, max_seq_length, cls_id,
-                                 sep_id, pad_id)
+        yield from corpus.wrap_windows(buf[:-1] if buf[-1] == sep_id else buf, max_seq_length,
+                                       cls_id, sep_id, pad_id)
       elif not produced:
-        raise ValueError(f'Empty dataset: no tokens after tokenizing {files}; check the files.')
+        raise ValueError(f'Empty dataset: no tokens after tokenizing {files or dataset}; check the '
+                         'files.')
       epoch += 1
 
   stream, step = windows(), 0

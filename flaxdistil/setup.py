@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxdistil import corpus
 from flaxdistil import glue
 from flaxdistil import hf_conversion
 from flaxdistil import input_pipeline
@@ -239,18 +240,27 @@ def _eval_batch_size(d, mesh, rules) -> int:
   return max(shards, d.eval_batch_size - d.eval_batch_size % shards)
 
 
-def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, workdir, mesh, rules):
+def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
   """`(train_batches, eval_batches)` of packed, masked text (MLM distillation)."""
   d, gbs, vocab_size = config.data, config.data.global_batch_size, len(tokenizer)
-  cache_dir = d.cache_dir or os.path.join(workdir, 'data_cache')
+  cache_dir = d.cache_dir or corpus.default_cache_dir()
+  source = dict(dataset=d.dataset, dataset_split=d.dataset_split, text_column=d.text_column)
   if d.streaming and config.distill.mlm_smoothing:
     raise ConfigError('distill.mlm_smoothing needs token counts of the whole corpus; it is not '
                       'available with data.streaming=True.')
   try:
-    packed = None if d.streaming else input_pipeline.load_packed_dataset(
-        train_files, tokenizer, d.max_seq_length, cache_dir=cache_dir)
-    packed_eval = input_pipeline.load_packed_dataset(eval_files, tokenizer, d.max_seq_length,
-                                                     cache_dir=cache_dir) if eval_files else None
+    # Every host builds-or-waits on the same key (flock); the first one tokenises, the rest map it.
+    packed = None if d.streaming else input_pipeline.load_packed(
+        train_files, tokenizer, d.max_seq_length, cache_dir=cache_dir, num_proc=d.num_proc, **source)
+    packed_eval = None
+    if d.dataset and d.dataset_eval_split:
+      packed_eval = input_pipeline.load_packed(
+          (), tokenizer, d.max_seq_length, cache_dir=cache_dir, num_proc=d.num_proc,
+          **dict(source, dataset_split=d.dataset_eval_split))
+    elif eval_files:
+      packed_eval = input_pipeline.load_packed(eval_files, tokenizer, d.max_seq_length,
+                                               cache_dir=cache_dir, num_proc=d.num_proc,
+                                               text_column=d.text_column)
   except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
     raise ConfigError(str(e)) from e
   special_ids = sorted(set(tokenizer.all_special_ids))
@@ -270,7 +280,7 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, workdir, mesh
           train_files, tokenizer, d.max_seq_length, global_batch_size=gbs, seed=config.seed,
           start_position=start_step, process_index=jax.process_index(),
           process_count=jax.process_count(), mlm_probability=config.distill.mlm_probability,
-          cache_dir=os.path.join(cache_dir, 'hf_datasets'))
+          **source)
     return input_pipeline.BatchIterator(
         packed, global_batch_size=gbs, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -330,8 +340,11 @@ def build_run(config, workdir: str) -> Run:
   if not tok_path:
     raise ConfigError('No tokenizer: set data.tokenizer (or teacher.path / student.path, whose '
                       'tokenizer is used).')
-  if not train_files:
-    raise ConfigError('data.train_files is empty; list text/json/parquet files (or data.synthetic=True).')
+  if not train_files and not d.dataset:
+    raise ConfigError('data.train_files is empty; list text/json/parquet files, set data.dataset (a '
+                      'hub name or local dataset directory) or data.synthetic=True.')
+  if train_files and d.dataset:
+    raise ConfigError(f'Both data.train_files and data.dataset={d.dataset!r} are set; use one.')
   try:
     tokenizer = input_pipeline.load_tokenizer(tok_path)
   except (OSError, ValueError) as e:
@@ -415,7 +428,7 @@ def build_run(config, workdir: str) -> Run:
 
   if task is None:
     train_batches, eval_batches = _mlm_batches(config, tokenizer, scfg, train_files, eval_files,
-                                               workdir, mesh, rules)
+                                               mesh, rules)
   else:
     train_batches, eval_batches = _task_batches(config, task, tokenizer, train_files, eval_files,
                                                 mesh, rules)
@@ -425,7 +438,9 @@ def build_run(config, workdir: str) -> Run:
   fingerprint = {
       'student_config': strip(scfg), 'teacher_config': strip(tcfg),
       'global_batch_size': gbs, 'max_seq_length': d.max_seq_length, 'seed': config.seed,
-      'train_data': _files_id(train_files), 'student_init': config.student.init,
+      'train_data': _files_id(train_files) + ([[d.dataset, d.dataset_split, d.text_column]]
+                                              if d.dataset else []),
+      'student_init': config.student.init,
       'projection': projection, 'task': d.task,
       'tokenizer_vocab': hashlib.sha1(
           ' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16],
@@ -439,6 +454,7 @@ def build_run(config, workdir: str) -> Run:
       info={'teacher': config.teacher.path or ('random' if tcfg else None),
             'tokenizer': os.path.abspath(tok_path) if os.path.isdir(tok_path) else tok_path,
             'train_files': [os.path.abspath(f) for f in train_files],
+            'dataset': d.dataset or None,
             'student_init': config.student.init,
             'task': d.task,
             'id2label': dict(enumerate(task.label_names)) if task else None,

@@ -28,14 +28,15 @@ def main():
   ap.add_argument('--num_sequences', type=int, default=0, help='0 = all packed sequences')
   ap.add_argument('--batch_size', type=int, default=64)
   ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument('--cache_dir', default='runs/data_cache')
+  ap.add_argument('--cache_dir', default='', help='token cache (default: $FLAXDISTIL_CACHE or '
+                  '~/.cache/flaxdistil)')
   args = ap.parse_args()
   import jax
   from flaxdistil import export, hf_conversion, input_pipeline, models, train
 
   tok = input_pipeline.load_tokenizer(args.tokenizer or args.teacher)
-  packed = input_pipeline.load_packed_dataset(args.files, tok, args.max_seq_length,
-                                              cache_dir=args.cache_dir)
+  packed = input_pipeline.load_packed(args.files, tok, args.max_seq_length,
+                                      cache_dir=args.cache_dir or None)
   batches = input_pipeline.eval_batches(
       packed, args.batch_size, args.seed, args.num_sequences or None,
       mask_token_id=tok.mask_token_id, vocab_size=len(tok),

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from flaxdistil import corpus
 from flaxdistil import input_pipeline as ip
 
 WORDS = ['the', 'a', 'cat', 'dog', 'sat', 'on', 'mat', 'ran', 'and', 'big', 'small', 'red', 'blue',
@@ -119,8 +120,8 @@ def test_max_documents_and_json(tok, tmp_path):
 def test_cache_hit_does_not_retokenize(tok, tmp_path, monkeypatch):
   f = write_docs(tmp_path / 'c.txt', random_docs(np.random.default_rng(0), 10))
   calls = []
-  real = ip._tokenize_documents
-  monkeypatch.setattr(ip, '_tokenize_documents', lambda t, b: calls.append(len(t)) or real(t, b))
+  real = corpus.tokenize_documents
+  monkeypatch.setattr(corpus, 'tokenize_documents', lambda t, b: calls.append(len(t)) or real(t, b))
   cache = tmp_path / 'cache'
   first = ip.load_packed_dataset([f], tok, 16, cache_dir=str(cache))
   n = len(calls)
@@ -128,10 +129,12 @@ def test_cache_hit_does_not_retokenize(tok, tmp_path, monkeypatch):
   second = ip.load_packed_dataset([f], tok, 16, cache_dir=str(cache))
   assert len(calls) == n
   np.testing.assert_array_equal(first, second)
-  npys = [p for p in os.listdir(cache) if p.endswith('.npy')]
-  assert len(npys) == 1 and not npys[0].startswith('.tmp')
-  ip.load_packed_dataset([f], tok, 32, cache_dir=str(cache))  # other max_seq_length: miss
-  assert len(calls) > n
+  built = [p for p in os.listdir(cache) if p.startswith('tokens-') and not p.endswith('.lock')]
+  assert len(built) == 1 and not any(p.startswith('.tmp') for p in os.listdir(cache / built[0]))
+  # The token cache does not depend on max_seq_length: another length is a hit, cut differently.
+  long = ip.load_packed_dataset([f], tok, 32, cache_dir=str(cache))
+  assert len(calls) == n
+  np.testing.assert_array_equal(long, ip.load_packed_dataset([f], tok, 32, cache_dir=None))
   n = len(calls)
   with open(f, 'a') as fh:
     fh.write('\nthe red bird\n')  # size/mtime change invalidates the cache
