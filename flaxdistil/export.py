@@ -40,9 +40,6 @@ flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest readabl
 flags.DEFINE_string('out', None, 'Output directory (must not exist unless --overwrite).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the written weights.')
 flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
-flags.DEFINE_bool('onnx', False, 'Also write <out>/onnx/model.onnx (+ model_quantized.onnx, int8), '
-                  'verified against the torch model (flaxdistil.onnx_export).')
-flags.DEFINE_bool('onnx_int8', True, 'With --onnx: also the int8 dynamic-quantized model.')
 
 
 _TORCH_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -312,10 +309,6 @@ def main(argv):
   try:
     report = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                     overwrite=FLAGS.overwrite)
-    if FLAGS.onnx:  # after the verified HF dir is in place; ONNX is checked against its torch model
-      from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
-      report['onnx'] = onnx_export.export_onnx(FLAGS.out, quantize=FLAGS.onnx_int8,
-                                               overwrite=FLAGS.overwrite)
   except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -1,8 +1,9 @@
 r"""Exported transformers directory -> verified ONNX model (+ int8 dynamic quantization).
 
   python -m flaxdistil.onnx_export --hf exported/b_mlm [--out DIR] [--no_int8] [--overwrite]
-  # or in one go after training:
-  python -m flaxdistil.export --workdir runs/wiki_b --out exported/b_mlm --onnx
+  # after the HF export of a run:
+  python -m flaxdistil.export --workdir runs/wiki_b --out exported/b_mlm && \
+      python -m flaxdistil.onnx_export --hf exported/b_mlm
 
 Reads a directory written by `export.export_hf` (or any HF BERT / DistilBERT
 `*ForMaskedLM`, `*ForSequenceClassification` or bare encoder directory), exports

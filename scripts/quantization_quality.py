@@ -51,33 +51,47 @@ def glue_batches(args, tokenizer):
   return glue.eval_batches(split, args.batch_size)
 
 
-def mlm_metrics(outputs: list, batches: list, reference: list) -> dict:
-  """Masked-token accuracy / loss / perplexity (`losses.mlm_cross_entropy`, `losses.accuracy`)."""
+def mlm_sums(logits: np.ndarray, batch: dict, reference: np.ndarray) -> np.ndarray:
+  """`[nll, correct, agree, count]` over masked positions of one batch.
+
+  `logits: [B, T, vocab] float32`; NLL and accuracy are `losses.mlm_cross_entropy` /
+  `losses.accuracy`; agreement compares the top-1 with `reference: [B, T]` (fp32 top-1).
+  """
   from flaxdistil import losses  # pylint: disable=g-import-not-at-top
-  sums = np.zeros(4)  # nll, correct, agree, count
-  for logits, b, ref in zip(outputs, batches, reference):
-    nll, count = losses.mlm_cross_entropy(logits, b['labels'])
-    correct, _ = losses.accuracy(logits, b['labels'])
-    agree = np.sum((logits.argmax(-1) == ref) & (b['labels'] != losses.IGNORE_INDEX))
-    sums += [float(nll), float(correct), float(agree), float(count)]
+  masked = batch['labels'] != losses.IGNORE_INDEX
+  logits, labels = logits[masked], batch['labels'][masked]  # [N, vocab], [N]: ~15% of tokens
+  nll, count = losses.mlm_cross_entropy(logits, labels)
+  correct, _ = losses.accuracy(logits, labels)
+  agree = np.sum(logits.argmax(-1) == reference[masked])
+  return np.array([float(nll), float(correct), float(agree), float(count)])
+
+
+def mlm_metrics(sums: np.ndarray) -> dict:
+  """Masked-token accuracy, loss (nats), perplexity, agreement from summed `mlm_sums`."""
   loss = sums[0] / sums[3]
   return {'accuracy': sums[1] / sums[3], 'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
           'agreement': sums[2] / sums[3], 'num_tokens': int(sums[3])}
 
 
-def glue_metrics(outputs: list, batches: list, reference: list) -> dict:
-  """Accuracy, F1 of label 1 and agreement with the reference over real (labelled) rows."""
+def glue_sums(logits: np.ndarray, batch: dict, reference: np.ndarray) -> np.ndarray:
+  """`[correct, tp, fp, fn, agree, count]` over the real (labelled) rows of one batch.
+
+  `logits: [B, num_labels] float32`, `reference: [B]` fp32 predictions; F1 is of label 1.
+  """
   from flaxdistil import glue  # pylint: disable=g-import-not-at-top
-  pred = np.concatenate([o.argmax(-1) for o in outputs])
-  ref = np.concatenate(reference)
-  labels = np.concatenate([b['labels'] for b in batches])
-  keep = labels != glue.IGNORE_INDEX
-  pred, ref, labels = pred[keep], ref[keep], labels[keep]
-  tp, fp = np.sum((pred == 1) & (labels == 1)), np.sum((pred == 1) & (labels != 1))
-  fn = np.sum((pred != 1) & (labels == 1))
-  return {'accuracy': float(np.mean(pred == labels)),
-          'f1': glue.f1_from_counts(float(tp), float(fp), float(fn)),
-          'agreement': float(np.mean(pred == ref)), 'num_examples': int(keep.sum())}
+  keep = batch['labels'] != glue.IGNORE_INDEX
+  pred, ref, labels = logits.argmax(-1)[keep], reference[keep], batch['labels'][keep]
+  return np.array([np.sum(pred == labels), np.sum((pred == 1) & (labels == 1)),
+                   np.sum((pred == 1) & (labels != 1)), np.sum((pred != 1) & (labels == 1)),
+                   np.sum(pred == ref), keep.sum()], np.float64)
+
+
+def glue_metrics(sums: np.ndarray) -> dict:
+  """Accuracy, F1 of label 1 (`glue.f1_from_counts`), agreement from summed `glue_sums`."""
+  from flaxdistil import glue  # pylint: disable=g-import-not-at-top
+  correct, tp, fp, fn, agree, count = sums
+  return {'accuracy': correct / count, 'f1': glue.f1_from_counts(tp, fp, fn),
+          'agreement': agree / count, 'num_examples': int(count)}
 
 
 def main():
@@ -117,14 +131,17 @@ def main():
   runners.update({k: (lambda f, s=s: s.run([output], f)[0]) for k, s in sessions.items()})
   q_model = torch_int8(model)
   runners['torch int8 (dynamic)'] = lambda f: onnx_export.torch_outputs(q_model, output, f)
-  metric_fn = mlm_metrics if args.task == 'mlm' else glue_metrics
-  results, reference = {}, None
+  sums_fn, metric_fn = (mlm_sums, mlm_metrics) if args.task == 'mlm' else (glue_sums, glue_metrics)
+  results, reference = {}, []  # reference: torch fp32 top-1 per batch (the first runner)
   for name, run in runners.items():
     print(f'scoring {name} ...', file=sys.stderr, flush=True)
-    outs = [run(feeds(b)) for b in batches]
-    if reference is None:
-      reference = [o.argmax(-1) for o in outs]
-    results[name] = metric_fn(outs, batches, reference)
+    sums = 0
+    for i, b in enumerate(batches):  # one batch of logits in memory at a time
+      logits = run(feeds(b))
+      if len(reference) < len(batches):
+        reference.append(logits.argmax(-1))
+      sums = sums + sums_fn(logits, b, reference[i])
+    results[name] = metric_fn(sums)
 
   main_key = 'accuracy'
   base = results['torch fp32'][main_key]

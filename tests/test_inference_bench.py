@@ -43,7 +43,7 @@ def test_glue_metrics_ignore_fill_rows():
   labels = np.array([1, 0, 1, 1, -100, -100])
   logits = np.array([[0, 1], [0, 1], [1, 0], [0, 1], [0, 1], [0, 1]], np.float32)
   reference = [np.array([1, 0, 0, 1, 0, 0])]
-  r = qq.glue_metrics([logits], [{'labels': labels}], reference)
+  r = qq.glue_metrics(qq.glue_sums(logits, {'labels': labels}, reference[0]))
   # predictions 1,1,0,1 on the 4 real rows: tp 2, fp 1, fn 1
   assert r == {'accuracy': 0.5, 'f1': pytest.approx(2 / 3), 'agreement': 0.75, 'num_examples': 4}
 
@@ -52,7 +52,7 @@ def test_mlm_metrics_only_masked_positions():
   labels = np.array([[-100, 2, -100, 0]])
   logits = np.zeros((1, 4, 3), np.float32)
   logits[0, 1, 2] = logits[0, 3, 1] = 5.0  # right at position 1, wrong at 3
-  r = qq.mlm_metrics([logits], [{'labels': labels}], [np.array([[0, 2, 0, 0]])])
+  r = qq.mlm_metrics(qq.mlm_sums(logits, {'labels': labels}, np.array([[0, 2, 0, 0]])))
   assert r['num_tokens'] == 2 and r['accuracy'] == 0.5 and r['agreement'] == 0.5
   nll_right, nll_wrong = np.log(2 + np.exp(5)) - 5, np.log(2 + np.exp(5))
   assert r['loss'] == pytest.approx((nll_right + nll_wrong) / 2, rel=1e-5)
