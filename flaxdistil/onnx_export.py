@@ -156,9 +156,15 @@ def quantize_int8(src: str, dst: str):
   their observed range (`DynamicQuantizeLinear`), so no calibration data is
   needed. Softmax, LayerNorm and GELU stay float32.
   """
+  import onnx  # pylint: disable=g-import-not-at-top
   from onnxruntime.quantization import QuantType  # pylint: disable=g-import-not-at-top
   from onnxruntime.quantization import quantize_dynamic  # pylint: disable=g-import-not-at-top
-  quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+  model = onnx.load(src)
+  # The dynamo exporter's intermediate shape annotations can contradict ONNX shape inference
+  # (BertForSequenceClassification: "Inferred shape and existing shape differ ... (256) vs (2)"),
+  # which the quantizer runs; they are optional, so drop them and let it re-infer.
+  del model.graph.value_info[:]
+  quantize_dynamic(model, dst, weight_type=QuantType.QInt8)
 
 
 def _compare(ref: np.ndarray, got: np.ndarray, mask: np.ndarray) -> tuple[float, float]:

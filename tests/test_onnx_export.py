@@ -74,8 +74,8 @@ def test_bert_classifier_with_token_types(tmp_path):
                                 max_position_embeddings=64, num_labels=3)
   hf = _save(transformers.BertForSequenceClassification(cfg).eval(), tmp_path / 'hf')
   out = str(tmp_path / 'elsewhere')
-  report = onnx_export.export_onnx(hf, out, quantize=False)
-  assert 'int8' not in report and not os.path.exists(os.path.join(out, onnx_export.INT8_FILE))
+  report = onnx_export.export_onnx(hf, out)
+  assert os.path.isfile(report['int8'])
   assert os.path.isfile(os.path.join(out, 'config.json'))  # self-contained outside the HF dir
   model, output = onnx_export.load_torch_model(hf)
   assert output == 'logits' and onnx_export.input_names(model.config)[-1] == 'token_type_ids'
@@ -86,6 +86,18 @@ def test_bert_classifier_with_token_types(tmp_path):
   # Token types reach the graph: flipping them changes the class logits.
   flipped = dict(feeds, token_type_ids=(1 - feeds['token_type_ids']) * feeds['attention_mask'])
   assert np.abs(onnx_export.ort_session(report['onnx']).run([output], flipped)[0] - got).max() > 1e-4
+  # int8 of a classifier (the quantizer's shape inference must accept the dynamo graph)
+  got8 = onnx_export.ort_session(report['int8']).run([output], feeds)[0]
+  assert np.abs(got8 - got).max() < 0.1 * np.abs(got).max()
+
+
+def test_without_int8(tmp_path, mlm_export, monkeypatch):
+  hf, fixture_report = mlm_export
+  monkeypatch.setattr(onnx_export, '_export_fp32',  # reuse the fixture's graph: no second export
+                      lambda model, output, path, opset: os.link(fixture_report['onnx'], path))
+  report = onnx_export.export_onnx(hf, str(tmp_path / 'fp32_only'), quantize=False)
+  assert 'int8' not in report
+  assert sorted(os.listdir(tmp_path / 'fp32_only')) == ['config.json', onnx_export.ONNX_FILE]
 
 
 def test_bad_inputs(tmp_path, mlm_export):
