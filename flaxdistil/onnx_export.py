@@ -122,9 +122,9 @@ def ort_session(path: str, num_threads: int = 0):
 class _Forward(torch.nn.Module):
   """torch.onnx.export wants `forward(tensors) -> tensor`, not a ModelOutput of keywords."""
 
-  def __init__(self, model, names, output):
+  def __init__(self, model, output: str):
     super().__init__()
-    self.model, self.names, self.output = model, names, output
+    self.model, self.output = model, output
 
   def forward(self, input_ids, attention_mask, token_type_ids=None):
     kw = {} if token_type_ids is None else {'token_type_ids': token_type_ids}
@@ -140,7 +140,7 @@ def _export_fp32(model, output: str, path: str, opset: int):
   args = tuple(torch.from_numpy(feeds[n]) for n in names)
   batch, seq = torch.export.Dim('batch'), torch.export.Dim('sequence')
   program = torch.onnx.export(
-      _Forward(model, names, output), args, input_names=list(names), output_names=[output],
+      _Forward(model, output), args, input_names=list(names), output_names=[output],
       dynamic_shapes={n: {0: batch, 1: seq} for n in names}, opset_version=opset,
       dynamo=True, external_data=False, verbose=False)
   if program is None:
