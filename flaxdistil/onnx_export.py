@@ -11,9 +11,8 @@ the transformers torch model with `torch.onnx.export(dynamo=True)` (the
 maintained torch.export-based exporter; the legacy TorchScript tracer bakes the
 attention-mask shape logic of transformers v5 into constants and is wrong on
 padded batches), with dynamic `batch` and `sequence` axes, and checks the
-onnxruntime outputs against the torch model on a fixed padded batch (max |Δ| <=
-`atol`; `export_hf` already checked torch against the Flax student at 1e-4, so
-ONNX and Flax agree to 2e-4). Optionally writes the int8 model of
+onnxruntime outputs on a fixed padded batch against the torch model and against our
+Flax model loaded from the same directory (max |Δ| <= `atol` for both). Optionally writes the int8 model of
 `onnxruntime.quantization.quantize_dynamic` (int8 weights of MatMul/Gather,
 activations quantized per call; no calibration data) and reports its deviation.
 
@@ -167,6 +166,22 @@ def quantize_int8(src: str, dst: str):
   quantize_dynamic(model, dst, weight_type=QuantType.QInt8)
 
 
+def flax_outputs(hf_dir: str, output: str, feeds: dict) -> np.ndarray:
+  """float32 `output` of our Flax model (`hf_conversion.load_hf_model(hf_dir)`) on `feeds`.
+
+  `logits` is `[B, num_labels]` for a classifier and `[B, T, vocab]` for a masked LM;
+  `last_hidden_state` is `[B, T, hidden]`.
+  """
+  from flaxdistil import hf_conversion  # pylint: disable=g-import-not-at-top
+  from flaxdistil import models  # pylint: disable=g-import-not-at-top
+  config, params = hf_conversion.load_hf_model(hf_dir)
+  out = models.MaskedLM(config).apply({'params': params}, feeds['input_ids'],
+                                      feeds['attention_mask'], feeds.get('token_type_ids'))
+  if output == 'last_hidden_state':
+    return np.asarray(out.hidden_states[-1], np.float32)
+  return np.asarray(out.class_logits if config.num_labels else out.logits, np.float32)
+
+
 def _compare(ref: np.ndarray, got: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
   """(max |Δ| over real tokens (rows for class logits), top-1 agreement) of float outputs."""
   if ref.ndim == 3:  # [B, T, V]: ignore padding positions
@@ -176,7 +191,8 @@ def _compare(ref: np.ndarray, got: np.ndarray, mask: np.ndarray) -> tuple[float,
 
 
 def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
-                opset: int = OPSET, atol: float = 1e-4, overwrite: bool = False) -> dict:
+                opset: int = OPSET, atol: float = 1e-4, overwrite: bool = False,
+                check_flax: bool = True) -> dict:
   """Writes `model.onnx` (+ `model_quantized.onnx`) for the transformers model in `hf_dir`.
 
   Args:
@@ -184,9 +200,12 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
     out: output directory; default `<hf_dir>/onnx`.
     quantize: also write the int8 dynamic-quantized model.
     opset: ONNX opset of the export.
-    atol: max |logits(onnxruntime fp32) - logits(torch)| allowed on the
-      verification batch (real tokens only).
+    atol: max |logits(onnxruntime fp32) - logits(torch)| (and, with
+      `check_flax`, - logits(Flax)) allowed on the verification batch (real
+      tokens only).
     overwrite: replace an existing `out` directory (swapped out, not merged).
+    check_flax: also compare onnxruntime with our Flax model loaded from
+      `hf_dir` (`hf_conversion.load_hf_model`), the model that was trained.
 
   Returns:
     `{'path', 'onnx', 'onnx_bytes', 'max_abs_diff', 'output'}` plus, with
@@ -221,7 +240,14 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
     if not np.isfinite(max_diff) or max_diff > atol:
       raise ValueError(f'ONNX verification failed: max |{output}(onnxruntime) - {output}(torch)| '
                        f'= {max_diff:.3g} > atol {atol:g}. Nothing was written.')
+    flax_diff = None
+    if check_flax:
+      flax_diff, _ = _compare(flax_outputs(hf_dir, output, feeds), got, feeds['attention_mask'])
+      if not np.isfinite(flax_diff) or flax_diff > atol:
+        raise ValueError(f'ONNX verification failed: max |{output}(onnxruntime) - '
+                         f'{output}(flax)| = {flax_diff:.3g} > atol {atol:g}. Nothing was written.')
     report = {'path': out, 'output': output, 'max_abs_diff': max_diff,
+              'max_abs_diff_flax': flax_diff,
               'onnx': os.path.join(out, ONNX_FILE), 'onnx_bytes': os.path.getsize(fp32)}
     if quantize:
       int8 = os.path.join(tmp, INT8_FILE)
@@ -252,10 +278,13 @@ def main(argv=None):
   ap.add_argument('--opset', type=int, default=OPSET)
   ap.add_argument('--atol', type=float, default=1e-4)
   ap.add_argument('--overwrite', action='store_true')
+  ap.add_argument('--no_flax_check', action='store_true',
+                  help='skip the onnxruntime vs Flax comparison (torch is always compared)')
   args = ap.parse_args(argv)
   try:
     report = export_onnx(args.hf, args.out, quantize=not args.no_int8, opset=args.opset,
-                         atol=args.atol, overwrite=args.overwrite)
+                         atol=args.atol, overwrite=args.overwrite,
+                         check_flax=not args.no_flax_check)
   except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -40,6 +40,7 @@ def _feeds(config, batch, seq_len, seed):
 def test_mlm_onnx_equals_torch_on_other_shapes(mlm_export):
   hf, report = mlm_export
   assert report['path'] == os.path.join(hf, 'onnx') and report['max_abs_diff'] <= 1e-4
+  assert report['max_abs_diff_flax'] <= 1e-4  # our Flax model read from the same directory
   model, output = onnx_export.load_torch_model(hf)
   session = onnx_export.ort_session(report['onnx'])
   # Shapes other than the export's 2 x 13: batch and sequence axes are dynamic.
@@ -125,3 +126,14 @@ def test_failed_verification_writes_nothing(tmp_path, mlm_export, monkeypatch):
   with pytest.raises(ValueError, match='ONNX verification failed.*Nothing was written'):
     onnx_export.export_onnx(hf, str(out))
   assert os.listdir(tmp_path) == []  # neither out nor a temporary directory
+
+
+def test_flax_disagreement_is_an_error(tmp_path, mlm_export, monkeypatch):
+  hf, report = mlm_export
+  monkeypatch.setattr(onnx_export, '_export_fp32',
+                      lambda model, output, path, opset: os.link(report['onnx'], path))
+  real = onnx_export.flax_outputs
+  monkeypatch.setattr(onnx_export, 'flax_outputs', lambda *a: real(*a) + 1e-3)
+  with pytest.raises(ValueError, match=r'logits\(flax\)\| = 0.001 > atol'):
+    onnx_export.export_onnx(hf, str(tmp_path / 'out'), quantize=False)
+  assert os.listdir(tmp_path) == []
