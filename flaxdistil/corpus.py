@@ -18,6 +18,7 @@ it. Writes are atomic (tmp + os.replace) and an flock serialises concurrent buil
 """
 from __future__ import annotations
 
+import codecs
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -27,6 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from typing import Iterator, Sequence
@@ -166,6 +168,23 @@ def dataset_units(name_or_dir: str, split: str = 'train', text_column: str = 'te
     raise ValueError(f'Dataset {name_or_dir!r} has no split {split!r} (splits: {sorted(data_files)}); '
                      'set data.dataset_split.')
   return [Unit(str(f), builder.name, text_column) for f in data_files[split]]
+
+
+def check_utf8(path: str, chunk: int = 16 << 20) -> None:
+  """Raises ValueError naming `path` and the byte offset if it is not valid UTF-8 (~1 s per GB)."""
+  decoder, offset = codecs.getincrementaldecoder('utf-8')(), 0
+  with open(path, 'rb') as f:
+    while True:
+      data = f.read(chunk)
+      try:
+        decoder.decode(data, final=not data)
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{path} is not valid UTF-8 (byte {e.object[e.start]:#04x} near offset '
+                         f'{offset + e.start}); re-encode it as UTF-8, e.g. '
+                         f'`iconv -f latin1 -t utf-8 {path} > fixed.txt`.') from None
+      if not data:
+        return
+      offset += len(data)
 
 
 def _has_text(path: str) -> bool:
@@ -316,6 +335,23 @@ def _init_worker(tokenizer_json: str) -> None:
   _WORKER['backend'] = tok
 
 
+@contextlib.contextmanager
+def _spawn_without_main():
+  """Spawned workers need only this module: hide the caller's script from multiprocessing so they
+  do not re-run it (an unguarded script would recurse, one read from stdin cannot be re-read)."""
+  main = sys.modules.get('__main__')
+  saved = {k: main.__dict__[k] for k in ('__file__', '__spec__') if main and k in main.__dict__}
+  if '__file__' in saved:
+    del main.__file__
+  if '__spec__' in saved:
+    main.__spec__ = None
+  try:
+    yield
+  finally:
+    if main is not None:
+      main.__dict__.update(saved)
+
+
 def _build_shard(out_dir: str, index: int, unit: Unit, sep_id: int, vocab_size: int,
                  max_documents: int | None = None, tok_backend=None) -> dict:
   """Tokenises one unit into `shard-{index}.npy` (+ counts, + .json written last); returns the json."""
@@ -402,6 +438,10 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
       if os.path.exists(meta_path):
         done[i] = json.load(open(meta_path))
     todo = [i for i in range(len(units)) if i not in done]
+    # A bad file fails before any work (~1 s/GB), not when a worker reaches it.
+    for path in dict.fromkeys(units[i].path for i in todo if units[i].builder in ('text', 'json')):
+      if os.path.isfile(path):
+        check_utf8(path)
     if done:
       log.info('Resuming token cache %s: %d/%d shards already built', out_dir, len(done), len(units))
     sep_id, vocab_size = tokenizer.sep_token_id, len(tokenizer)
@@ -419,8 +459,9 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
       with concurrent.futures.ProcessPoolExecutor(
           min(num_proc, len(todo)), mp_context=ctx, initializer=_init_worker,
           initargs=(tokenizer.backend_tokenizer.to_str(),)) as pool:
-        futures = {pool.submit(_build_shard, out_dir, i, units[i], sep_id, vocab_size): i
-                   for i in todo}
+        with _spawn_without_main():  # workers start at the first submit
+          futures = {pool.submit(_build_shard, out_dir, i, units[i], sep_id, vocab_size): i
+                     for i in todo}
         try:
           for fut in concurrent.futures.as_completed(futures):
             done[futures[fut]] = fut.result()

@@ -64,7 +64,7 @@ def test_cuts_never_change_the_paragraphs(tmp_path):
         assert len(units) > 30  # really split, including at odd and even newline runs
 
 
-def test_parallel_shards_equal_single_process_packing(tok, tmp_path):
+def test_parallel_shards_equal_single_process_packing(tok, tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   files = []
   for i in range(2):
@@ -85,9 +85,17 @@ def test_parallel_shards_equal_single_process_packing(tok, tmp_path):
   assert corpus.cache_key(units, tok) != corpus.cache_key(corpus.file_units(files[::-1]), tok)
   bad = tmp_path / 'latin1.txt'
   bad.write_bytes('the caf\xe9 sat\n'.encode('latin-1'))
+  calls = []
+  real = corpus.tokenize_documents
+  monkeypatch.setattr(corpus, 'tokenize_documents', lambda t, b: calls.append(1) or real(t, b))
   with pytest.raises(ValueError, match=r'latin1\.txt is not valid UTF-8.*offset 7'):
-    corpus.open_packed(units + corpus.file_units([str(bad)]), tok, 13, cache_dir=str(tmp_path / 'b'),
-                       num_proc=2)  # raised in a worker, reported by the parent
+    corpus.open_packed(units + corpus.file_units([str(bad)]), tok, 13, cache_dir=str(tmp_path / 'b'))
+  assert not calls  # checked before any tokenisation
+  nocol = tmp_path / 'nocol.jsonl'
+  nocol.write_text('{"body": "the cat"}\n')
+  with pytest.raises(ValueError, match='nocol.jsonl has no "text" column'):
+    corpus.open_packed(units + corpus.file_units([str(nocol)]), tok, 13,
+                       cache_dir=str(tmp_path / 'b'), num_proc=2)  # raised in a worker
   # Shards hold uint16 ids (vocab < 65536); counts are those of the stream.
   stream = np.concatenate([np.load(os.path.join(parallel.directory, s['file']))
                            for s in parallel.manifest['shards']])
