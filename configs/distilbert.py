@@ -42,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
                                         # 0 = all (build: k = vocab_size; training: stored k)
   c.teacher.cache_values_dtype = 'bfloat16'  # stored top-k logits: bfloat16 | float16 | float32
   c.teacher.cache_hidden_dtype = 'bfloat16'  # stored last hidden state (alpha_cos); '' = none
-  c.teacher.cache_tail_bucket = False   # sparse KL: teacher's tail mass as a (k+1)-th bucket
+  c.teacher.cache_tail_bucket = True    # sparse KL: teacher's tail mass as a (k+1)-th bucket
+                                        # (False: top-k renormalised; far worse on a flat
+                                        # teacher, NOTES_issue10.md)
 
   c.student = ml_collections.ConfigDict()
   c.student.init = 'teacher'        # 'teacher' (DistilBERT init) | 'random' | 'pretrained'

@@ -74,7 +74,7 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
   `log q_i = s_i/T - logsumexp_{v in V}(s_v/T)` (never renormalised over the top-k:
   that would hide the mass the student puts outside the teacher's top-k). Then
 
-    tail_bucket=False (default):  p_j = softmax_j(v/T)   (teacher renormalised over its top-k)
+    tail_bucket=False:  p_j = softmax_j(v/T)   (teacher renormalised over its top-k)
         KL_k = sum_j p_j (log p_j - log q_{i_j})
     tail_bucket=True:  p_j = exp(v_j/T - L_t), L_t = logsumexp_V(t/T) (`teacher_logz`),
         p_tail = 1 - sum_j p_j,  q_tail = 1 - sum_j q_{i_j}
@@ -82,8 +82,10 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
 
   Both are >= 0 (the first is KL(p || q restricted to the top-k) = KL(p || q/Q) - log Q
   with Q = sum_j q_{i_j} <= 1; the second is the KL of two distributions over k + 1
-  buckets) and both equal the dense `kl_div_loss` when k = V (p_tail = 0). The default
-  also pushes the student's mass into the teacher's top-k set (the -log Q term).
+  buckets) and both equal the dense `kl_div_loss` when k = V (p_tail = 0). Without the tail
+  bucket the -log Q term pushes all of the student's mass into the teacher's top-k set: on a
+  flat teacher (bert-mini at T=2 keeps ~19% of its mass in its top-64) that wrecks perplexity
+  (14,684 vs 1,046 with the bucket, NOTES_issue10.md), so `teacher.cache_tail_bucket` defaults on.
 
   Args:
     student_logits: `[batch, seq_len, vocab_size]` any float dtype.
@@ -102,7 +104,7 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
   s_logp = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)          # [B, T, V], full-V norm
   s_logq = jnp.take_along_axis(s_logp, topk_ids.astype(jnp.int32), axis=-1)  # [B, T, k]
   v = _f32(topk_values) / t
-  if tail_bucket:
+  if tail_bucket and topk_ids.shape[-1] < student_logits.shape[-1]:  # at k = V there is no tail
     if teacher_logz is None:
       raise ValueError('tail_bucket=True needs teacher_logz (logsumexp of the teacher over V).')
     t_logp = v - _f32(teacher_logz)[..., None]                             # [B, T, k]
