@@ -35,6 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher.intermediate_size = 3072
   c.teacher.max_position_embeddings = 512
   c.teacher.logical_axis_rules = ()     # () = shard like the student (mesh.logical_axis_rules)
+  # Offline distillation (flaxdistil/teacher_cache.py): build with
+  # `python -m flaxdistil.cache_teacher --config ... --out DIR`, train with teacher.cache=DIR.
+  c.teacher.cache = ''                  # cache dir: use stored teacher targets, no teacher forward
+  c.teacher.cache_top_k = 64            # k stored at build; at training: k used (<= stored k);
+                                        # 0 = all (build: k = vocab_size; training: stored k)
+  c.teacher.cache_values_dtype = 'bfloat16'  # stored top-k logits: bfloat16 | float16 | float32
+  c.teacher.cache_hidden_dtype = 'bfloat16'  # stored last hidden state (alpha_cos); '' = none
+  c.teacher.cache_tail_bucket = True    # sparse KL: teacher's tail mass as a (k+1)-th bucket
+                                        # (False: top-k renormalised; far worse on a flat
+                                        # teacher, NOTES_issue10.md)
 
   c.student = ml_collections.ConfigDict()
   c.student.init = 'teacher'        # 'teacher' (DistilBERT init) | 'random' | 'pretrained'
@@ -57,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.alpha_cos = 1.0         # cosine loss on last hidden states
   c.distill.alpha_mse = 0.0         # MSE between logits
   c.distill.alpha_task = 0.0        # cross-entropy with gold labels (data.task only)
+  c.distill.teacher_input = 'masked'  # online teacher sees the 'masked' input (HF distiller) or
+                                      # the 'original' tokens (what a teacher.cache stores)
   c.distill.restrict_ce_to_mask = False  # KL over masked tokens only (else all non-pad)
   c.distill.max_predictions_per_seq = 0  # >0: MLM heads only on <= this many masked positions
   c.distill.vocab_chunk_size = 0    # >0: vocab terms this many positions at a time, no [B, T, V] logits

@@ -228,9 +228,10 @@ class _BatchSource:
   then be garbage collected (its __del__ stops the thread) when a caller forgets close().
   """
 
-  def __init__(self, packed, seed, global_batch_size, pad_token_id, mask_kwargs):
+  def __init__(self, packed, seed, global_batch_size, pad_token_id, mask_kwargs, row_features=None):
     self.packed, self.seed, self.global_batch_size = packed, seed, global_batch_size
     self.pad_token_id, self.mask_kwargs = pad_token_id, mask_kwargs
+    self.row_features = row_features
     self.perms: dict[int, np.ndarray] = {}
     self.lock = threading.Lock()
 
@@ -265,9 +266,13 @@ class _BatchSource:
     rng = np.random.default_rng([self.seed, 1, step])
     if self.mask_kwargs.get('token_probs') is not None:
       batch = _batch(self.packed[rows], rng, self.pad_token_id, self.mask_kwargs)
-      return {k: v[lo:hi] for k, v in batch.items()}
-    return _batch(self.packed[rows[lo:hi]], rng, self.pad_token_id, self.mask_kwargs,
-                  global_batch_size=self.global_batch_size, row_offset=lo)
+      batch = {k: v[lo:hi] for k, v in batch.items()}
+    else:
+      batch = _batch(self.packed[rows[lo:hi]], rng, self.pad_token_id, self.mask_kwargs,
+                     global_batch_size=self.global_batch_size, row_offset=lo)
+    if self.row_features is not None:  # e.g. cached teacher targets of these rows
+      batch.update(self.row_features(rows[lo:hi]))
+    return batch
 
 
 def _produce(make_batch, step: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -305,12 +310,15 @@ class BatchIterator:
   is re-raised by `__next__`; `close()` (or `with`, or garbage collection) stops it. `pad_token_id`
   (default 0, BERT) sets attention_mask and is never masked. Raises ValueError for empty `packed`,
   global_batch_size not divisible by process_count, bad process_index, negative seed/start_step.
+  `row_features(rows [B] int64) -> {name: [B, ...] array}` (optional) adds per-row arrays to every
+  global batch inside the prefetch thread (the cached teacher targets of offline distillation).
   """
 
   def __init__(self, packed, *, global_batch_size: int, seed: int, start_step: int = 0,
                process_index: int = 0, process_count: int = 1, mask_token_id: int, vocab_size: int,
                special_token_ids, mlm_probability: float = 0.15,
-               token_probs: np.ndarray | None = None, prefetch: int = 2, pad_token_id: int = 0):
+               token_probs: np.ndarray | None = None, prefetch: int = 2, pad_token_id: int = 0,
+               row_features=None):
     if not isinstance(packed, corpus.PackedDataset):
       packed = np.asarray(packed)
     if packed.ndim != 2 or len(packed) == 0:
@@ -329,7 +337,8 @@ class BatchIterator:
     mask_kwargs = dict(mask_token_id=mask_token_id, vocab_size=vocab_size,
                        special_token_ids=list(special_token_ids),
                        mlm_probability=mlm_probability, token_probs=token_probs)
-    self._source = _BatchSource(packed, int(seed), global_batch_size, pad_token_id, mask_kwargs)
+    self._source = _BatchSource(packed, int(seed), global_batch_size, pad_token_id, mask_kwargs,
+                                row_features)
     self._stop = threading.Event()
     self._queue: queue.Queue | None = None
     self._thread: threading.Thread | None = None
@@ -347,6 +356,10 @@ class BatchIterator:
   def global_batch(self, step: int) -> dict[str, np.ndarray]:
     """The full (all hosts) batch of `step`: arrays `[global_batch_size, T]` int32."""
     return self._source.global_batch(step)
+
+  def rows(self, step: int) -> np.ndarray:
+    """Indices into `packed` of the global batch of `step`: `[global_batch_size]` int64."""
+    return self._source.rows(step)
 
   def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
     """This host's rows of `global_batch(step)`: `[global_batch_size/process_count, T]` int32."""

@@ -14,6 +14,9 @@ Sec. 2 "triple loss"):
        + alpha_cos * (1 - cos(h_s, h_t))                         (last hidden states)
        + alpha_mse * sum_v (s - t)^2                             (optional; HF: MSELoss(sum) / num_tokens)
 
+Offline distillation (`teacher.cache`) replaces the dense KL by `sparse_kl_div_loss`
+over the teacher's stored top-k logits (equations in its docstring).
+
 Task distillation on sequence classification (`task_terms`; TinyBERT, Jiao et
 al., 2020, Eq. 10, prediction-layer distillation):
 
@@ -27,6 +30,7 @@ from typing import Mapping, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 
 Pair = Tuple[jax.Array, jax.Array]  # (sum, count), both float32 scalars
 
@@ -60,6 +64,72 @@ def kl_div_loss(student_logits, teacher_logits, weights, temperature: float) -> 
   kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)  # [B, T]
   w = _f32(weights)
   return jnp.sum(kl * w) * t * t, jnp.sum(w)
+
+
+def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperature: float,
+                       tail_bucket: bool = False, teacher_logz=None) -> Pair:
+  """`T^2 * KL` against a teacher known only by its top-k logits (offline distillation).
+
+  With `v_j`, `i_j` (j = 1..k) the teacher's top-k logits and ids and `s` the
+  student's logits over the FULL vocabulary V, the student's log-probabilities are
+  `log q_i = s_i/T - logsumexp_{v in V}(s_v/T)` (never renormalised over the top-k:
+  that would hide the mass the student puts outside the teacher's top-k). Then
+
+    tail_bucket=False:  p_j = softmax_j(v/T)   (teacher renormalised over its top-k)
+        KL_k = sum_j p_j (log p_j - log q_{i_j})
+    tail_bucket=True:  p_j = exp(v_j/T - L_t), L_t = logsumexp_V(t/T) (`teacher_logz`),
+        p_tail = 1 - sum_j p_j,  q_tail = 1 - sum_j q_{i_j}
+        KL_k+1 = sum_j p_j (log p_j - log q_{i_j}) + p_tail (log p_tail - log q_tail)
+
+  Both are >= 0 (the first is KL(p || q restricted to the top-k) = KL(p || q/Q) - log Q
+  with Q = sum_j q_{i_j} <= 1; the second is the KL of two distributions over k + 1
+  buckets) and both equal the dense `kl_div_loss` when k = V (p_tail = 0). Without the tail
+  bucket the -log Q term pushes all of the student's mass into the teacher's top-k set: on a
+  flat teacher (bert-mini at T=2 keeps ~19% of its mass in its top-64) that wrecks perplexity
+  (14,684 vs 1,046 with the bucket, NOTES_issue10.md), so `teacher.cache_tail_bucket` defaults on.
+
+  Args:
+    student_logits: `[batch, seq_len, vocab_size]` any float dtype.
+    topk_values: `[batch, seq_len, k]` teacher logits at temperature 1 (any float dtype,
+      e.g. bfloat16 from the cache).
+    topk_ids: `[batch, seq_len, k]` int32 vocabulary ids of `topk_values`.
+    weights: `[batch, seq_len]`; padding must be 0.
+    temperature: T > 0.
+    tail_bucket: add the teacher's tail mass as one extra bucket (needs `teacher_logz`).
+    teacher_logz: `[batch, seq_len]` float32 `logsumexp_V(t/T)` of the teacher at this T.
+
+  Returns:
+    `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars.
+  """
+  t = _f32(temperature)
+  s_logp = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)          # [B, T, V], full-V norm
+  s_logq = jnp.take_along_axis(s_logp, topk_ids.astype(jnp.int32), axis=-1)  # [B, T, k]
+  v = _f32(topk_values) / t
+  if tail_bucket and topk_ids.shape[-1] < student_logits.shape[-1]:  # at k = V there is no tail
+    if teacher_logz is None:
+      raise ValueError('tail_bucket=True needs teacher_logz (logsumexp of the teacher over V).')
+    t_logp = v - _f32(teacher_logz)[..., None]                             # [B, T, k]
+    p_tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(t_logp), -1), 0.0)          # [B, T]
+    q_tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(s_logq), -1), 1e-30)
+    tail = jax.scipy.special.xlogy(p_tail, p_tail) - jax.scipy.special.xlogy(p_tail, q_tail)
+  else:
+    t_logp = jax.nn.log_softmax(v, axis=-1)
+    tail = 0.0
+  kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logq), axis=-1) + tail       # [B, T]
+  w = _f32(weights)
+  return jnp.sum(kl * w) * t * t, jnp.sum(w)
+
+
+class CachedTeacherOutput(NamedTuple):
+  """The teacher's stored targets standing in for its `ModelOutput` (offline distillation).
+
+  topk_values / topk_ids: `[B, T, k]`; logz: `[B, T]` float32 or None;
+  hidden_states: `(last_hidden [B, T, H],)` or None.
+  """
+  topk_values: jax.Array
+  topk_ids: jax.Array
+  logz: jax.Array | None = None
+  hidden_states: tuple | None = None
 
 
 def mlm_cross_entropy(logits, labels) -> Pair:
@@ -167,6 +237,7 @@ class DistillWeights(NamedTuple):
   alpha_mse: float = 0.0
   restrict_ce_to_mask: bool = False
   alpha_task: float = 0.0
+  tail_bucket: bool = False  # cached top-k KL: teacher's tail mass as an extra bucket
 
 
 def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
@@ -179,7 +250,8 @@ def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
   Args:
     student_out: `models.ModelOutput` of the student (`logits [B, T, V]`,
       `hidden_states[-1] [B, T, H]`).
-    teacher_out: the teacher's `ModelOutput`, or None when training plain MLM.
+    teacher_out: the teacher's `ModelOutput`, a `CachedTeacherOutput` (offline: the
+      KL is `sparse_kl_div_loss`), or None when training plain MLM.
     batch: dict with `attention_mask [B, T]` and `labels [B, T]` (-100 = none).
     w: coefficients.
 
@@ -193,7 +265,11 @@ def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
   terms = {}
   if w.alpha_mlm:
     terms['mlm'] = mlm_cross_entropy(student_out.logits, labels)
-  if w.alpha_ce:
+  if w.alpha_ce and isinstance(teacher_out, CachedTeacherOutput):
+    terms['ce'] = sparse_kl_div_loss(student_out.logits, teacher_out.topk_values,
+                                     teacher_out.topk_ids, token_w, w.temperature,
+                                     w.tail_bucket, teacher_out.logz)
+  elif w.alpha_ce:
     terms['ce'] = kl_div_loss(student_out.logits, teacher_out.logits, token_w, w.temperature)
   if w.alpha_mse:
     terms['mse'] = mse_logits_loss(student_out.logits, teacher_out.logits, token_w)

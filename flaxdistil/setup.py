@@ -7,6 +7,7 @@ before any expensive work starts.
 """
 
 import dataclasses
+import functools
 import hashlib
 import os
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from flaxdistil import losses
 from flaxdistil import models
 from flaxdistil import sharding
 from flaxdistil import synthetic
+from flaxdistil import teacher_cache
 
 
 class ConfigError(ValueError):
@@ -51,6 +53,8 @@ class Run:
   inter: tuple | None = None            # (IntermediateWeights, layer_map) or None
   projection: tuple | None = None       # (student_hidden, teacher_hidden) with TinyBERT projections
   proj_params: Any = None               # their initial values (host)
+  train_packed: Any = None              # packed training rows [N, T] (MLM, not streaming)
+  offline: bool = False                 # teacher targets come from teacher.cache (no forward)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -274,7 +278,7 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
                'streamed' if packed is None else len(packed), d.max_seq_length,
                None if packed_eval is None else len(packed_eval))
 
-  def train_batches(start_step: int):
+  def train_batches(start_step: int, row_features=None):
     if d.streaming:  # position = step: resuming re-reads and skips start_step batches
       return input_pipeline.streaming_batches(
           train_files, tokenizer, d.max_seq_length, global_batch_size=gbs, seed=config.seed,
@@ -284,7 +288,7 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
     return input_pipeline.BatchIterator(
         packed, global_batch_size=gbs, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        token_probs=token_probs, **mask_kwargs)
+        token_probs=token_probs, row_features=row_features, **mask_kwargs)
 
   def eval_batches():
     if packed_eval is None:
@@ -293,7 +297,34 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
                                        config.seed + 12345, d.eval_num_sequences or None,
                                        **mask_kwargs)
 
-  return train_batches, eval_batches
+  return train_batches, eval_batches, packed
+
+
+def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str):
+  """The `row_features` hook serving `teacher.cache` to this run, after checking it fits."""
+  t, d = config.teacher, config.distill
+  if config.data.streaming or config.data.task:
+    raise ConfigError('teacher.cache needs packed MLM data (data.streaming=False, no data.task).')
+  if d.alpha_mse or any(intermediate.term_alphas(intermediate_weights(d)).values()):
+    raise ConfigError('teacher.cache stores top-k logits and the last hidden state only: set '
+                      'distill.alpha_mse=0 and the intermediate-layer alphas to 0.')
+  try:
+    cache = teacher_cache.TeacherCache(t.cache, top_k=t.cache_top_k, hidden=bool(d.alpha_cos),
+                                       logz=t.cache_tail_bucket)
+    cache.check({'data_fingerprint': teacher_cache.data_fingerprint(packed),
+                 'teacher_fingerprint': teacher_cache.params_fingerprint(tparams),
+                 'tokenizer': tokenizer_fp, 'max_seq_length': int(config.data.max_seq_length)})
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if t.cache_tail_bucket and cache.manifest['temperature'] != d.temperature:
+    raise ConfigError(f'teacher.cache_tail_bucket needs the teacher\'s logsumexp at '
+                      f'T={d.temperature}, but {t.cache!r} stores it at '
+                      f'T={cache.manifest["temperature"]}; rebuild the cache with this temperature '
+                      'or set teacher.cache_tail_bucket=False.')
+  logging.info('teacher.cache %s: k=%d of %d stored (%s), %d rows', t.cache, cache.top_k,
+               cache.manifest['top_k'], cache.manifest['values_dtype'],
+               len(cache.manifest['rows']))
+  return cache.features
 
 
 def _task_batches(config, task, tokenizer, train_files, eval_files, mesh, rules):
@@ -405,7 +436,10 @@ def build_run(config, workdir: str) -> Run:
       temperature=config.distill.temperature, alpha_ce=config.distill.alpha_ce,
       alpha_mlm=config.distill.alpha_mlm, alpha_cos=config.distill.alpha_cos,
       alpha_mse=config.distill.alpha_mse, restrict_ce_to_mask=config.distill.restrict_ce_to_mask,
-      alpha_task=config.distill.alpha_task)
+      alpha_task=config.distill.alpha_task, tail_bucket=config.teacher.cache_tail_bucket)
+  if config.distill.teacher_input not in ('masked', 'original'):
+    raise ConfigError(f'distill.teacher_input={config.distill.teacher_input!r}: use "masked" or '
+                      '"original".')
   try:
     losses.check_logits_restriction(weights, config.distill.max_predictions_per_seq)
   except ValueError as e:
@@ -426,15 +460,24 @@ def build_run(config, workdir: str) -> Run:
     raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
                       f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
 
+  packed = None
   if task is None:
-    train_batches, eval_batches = _mlm_batches(config, tokenizer, scfg, train_files, eval_files,
-                                               mesh, rules)
+    train_batches, eval_batches, packed = _mlm_batches(config, tokenizer, scfg, train_files,
+                                                       eval_files, mesh, rules)
   else:
     train_batches, eval_batches = _task_batches(config, task, tokenizer, train_files, eval_files,
                                                 mesh, rules)
 
   strip = lambda c: None if c is None else {k: v for k, v in dataclasses.asdict(c).items()
                                             if k not in ('dtype', 'remat')}
+  tokenizer_fp = hashlib.sha1(' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16]
+  offline = bool(config.teacher.cache)
+  if offline:
+    if tcfg is None:
+      raise ConfigError('teacher.cache needs the teacher it was built from (teacher.path) to check '
+                        'its identity and to evaluate it.')
+    train_batches = functools.partial(
+        train_batches, row_features=_open_teacher_cache(config, tparams, packed, tokenizer_fp))
   fingerprint = {
       'student_config': strip(scfg), 'teacher_config': strip(tcfg),
       'global_batch_size': gbs, 'max_seq_length': d.max_seq_length, 'seed': config.seed,
@@ -442,15 +485,15 @@ def build_run(config, workdir: str) -> Run:
                                               if d.dataset else []),
       'student_init': config.student.init,
       'projection': projection, 'task': d.task,
-      'tokenizer_vocab': hashlib.sha1(
-          ' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16],
+      'tokenizer_vocab': tokenizer_fp,
   }
   return Run(
       student_config=scfg, student_model=models.MaskedLM(scfg), student_params=sparams,
       teacher_config=tcfg, teacher_model=models.MaskedLM(tcfg) if tcfg else None,
       teacher_params=tparams, mesh=mesh, rules=rules, teacher_rules=t_rules, weights=weights,
       fingerprint=fingerprint, train_batches=train_batches, eval_batches=eval_batches,
-      inter=inter, projection=projection, proj_params=proj_params,
+      inter=inter, projection=projection, proj_params=proj_params, train_packed=packed,
+      offline=offline,
       info={'teacher': config.teacher.path or ('random' if tcfg else None),
             'tokenizer': os.path.abspath(tok_path) if os.path.isdir(tok_path) else tok_path,
             'train_files': [os.path.abspath(f) for f in train_files],

@@ -109,7 +109,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
                     num_microbatches: int, skip_nonfinite: bool = True,
                     max_predictions_per_seq: int = 0,
                     inter: tuple[intermediate.IntermediateWeights, list[int]] | None = None,
-                    vocab_chunk_size: int = 0):
+                    vocab_chunk_size: int = 0,
+                    offline: bool = False, teacher_input: str = 'masked'):
   """Builds `train_step(state, teacher_params, batch) -> (state, metrics)`.
 
   Args:
@@ -132,7 +133,15 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
       with the student (one optimizer, one clipping norm).
     vocab_chunk_size: >0 computes the vocabulary terms (mlm, ce, mse) of MLM
       batches with `losses.chunked_vocab_terms`, this many positions at a
-      time, never holding `[B, T, V]` logits; 0 = dense logits.
+      time, never holding `[B, T, V]` logits; 0 = dense logits. Not used
+      `offline` (the sparse KL reads the student's full-vocabulary logits).
+    offline: the teacher's targets come with the batch (`teacher.cache`:
+      `teacher_topk_values`/`teacher_topk_ids [B, T, k]`, optional
+      `teacher_logz [B, T]`, `teacher_hidden [B, T, H]`); no teacher forward,
+      the KL is `losses.sparse_kl_div_loss`.
+    teacher_input: 'masked' (HF distiller: the teacher sees the student's
+      masked input) or 'original' (the unmasked tokens, recovered from the
+      labels; what a teacher cache stores, so offline at k = V equals it).
 
   The state: `{'step', 'params', 'opt_state', 'rng', 'num_skipped'}` plus
   `'proj'` when projections exist; the optimizer state is over the trainable
@@ -142,12 +151,12 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   classification (`losses.task_terms`; models built with `num_labels`).
   """
   iw, layer_map = inter if inter else (intermediate.IntermediateWeights(), [])
-  need_teacher = teacher is not None and (
+  need_teacher = teacher is not None and not offline and (
       weights.alpha_ce or weights.alpha_cos or weights.alpha_mse or
       any(intermediate.term_alphas(iw).values()))
   out_flags = intermediate.model_kwargs(iw)
   vocab_alphas = {'alpha_mlm': 0.0, 'alpha_ce': 0.0, 'alpha_mse': 0.0}
-  chunked = bool(vocab_chunk_size) and student.config.with_mlm_head and any(
+  chunked = bool(vocab_chunk_size) and not offline and student.config.with_mlm_head and any(
       getattr(weights, k) for k in vocab_alphas)
 
   def loss_fn(trainable, teacher_params, mb, counts, rng):
@@ -160,8 +169,13 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
     t_out = None
     if need_teacher:
       t_out = jax.lax.stop_gradient(teacher.apply(
-          {'params': teacher_params}, mb['input_ids'], mb['attention_mask'], types,
-          deterministic=True, logits_positions=pos, return_mlm_hidden=hidden_only, **out_flags))
+          {'params': teacher_params}, mb.get('teacher_input_ids', mb['input_ids']),
+          mb['attention_mask'], types, deterministic=True, logits_positions=pos,
+          return_mlm_hidden=hidden_only, **out_flags))
+    elif offline:
+      t_out = losses.CachedTeacherOutput(
+          mb['teacher_topk_values'], mb['teacher_topk_ids'], mb.get('teacher_logz'),
+          (mb['teacher_hidden'],) if 'teacher_hidden' in mb else None)
     if task:
       terms = losses.task_terms(s_out, t_out, mb, weights)
       loss = losses.combine(terms, counts, weights)
@@ -193,7 +207,16 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
 
   def train_step(state: State, teacher_params, batch):
     if not _is_task_batch(batch):
+      if need_teacher and teacher_input == 'original':
+        labels = batch['labels']
+        batch = dict(batch, teacher_input_ids=jnp.where(
+            labels == losses.IGNORE_INDEX, batch['input_ids'], labels))
       batch = _restrict_to_masked(batch, max_predictions_per_seq)
+      if offline and 'logits_positions' in batch:  # targets only where the student has logits
+        pos = batch['logits_positions']
+        take = lambda x: jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), 1)
+        batch.update({k: take(batch[k]) for k in ('teacher_topk_values', 'teacher_topk_ids',
+                                                   'teacher_logz') if k in batch})
     counts = losses.term_counts(batch, weights)  # global normalisers
     if inter:
       counts.update(intermediate.intermediate_counts(batch, iw))
@@ -202,8 +225,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
 
     def body(carry, xs):
       i, mb = xs
-      mb = jax.tree.map(
-          lambda x: nn.with_logical_constraint(x, ('act_batch', 'act_len')[:x.ndim]), mb)
+      mb = jax.tree.map(lambda x: nn.with_logical_constraint(
+          x, (('act_batch', 'act_len') + (None,) * x.ndim)[:x.ndim]), mb)
       (loss, terms), g = grad_fn(trainable, teacher_params, mb, counts,
                                  jax.random.fold_in(step_rng, i))
       g_acc, loss_acc, terms_acc = carry
@@ -482,11 +505,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   max_pred = config.distill.max_predictions_per_seq
   step_fn = make_train_step(run.student_model, teacher_model, tx, weights,
                             config.optim.num_microbatches, max_predictions_per_seq=max_pred,
-                            inter=run.inter, vocab_chunk_size=config.distill.vocab_chunk_size)
+                            inter=run.inter, vocab_chunk_size=config.distill.vocab_chunk_size,
+                            offline=run.offline, teacher_input=config.distill.teacher_input)
+  step_t_params = None if run.offline else t_params  # offline: the step never reads the teacher
   with sharding.mesh_context(mesh, rules):
     # The batch's shardings come with it (make_global_batch): leaves differ in rank.
-    p_train_step = jax.jit(step_fn, in_shardings=(state_shard, None if t_params is None else t_shard,
-                                                  None),
+    p_train_step = jax.jit(step_fn, in_shardings=(state_shard,
+                                                  None if step_t_params is None else t_shard, None),
                            out_shardings=(state_shard, replicated), donate_argnums=(0,))
   # Masked-token eval needs MLM heads; head-less (MiniLM-style) runs are scored by
   # scripts/embedding_report.py instead.
@@ -541,7 +566,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       while step < stop_step:
         host_batch = next(batches)
         tokens_since += float(host_batch['attention_mask'].sum()) * jax.process_count()
-        state, metrics = p_train_step(state, t_params, shard_batch(host_batch))
+        state, metrics = p_train_step(state, step_t_params, shard_batch(host_batch))
         step += 1
         steps_since += 1
         stop_now = preempt.agreed()

@@ -1,0 +1,135 @@
+r"""Student step throughput: cached teacher targets (offline) vs the online teacher forward.
+
+Same shapes and step as `distill_step.py` (bert-base-shaped random teacher 12 x 768, vocab 30522
+-> 6-layer DistilBERT student, seq 128, the DistilBERT recipe's loss: T=2, alpha_ce=5,
+alpha_mlm=2, alpha_cos=1, KL over every non-padding token), timed three ways with the project's
+real `train.make_train_step`:
+  online    teacher forward + student forward/backward + AdamW (today's step)
+  offline k the teacher's top-k logits (bfloat16) + ids (int32) + last hidden state (bfloat16) come
+            with the batch (random tensors of the shapes `teacher.cache` serves); sparse KL
+Expected gain ~ 1 / (1 - teacher-forward share of the step's FLOPs), printed as well. Host-side
+reading of a real cache is excluded (it runs in the prefetch thread, overlapped with the step).
+
+  # idle machine, CPU (a few minutes):
+  python benchmarks/offline_step.py --batch_size 4 --steps 3 --warmup 1 --top_k 8,64
+  # GPU:
+  python benchmarks/offline_step.py --batch_size 64 --dtype bfloat16 --steps 20 --warmup 3
+  # smoke test (seconds):
+  python benchmarks/offline_step.py --hidden_size 64 --vocab_size 512 --teacher_layers 2 \
+      --student_layers 1 --batch_size 8 --seq_len 32 --steps 2 --warmup 1
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import distill_step  # pylint: disable=wrong-import-position
+from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
+from flaxdistil import losses, models, sharding, train  # pylint: disable=wrong-import-position
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  for name, default in (('batch_size', 32), ('seq_len', 128), ('teacher_layers', 12),
+                        ('student_layers', 6), ('vocab_size', 30522), ('hidden_size', 768),
+                        ('steps', 10), ('warmup', 2)):
+    p.add_argument(f'--{name}', type=int, default=default)
+  p.add_argument('--top_k', default='8,64', help='comma-separated k of the offline steps')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  p.add_argument('--json_out', default='')
+  return p.parse_args(argv)
+
+
+def _time_step(step_fn, state, teacher_params, batch, a, mesh, rules, shardings):
+  state_shard, t_shard = shardings
+  with sharding.mesh_context(mesh, rules):
+    fn = jax.jit(step_fn, in_shardings=(state_shard, t_shard, None), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, teacher_params, batch).compile()
+    compile_s = time.perf_counter() - t0
+  for _ in range(a.warmup):
+    state, m = compiled(state, teacher_params, batch)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(a.steps):
+    state, m = compiled(state, teacher_params, batch)
+  jax.block_until_ready((state, m))
+  step_s = (time.perf_counter() - t0) / a.steps
+  return {'step_time_s': step_s, 'tokens_per_s': a.batch_size * a.seq_len / step_s,
+          'compile_s': compile_s, 'loss': float(m['loss'])}
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  cfg = distilbert_config.get_config()
+  tcfg = models.ModelConfig(
+      model_type='bert', vocab_size=a.vocab_size, hidden_size=a.hidden_size,
+      dtype=getattr(jnp, a.dtype), num_hidden_layers=a.teacher_layers,
+      num_attention_heads=max(1, a.hidden_size // 64), intermediate_size=4 * a.hidden_size)
+  scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=a.student_layers)
+  weights = losses.DistillWeights(**{k: cfg.distill[k] for k in losses.DistillWeights._fields
+                                     if k in cfg.distill})
+  mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
+  rules = sharding.rules_tuple(cfg.mesh.logical_axis_rules)
+  tx, _ = train.make_optimizer(cfg.optim, cfg.num_train_steps)
+  state_shard, _ = train.state_layout(scfg, tx, mesh, rules)
+  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, rules)
+  b_shard = sharding.batch_sharding(mesh, rules)
+  s_params = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(1)))  # donated per run
+  host = distill_step.make_batch(a)
+  flops = distill_step.model_flops(a)
+  share = flops['teacher_fwd_flops'] / flops['flops_per_step']
+  print(f'devices: {jax.local_device_count()} x {jax.local_devices()[0].device_kind}; batch '
+        f'{a.batch_size} x {a.seq_len}, {a.dtype}, teacher {a.teacher_layers}x{a.hidden_size} -> '
+        f'student {a.student_layers}x{a.hidden_size}, vocab {a.vocab_size}', flush=True)
+
+  results = {}
+  print('timing online (teacher forward in the step) ...', flush=True)
+  t_params = jax.device_put(models.init_params(tcfg, jax.random.PRNGKey(0)), t_shard)
+  state = train.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
+  step = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights, 1)
+  batch = sharding.make_global_batch(host, b_shard, a.batch_size)
+  results['online'] = _time_step(step, state, t_params, batch, a, mesh, rules,
+                                 (state_shard, t_shard))
+  del t_params
+  rng = np.random.default_rng(0)
+  for k in [int(x) for x in a.top_k.split(',')]:
+    print(f'timing offline k={k} (cached targets in the batch) ...', flush=True)
+    shape = (a.batch_size, a.seq_len, k)
+    cached = dict(host, teacher_topk_values=np.sort(rng.normal(size=shape), -1)[..., ::-1].astype(
+                      jnp.bfloat16),
+                  teacher_topk_ids=rng.integers(0, a.vocab_size, shape, dtype=np.int32),
+                  teacher_hidden=rng.normal(size=(a.batch_size, a.seq_len, a.hidden_size)).astype(
+                      jnp.bfloat16))
+    state = train.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
+    step = train.make_train_step(models.MaskedLM(scfg), None, tx, weights, 1, offline=True)
+    batch = sharding.make_global_batch(cached, b_shard, a.batch_size)
+    results[f'offline_k{k}'] = _time_step(step, state, None, batch, a, mesh, rules,
+                                          (state_shard, None))
+
+  base = results['online']['tokens_per_s']
+  print('\n| step | step time (ms) | tokens/s | vs online |\n|---|---|---|---|')
+  for name, r in results.items():
+    print(f"| {name} | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} | "
+          f"{r['tokens_per_s'] / base:.2f}x |")
+  print(f'\nteacher-forward share of model FLOPs: {100 * share:.1f}% -> expected offline gain '
+        f'~{1 / (1 - share):.2f}x (the sparse KL and the batch transfer are extra); host load '
+        f'average {os.getloadavg()[0]:.1f}')
+  if a.json_out:
+    with open(a.json_out, 'w') as f:
+      json.dump({'args': vars(a), 'flops': flops, 'teacher_share': share, 'results': results,
+                 'device_kind': jax.local_devices()[0].device_kind}, f, indent=1)
+    print(f'wrote {a.json_out}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,394 @@
+"""Offline distillation: the teacher's targets computed once, stored, and read back per batch.
+
+`build(config, out)` runs the teacher over packed training rows and stores, for every position of
+each row, its top-k logits (values in bfloat16/float16/float32 + int32 ids, sorted descending),
+`logsumexp_V(t/T)` (float32, for the optional tail bucket) and optionally the last hidden state.
+`TeacherCache(dir)` reads it back; `TeacherCache.features(rows)` is the `row_features` hook of
+`input_pipeline.BatchIterator`, so cached targets travel with the batch through the prefetch thread.
+
+Why the UNMASKED rows: a cache computed once cannot follow dynamic masking (a new masking every
+step), so the teacher sees the original packed row and targets are stored for every non-padding
+position; the train step gathers them at whatever positions the step masks. Online distillation
+with `distill.teacher_input='original'` is the exactly equivalent online objective (tested equal at
+k = V); HF's distiller feeds the teacher the masked input ('masked', the default online).
+
+Layout of a cache directory:
+  manifest.json          teacher / tokenizer / data fingerprints, k, dtypes, T, rows, shards; written
+                         first as a plan (`complete: false`) and rewritten `complete: true` at the end
+  shard-00000.arrow ...  Arrow IPC files (pyarrow), one record batch each: `row` int64 and per row
+                         fixed-size lists `topk_values [T*k]` (uint16 bits of bf16/fp16, or float32),
+                         `topk_ids [T*k]` int32, `logz [T]` float32, `hidden [T*H]` (optional)
+Shard s holds cache positions [s*R, (s+1)*R) of the manifest's `rows` (indices into the packed
+data) and is written by host `s % process_count` to a temporary file, then renamed: a killed build
+rerun with the same command skips finished shards and gives a bit-identical cache.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+MANIFEST = 'manifest.json'
+_DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16, 'float32': np.float32}
+# Fields that must match for a cache to serve a run (or for a build to resume into a directory).
+IDENTITY_KEYS = ('data_fingerprint', 'teacher_fingerprint', 'tokenizer', 'max_seq_length')
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def data_fingerprint(packed) -> str:
+  """Fingerprint of the packed training data: `packed.fingerprint` if it has one, else the sha256
+  of its shape, dtype and bytes (~0.1 s per 50 MB)."""
+  fp = getattr(packed, 'fingerprint', None)
+  if fp:
+    return str(fp)
+  a = np.ascontiguousarray(packed)
+  h = hashlib.sha256(f'{a.shape}{a.dtype}'.encode())
+  h.update(memoryview(a).cast('B'))
+  return h.hexdigest()[:32]
+
+
+def params_fingerprint(params) -> str:
+  """sha256 of every parameter's path, shape, dtype and bytes (the teacher's identity)."""
+  h = hashlib.sha256()
+  for path, x in sorted(jax.tree_util.tree_leaves_with_path(params),
+                        key=lambda kv: jax.tree_util.keystr(kv[0])):
+    x = np.ascontiguousarray(np.asarray(x))
+    h.update(f'{jax.tree_util.keystr(path)}{x.shape}{x.dtype}'.encode())
+    h.update(memoryview(x).cast('B'))
+  return h.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- shard files
+
+def _dtype(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f'cache dtype {name!r}: use one of {sorted(_DTYPES)}.')
+  return _DTYPES[name]
+
+
+def _to_storage(x: np.ndarray) -> np.ndarray:
+  """16-bit floats as their uint16 bits (Arrow has no bfloat16); others unchanged."""
+  return x.view(np.uint16) if x.dtype in (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)) else x
+
+
+def _list_column(x: np.ndarray) -> pa.FixedSizeListArray:
+  flat = _to_storage(np.ascontiguousarray(x)).reshape(len(x), -1)
+  return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+
+
+def write_shard(path: str, arrays: dict[str, np.ndarray]) -> int:
+  """Atomically writes one shard (tmp file + os.replace); returns its size in bytes.
+
+  Args:
+    arrays: `row [R]` int64 and per-row arrays `[R, ...]` (`topk_values`, `topk_ids`, `logz`,
+      `hidden`), each stored as a fixed-size list column.
+  """
+  cols = {k: pa.array(v) if v.ndim == 1 else _list_column(v) for k, v in arrays.items()}
+  table = pa.table(cols)
+  d = os.path.dirname(path) or '.'
+  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.arrow')
+  try:
+    with os.fdopen(fd, 'wb') as f, pa.ipc.new_file(f, table.schema) as w:
+      w.write_table(table)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return os.path.getsize(path)
+
+
+def read_shard(path: str, shapes: dict[str, tuple], dtypes: dict[str, Any]) -> dict[str, np.ndarray]:
+  """Memory-maps a shard; returns zero-copy numpy views `[R, *shapes[k]]` of dtype `dtypes[k]`."""
+  table = pa.ipc.open_file(pa.memory_map(path, 'r')).read_all()
+  out = {'row': table.column('row').to_numpy()}
+  for k, shape in shapes.items():
+    col = table.column(k).combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    out[k] = flat.view(dtypes[k]).reshape((len(col),) + tuple(shape))
+  return out
+
+
+def _write_json(path: str, obj) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_', suffix='.json')
+  with os.fdopen(fd, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.chmod(tmp, 0o644)
+  os.replace(tmp, path)
+
+
+def shard_name(s: int) -> str:
+  return f'shard-{s:05d}.arrow'
+
+
+# ----------------------------------------------------------------------------- reader
+
+class TeacherCache:
+  """A complete cache directory, memory-mapped; `features(rows)` gives a batch's targets.
+
+  Args:
+    directory: a directory written by `build` (`python -m flaxdistil.cache_teacher`).
+    top_k: k to serve, <= the stored k (the stored top-k is sorted, so its first k entries are
+      the top-k); None or 0 = the stored k.
+    hidden: serve `teacher_hidden` (needs a cache built with hidden states).
+    logz: serve `teacher_logz` (for `tail_bucket`).
+  Raises:
+    ValueError: no/incomplete manifest, missing shards, k too large, hidden states not stored.
+  """
+
+  def __init__(self, directory: str, top_k: int | None = None, hidden: bool = False,
+               logz: bool = False):
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+      raise ValueError(f'teacher.cache={directory!r} has no {MANIFEST}; build it with '
+                       f'`python -m flaxdistil.cache_teacher --config ... --out {directory}`.')
+    with open(path) as f:
+      self.manifest = m = json.load(f)
+    if not m.get('complete'):
+      raise ValueError(f'teacher.cache={directory!r} is an unfinished build; rerun the same '
+                       '`python -m flaxdistil.cache_teacher` command to finish it.')
+    if m['format_version'] != FORMAT_VERSION:
+      raise ValueError(f'teacher.cache={directory!r} has format {m["format_version"]}, this code '
+                       f'reads {FORMAT_VERSION}; rebuild the cache.')
+    self.top_k = top_k or m['top_k']
+    if self.top_k > m['top_k']:
+      raise ValueError(f'teacher.cache_top_k={self.top_k} exceeds the k={m["top_k"]} stored in '
+                       f'{directory!r}; use k <= {m["top_k"]} or rebuild with a larger k.')
+    if hidden and not m['hidden_dtype']:
+      raise ValueError(f'distill.alpha_cos needs the teacher\'s last hidden states but '
+                       f'{directory!r} was built without them; rebuild with '
+                       'teacher.cache_hidden_dtype="bfloat16" or set distill.alpha_cos=0.')
+    t, k, h = m['max_seq_length'], m['top_k'], m['hidden_size']
+    shapes = {'topk_values': (t, k), 'topk_ids': (t, k), 'logz': (t,)}
+    dtypes = {'topk_values': _dtype(m['values_dtype']), 'topk_ids': np.int32, 'logz': np.float32}
+    if m['hidden_dtype']:
+      shapes['hidden'], dtypes['hidden'] = (t, h), _dtype(m['hidden_dtype'])
+    self._hidden, self._logz = hidden, logz
+    self.directory, self.rows_per_shard = directory, m['rows_per_shard']
+    self._shards = []
+    for s in range(m['num_shards']):
+      p = os.path.join(directory, shard_name(s))
+      if not os.path.exists(p):
+        raise ValueError(f'teacher.cache={directory!r} lacks {shard_name(s)}; rebuild the cache.')
+      self._shards.append(read_shard(p, shapes, dtypes))
+    rows = np.asarray(m['rows'], np.int64)
+    self._pos = np.full(m['data_shape'][0], -1, np.int64)
+    self._pos[rows] = np.arange(len(rows))
+
+  def check(self, expected: dict) -> None:
+    """Refuses a cache made for other data, another teacher or tokenizer, or another length.
+
+    Args:
+      expected: the run's values of `IDENTITY_KEYS` (`identity(...)`).
+    Raises:
+      ValueError naming every mismatching field and the fix.
+    """
+    bad = [f'{k}: cache has {self.manifest.get(k)!r}, this run has {expected[k]!r}'
+           for k in IDENTITY_KEYS if self.manifest.get(k) != expected[k]]
+    if bad:
+      raise ValueError(f'teacher.cache={self.directory!r} was built for another run ('
+                       + '; '.join(bad) + '). Build a cache for this config with '
+                       '`python -m flaxdistil.cache_teacher --config ... --out NEW_DIR`.')
+
+  def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Cached targets of packed rows `rows [B]`: `teacher_topk_values [B, T, k]` (stored dtype),
+    `teacher_topk_ids [B, T, k]` int32, and if requested `teacher_logz [B, T]` float32,
+    `teacher_hidden [B, T, H]`. Raises ValueError for a row that is not in the cache."""
+    pos = self._pos[np.asarray(rows, np.int64)]
+    if (pos < 0).any():
+      raise ValueError(f'packed row {int(np.asarray(rows)[pos < 0][0])} is not in teacher.cache='
+                       f'{self.directory!r} ({len(self.manifest["rows"])} rows cached): the run reads '
+                       'more rows than were cached; rebuild with a larger --num_rows.')
+    names = {'topk_values': 'teacher_topk_values', 'topk_ids': 'teacher_topk_ids'}
+    if self._logz:
+      names['logz'] = 'teacher_logz'
+    if self._hidden:
+      names['hidden'] = 'teacher_hidden'
+    shard, off = pos // self.rows_per_shard, pos % self.rows_per_shard
+    out = {}
+    for key, name in names.items():
+      first = self._shards[0][key]
+      cut = (slice(None), slice(None), slice(0, self.top_k)) if key.startswith('topk') else ()
+      shape = first[(slice(0, 1),) + cut[1:]].shape[1:]
+      arr = np.empty((len(pos),) + shape, first.dtype)
+      for s in np.unique(shard):
+        sel = shard == s
+        arr[sel] = self._shards[s][key][off[sel]][cut]
+      out[name] = arr
+    return out
+
+
+# ----------------------------------------------------------------------------- builder
+
+def identity(run, packed, tokenizer_fp: str, max_seq_length: int) -> dict:
+  """The `IDENTITY_KEYS` of a run: what a cache must have been built for."""
+  return {'data_fingerprint': data_fingerprint(packed),
+          'teacher_fingerprint': params_fingerprint(run.teacher_params),
+          'tokenizer': tokenizer_fp, 'max_seq_length': int(max_seq_length)}
+
+
+def plan_rows(row_fn, num_steps: int, global_batch_size: int, num_packed: int,
+              num_rows: int = 0) -> np.ndarray:
+  """The packed rows a run reads, in reading order, without repeats: `[R]` int64.
+
+  Args:
+    row_fn: `step -> [global_batch_size]` rows (`BatchIterator.rows`).
+    num_rows: rows to cache; 0 = those of steps `[0, num_steps)`. Capped at `num_packed`.
+  """
+  target = min(num_rows or num_steps * global_batch_size, num_packed)
+  seen, out, step = np.zeros(num_packed, bool), [], 0
+  total = 0
+  while total < target:
+    r = row_fn(step)
+    r = r[~seen[r]]
+    r = r[np.sort(np.unique(r, return_index=True)[1])]  # a batch straddling epochs may repeat rows
+    seen[r] = True
+    out.append(r)
+    total += len(r)
+    step += 1
+  return np.concatenate(out)[:target] if out else np.zeros((0,), np.int64)
+
+
+def make_targets_fn(model, top_k: int, temperature: float, values_dtype, hidden_dtype):
+  """`fn(params, input_ids [B, T], attention_mask [B, T]) -> dict` of the teacher's targets:
+  `topk_values [B, T, k]` (values_dtype), `topk_ids [B, T, k]` int32, `logz [B, T]` float32
+  (`logsumexp_V(t/T)`) and, if `hidden_dtype`, `hidden [B, T, H]`."""
+
+  def fn(params, input_ids, attention_mask):
+    out = model.apply({'params': params}, input_ids, attention_mask, None, deterministic=True)
+    logits = out.logits.astype(jnp.float32)                    # [B, T, V]
+    values, ids = jax.lax.top_k(logits, top_k)                 # sorted descending
+    res = {'topk_values': values.astype(values_dtype), 'topk_ids': ids.astype(jnp.int32),
+           'logz': jax.nn.logsumexp(logits / temperature, axis=-1)}
+    if hidden_dtype is not None:
+      res['hidden'] = out.hidden_states[-1].astype(hidden_dtype)
+    return res
+
+  return fn
+
+
+def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int = 1024,
+          batch_size: int = 0) -> dict:
+  """Builds (or resumes) the cache of `config`'s teacher over its packed training rows.
+
+  Args:
+    config: a training config (configs/*.py); `teacher.cache_top_k`,
+      `teacher.cache_values_dtype`, `teacher.cache_hidden_dtype` and `distill.temperature`
+      (of the stored logsumexp) set what is stored; `dtype='bfloat16'` runs the teacher in bf16.
+    out: the cache directory (created; an unfinished build there is resumed).
+    workdir: scratch directory for `setup.build_run` (synthetic corpus, tokenisation cache).
+    num_rows: rows to cache (0 = the rows the configured run reads in `num_train_steps`).
+    rows_per_shard: rows per shard file (the unit of resumption).
+    batch_size: rows per teacher forward (0 = `data.eval_batch_size`).
+  Returns:
+    The manifest (with `bytes`, `bytes_per_token`, `build_seconds`).
+  Raises:
+    setup.ConfigError: streaming data, a task config, no teacher with an MLM head, or `out`
+      holding a cache (or unfinished build) for another run.
+  """
+  from flaxdistil import setup  # pylint: disable=g-import-not-at-top
+  from flaxdistil import models, sharding  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  if config.data.streaming or config.data.task:
+    raise setup.ConfigError('cache_teacher needs packed MLM data: data.streaming=False, no data.task.')
+  run = setup.build_run(config, workdir)
+  if run.teacher_params is None or not run.teacher_config.with_mlm_head:
+    raise setup.ConfigError('cache_teacher needs a teacher with an MLM head (teacher.path or '
+                            'teacher.random_init).')
+  tc = config.teacher
+  k = int(tc.cache_top_k) or run.teacher_config.vocab_size  # 0: k = V, the dense targets
+  if not 0 < k <= run.teacher_config.vocab_size:
+    raise setup.ConfigError(f'teacher.cache_top_k={k} must be in [0, vocab_size='
+                            f'{run.teacher_config.vocab_size}] (0 = vocab_size).')
+  values_dtype, hidden_dtype = _dtype(tc.cache_values_dtype), (
+      _dtype(tc.cache_hidden_dtype) if tc.cache_hidden_dtype else None)
+  packed = run.train_packed
+  it = run.train_batches(0)
+  try:
+    rows = plan_rows(it.rows, config.num_train_steps, config.data.global_batch_size, len(packed),
+                     num_rows)
+  finally:
+    it.close()
+  t = int(config.data.max_seq_length)
+  plan = {
+      'format_version': FORMAT_VERSION, 'complete': False,
+      **identity(run, packed, run.fingerprint['tokenizer_vocab'], t),
+      'data_shape': list(packed.shape), 'teacher': run.info['teacher'],
+      'teacher_config': run.fingerprint['teacher_config'], 'teacher_dtype': config.dtype,
+      'top_k': k, 'values_dtype': tc.cache_values_dtype, 'ids_dtype': 'int32',
+      'hidden_dtype': tc.cache_hidden_dtype or None, 'hidden_size': run.teacher_config.hidden_size,
+      'temperature': float(config.distill.temperature), 'teacher_input': 'original',
+      'rows_per_shard': int(rows_per_shard), 'num_shards': -(-len(rows) // rows_per_shard),
+      'batch_size': 0, 'seed': config.seed, 'rows': rows.tolist(),
+  }
+  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, devices=jax.local_devices())
+  rules = run.teacher_rules
+  shards_n = sharding.num_batch_shards(mesh, rules)
+  bs = batch_size or config.data.eval_batch_size
+  plan['batch_size'] = bs = max(shards_n, bs - bs % shards_n)
+  os.makedirs(out, exist_ok=True)
+  mpath = os.path.join(out, MANIFEST)
+  if os.path.exists(mpath):
+    with open(mpath) as f:
+      old = json.load(f)
+    same = {k_: v for k_, v in old.items() if k_ in plan and k_ != 'complete'} == {
+        k_: v for k_, v in plan.items() if k_ != 'complete'}
+    if not same:
+      diff = sorted(k_ for k_ in plan if k_ != 'complete' and old.get(k_) != plan[k_])
+      raise setup.ConfigError(f'--out {out!r} holds a cache for another config (differs in '
+                              f'{diff}); choose a new --out or delete it.')
+    if old.get('complete'):
+      logging.info('%s is already complete.', out)
+      return old
+  elif jax.process_index() == 0:
+    _write_json(mpath, plan)
+
+  t_shard = sharding.param_shardings(models.abstract_params(run.teacher_config), mesh, rules)
+  b_shard = sharding.batch_sharding(mesh, rules)
+  fn = make_targets_fn(run.teacher_model, k, float(config.distill.temperature),
+                       values_dtype, hidden_dtype)
+  with sharding.mesh_context(mesh, rules):
+    jfn = jax.jit(fn, in_shardings=(t_shard, b_shard, b_shard))
+    params = jax.device_put(run.teacher_params, t_shard)
+    done = 0
+    for s in range(plan['num_shards']):
+      path = os.path.join(out, shard_name(s))
+      if s % jax.process_count() != jax.process_index() or os.path.exists(path):
+        continue
+      srows = rows[s * rows_per_shard:(s + 1) * rows_per_shard]
+      parts = []
+      for i in range(0, len(srows), bs):
+        ids = packed[srows[i:i + bs]]
+        n = len(ids)
+        ids = np.concatenate([ids, np.zeros((bs - n, t), ids.dtype)])  # pad rows, dropped below
+        mask = (ids != 0).astype(np.int32)  # pad id 0, as BatchIterator's default pad_token_id
+        res = jax.device_get(jfn(params, *jax.device_put((ids, mask), b_shard)))
+        parts.append({k_: np.asarray(v)[:n] for k_, v in res.items()})
+      arrays = {'row': srows, **{k_: np.concatenate([p[k_] for p in parts]) for k_ in parts[0]}}
+      write_shard(path, arrays)
+      done += 1
+      logging.info('shard %d/%d written (%d rows, %.0f s)', s + 1, plan['num_shards'], len(srows),
+                   time.time() - t0)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('flaxdistil_teacher_cache_done')
+  sizes = [os.path.getsize(os.path.join(out, shard_name(s))) for s in range(plan['num_shards'])]
+  tokens = int((packed[rows] != 0).sum())
+  manifest = dict(plan, complete=True, bytes=int(sum(sizes)), num_tokens=tokens,
+                  bytes_per_token=round(sum(sizes) / max(tokens, 1), 2),
+                  build_seconds=round(time.time() - t0, 1), shards_built_this_run=done)
+  if jax.process_index() == 0:
+    _write_json(mpath, manifest)
+  return manifest
