@@ -561,12 +561,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_log, tokens_since, steps_since = time.time(), 0.0, 0
   t_start, meas_tokens, meas_seconds, first_interval = time.time(), 0.0, 0.0, True
   step = start_step
+  in_flight = None
   try:
     with sharding.mesh_context(mesh, rules):
       while step < stop_step:
         host_batch = next(batches)
         tokens_since += float(host_batch['attention_mask'].sum()) * jax.process_count()
         state, metrics = p_train_step(state, step_t_params, shard_batch(host_batch))
+        # Dispatch is asynchronous: unchecked, the loop runs up to log_every_steps ahead of the
+        # device, and a SIGTERM then waits for all of those steps before its checkpoint. Waiting
+        # for the previous step keeps one step queued behind the running one.
+        if in_flight is not None:
+          jax.block_until_ready(in_flight)
+        in_flight = metrics['loss']
         step += 1
         steps_since += 1
         stop_now = preempt.agreed()
