@@ -180,7 +180,8 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
       num_hidden_layers=a.teacher_layers, num_attention_heads=a.hidden_size // 64,
       intermediate_size=4 * a.hidden_size)
   scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=a.student_layers)
-  weights = losses.DistillWeights(**{k: cfg.distill[k] for k in losses.DistillWeights._fields})
+  weights = losses.DistillWeights(**{k: cfg.distill[k] for k in losses.DistillWeights._fields
+                                     if k in cfg.distill})
 
   # Pure data parallelism over this host's devices (mesh (-1, 1, 1) of the recipe).
   mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
