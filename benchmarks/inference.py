@@ -99,12 +99,6 @@ def onnx_paths(hf_dir: str, work_dir: str) -> tuple[str, str]:
   return report['onnx'], report['int8']
 
 
-def weights_bytes(hf_dir: str) -> int:
-  """Bytes of the safetensors / pytorch_model.bin weight files in `hf_dir`."""
-  return sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)
-             if f.endswith('.safetensors') or f == 'pytorch_model.bin')
-
-
 def bench_model(name: str, hf_dir: str, args) -> dict:
   """One row: params, sizes and per-backend b=1 latency / b=32 throughput."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -124,7 +118,7 @@ def bench_model(name: str, hf_dir: str, args) -> dict:
   one, many = feeds(1), feeds(args.batch_size)
   row = {'model': name, 'path': hf_dir, 'class': type(model).__name__,
          'params': sum(p.numel() for p in model.parameters()),
-         'fp32_mb': weights_bytes(hf_dir) / 1e6, 'onnx_mb': os.path.getsize(fp32) / 1e6,
+         'fp32_mb': onnx_export.weights_bytes(hf_dir) / 1e6, 'onnx_mb': os.path.getsize(fp32) / 1e6,
          'int8_mb': os.path.getsize(int8) / 1e6}
   runners = {'torch': None, 'onnxruntime': onnx_export.ort_session(fp32, args.threads),
              'onnxruntime_int8': onnx_export.ort_session(int8, args.threads)}

@@ -41,6 +41,12 @@ _SIDE_FILES = ('config.json', 'tokenizer.json', 'tokenizer_config.json', 'vocab.
                'special_tokens_map.json')
 
 
+def weights_bytes(hf_dir: str) -> int:
+  """Bytes of the safetensors / pytorch_model.bin weight files in `hf_dir`."""
+  return sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)
+             if f.endswith('.safetensors') or f == 'pytorch_model.bin')
+
+
 def load_torch_model(hf_dir: str):
   """`(model, output_name)`: the float32 eval-mode transformers model in `hf_dir`.
 

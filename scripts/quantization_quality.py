@@ -145,8 +145,7 @@ def main():
 
   main_key = 'accuracy'
   base = results['torch fp32'][main_key]
-  size = {'torch fp32': sum(os.path.getsize(os.path.join(args.hf, f)) for f in os.listdir(args.hf)
-                            if f.endswith('.safetensors')),
+  size = {'torch fp32': onnx_export.weights_bytes(args.hf),
           'onnxruntime fp32': os.path.getsize(os.path.join(onnx_dir, onnx_export.ONNX_FILE)),
           'onnxruntime int8': os.path.getsize(os.path.join(onnx_dir, onnx_export.INT8_FILE))}
   if args.task == 'mlm':
