@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.restrict_ce_to_mask = False  # KL over masked tokens only (else all non-pad)
   c.distill.max_predictions_per_seq = 0  # >0: MLM heads only on <= this many masked positions
   c.distill.vocab_chunk_size = 0    # >0: vocab terms this many positions at a time, no [B, T, V] logits
+                                    # (same values; dense anyway with teacher.cache: its KL is sparse)
                                          # per sequence (needs restrict_ce_to_mask; ~3x faster
                                          # for small models whose vocab projection dominates)
   # TinyBERT (Jiao et al., 2020) / MiniLM (Wang et al., 2020) intermediate-layer terms:
