@@ -311,9 +311,7 @@ def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str):
   try:
     cache = teacher_cache.TeacherCache(t.cache, top_k=t.cache_top_k, hidden=bool(d.alpha_cos),
                                        logz=t.cache_tail_bucket)
-    cache.check({'data_fingerprint': teacher_cache.data_fingerprint(packed),
-                 'teacher_fingerprint': teacher_cache.params_fingerprint(tparams),
-                 'tokenizer': tokenizer_fp, 'max_seq_length': int(config.data.max_seq_length)})
+    cache.check(teacher_cache.identity(tparams, packed, tokenizer_fp, config.data.max_seq_length))
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if t.cache_tail_bucket and cache.manifest['temperature'] != d.temperature:

@@ -232,10 +232,10 @@ class TeacherCache:
 
 # ----------------------------------------------------------------------------- builder
 
-def identity(run, packed, tokenizer_fp: str, max_seq_length: int) -> dict:
+def identity(teacher_params, packed, tokenizer_fp: str, max_seq_length: int) -> dict:
   """The `IDENTITY_KEYS` of a run: what a cache must have been built for."""
   return {'data_fingerprint': data_fingerprint(packed),
-          'teacher_fingerprint': params_fingerprint(run.teacher_params),
+          'teacher_fingerprint': params_fingerprint(teacher_params),
           'tokenizer': tokenizer_fp, 'max_seq_length': int(max_seq_length)}
 
 
@@ -324,7 +324,7 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   t = int(config.data.max_seq_length)
   plan = {
       'format_version': FORMAT_VERSION, 'complete': False,
-      **identity(run, packed, run.fingerprint['tokenizer_vocab'], t),
+      **identity(run.teacher_params, packed, run.fingerprint['tokenizer_vocab'], t),
       'data_shape': list(packed.shape), 'teacher': run.info['teacher'],
       'teacher_config': run.fingerprint['teacher_config'], 'teacher_dtype': config.dtype,
       'top_k': k, 'values_dtype': tc.cache_values_dtype, 'ids_dtype': 'int32',
