@@ -41,7 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher.cache_top_k = 64            # k stored at build; at training: k used (<= stored k);
                                         # 0 = all (build: k = vocab_size; training: stored k)
   c.teacher.cache_values_dtype = 'bfloat16'  # stored top-k logits: bfloat16 | float16 | float32
-  c.teacher.cache_hidden_dtype = 'bfloat16'  # stored last hidden state (alpha_cos); '' = none
+  c.teacher.cache_hidden_dtype = 'bfloat16'  # stored last hidden state (alpha_cos) and the
+                                        # intermediate layers the distill alphas read; '' = none
+  c.teacher.cache_hidden_layers = ()    # more teacher hidden_states to store (0 = embeddings,
+                                        # -1 = last), e.g. all of them for layer-map sweeps
   c.teacher.cache_tail_bucket = True    # sparse KL: teacher's tail mass as a (k+1)-th bucket
                                         # (False: top-k renormalised; far worse on a flat
                                         # teacher, NOTES_issue10.md)

@@ -123,7 +123,8 @@ def read_meta(workdir: str, step: int | None = None) -> dict | None:
 
 # Fields whose change between runs would silently corrupt a resumed run.
 _BREAKING = ('student_config', 'teacher_config', 'global_batch_size', 'max_seq_length', 'seed',
-             'train_data', 'student_init', 'tokenizer_vocab', 'projection', 'task')
+             'train_data', 'student_init', 'tokenizer_vocab', 'projection', 'task',
+             'teacher_targets')
 
 
 def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:

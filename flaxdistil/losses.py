@@ -123,13 +123,41 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
 class CachedTeacherOutput(NamedTuple):
   """The teacher's stored targets standing in for its `ModelOutput` (offline distillation).
 
-  topk_values / topk_ids: `[B, T, k]`; logz: `[B, T]` float32 or None;
-  hidden_states: `(last_hidden [B, T, H],)` or None.
+  topk_values / topk_ids: `[B, T, k]`; logz: `[B, T]` float32 or None. The intermediate fields
+  have `ModelOutput`'s length and layout, None at the layers the cache did not serve:
+  hidden_states: L + 1 entries `[B, T, H]` (the last one is what alpha_cos reads);
+  attentions / attention_scores: L entries `[B, h, T, T]`; values: L entries `[B, h, T, d]`.
   """
   topk_values: jax.Array
   topk_ids: jax.Array
   logz: jax.Array | None = None
   hidden_states: tuple | None = None
+  attentions: tuple | None = None
+  attention_scores: tuple | None = None
+  values: tuple | None = None
+
+
+def cached_teacher_output(batch: Mapping[str, jax.Array],
+                          num_teacher_layers: int) -> CachedTeacherOutput:
+  """The `CachedTeacherOutput` of a batch carrying `teacher.cache` targets.
+
+  Args:
+    batch: `teacher_topk_values`, `teacher_topk_ids`, optional `teacher_logz`, `teacher_hidden`
+      (last hidden state) and `teacher_{field}_{i}` entries (`teacher_cache.TeacherCache.features`).
+    num_teacher_layers: L, so that negative layer indices (MiniLM's last layer) resolve as online.
+  """
+  n = num_teacher_layers
+  fields = {'hidden_states': [None] * (n + 1), 'attentions': [None] * n,
+            'attention_scores': [None] * n, 'values': [None] * n}
+  for key, x in batch.items():
+    for f, entries in fields.items():
+      if key.startswith(f'teacher_{f}_'):
+        entries[int(key[len(f) + 9:])] = x
+  if 'teacher_hidden' in batch:
+    fields['hidden_states'][n] = batch['teacher_hidden']
+  return CachedTeacherOutput(
+      batch['teacher_topk_values'], batch['teacher_topk_ids'], batch.get('teacher_logz'),
+      **{f: tuple(v) if any(x is not None for x in v) else None for f, v in fields.items()})
 
 
 def mlm_cross_entropy(logits, labels) -> Pair:

@@ -300,17 +300,18 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
   return train_batches, eval_batches, packed
 
 
-def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str):
+def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_teacher_layers):
   """The `row_features` hook serving `teacher.cache` to this run, after checking it fits."""
   t, d = config.teacher, config.distill
   if config.data.streaming or config.data.task:
     raise ConfigError('teacher.cache needs packed MLM data (data.streaming=False, no data.task).')
-  if d.alpha_mse or any(intermediate.term_alphas(intermediate_weights(d)).values()):
-    raise ConfigError('teacher.cache stores top-k logits and the last hidden state only: set '
-                      'distill.alpha_mse=0 and the intermediate-layer alphas to 0.')
+  if d.alpha_mse:
+    raise ConfigError('teacher.cache stores top-k logits, not the full logits distill.alpha_mse '
+                      'compares: set distill.alpha_mse=0 (or train online without teacher.cache).')
   try:
-    cache = teacher_cache.TeacherCache(t.cache, top_k=t.cache_top_k, hidden=bool(d.alpha_cos),
-                                       logz=t.cache_tail_bucket)
+    cache = teacher_cache.TeacherCache(
+        t.cache, top_k=t.cache_top_k, hidden=bool(d.alpha_cos), logz=t.cache_tail_bucket,
+        layers=teacher_cache.needed_layers(inter, num_teacher_layers))
     cache.check(teacher_cache.identity(tparams, packed, tokenizer_fp, config.data.max_seq_length))
   except ValueError as e:
     raise ConfigError(str(e)) from e
@@ -322,7 +323,10 @@ def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str):
   logging.info('teacher.cache %s: k=%d of %d stored (%s), %d rows', t.cache, cache.top_k,
                cache.manifest['top_k'], cache.manifest['values_dtype'],
                len(cache.manifest['rows']))
-  return cache.features
+  return cache.features, {'cache': cache.manifest.get('teacher_fingerprint'),
+                          'data': cache.manifest.get('data_fingerprint'),
+                          'top_k': cache.top_k, 'tail_bucket': bool(t.cache_tail_bucket),
+                          'teacher_input': cache.manifest.get('teacher_input')}
 
 
 def _task_batches(config, task, tokenizer, train_files, eval_files, mesh, rules):
@@ -474,8 +478,11 @@ def build_run(config, workdir: str) -> Run:
     if tcfg is None:
       raise ConfigError('teacher.cache needs the teacher it was built from (teacher.path) to check '
                         'its identity and to evaluate it.')
-    train_batches = functools.partial(
-        train_batches, row_features=_open_teacher_cache(config, tparams, packed, tokenizer_fp))
+    features, targets = _open_teacher_cache(config, tparams, packed, tokenizer_fp, inter,
+                                            tcfg.num_hidden_layers)
+    train_batches = functools.partial(train_batches, row_features=features)
+  else:
+    targets = 'online' if tcfg is not None else None
   fingerprint = {
       'student_config': strip(scfg), 'teacher_config': strip(tcfg),
       'global_batch_size': gbs, 'max_seq_length': d.max_seq_length, 'seed': config.seed,
@@ -484,6 +491,9 @@ def build_run(config, workdir: str) -> Run:
       'student_init': config.student.init,
       'projection': projection, 'task': d.task,
       'tokenizer_vocab': tokenizer_fp,
+      # where the teacher's targets come from: a resumed run switching between online and a cache,
+      # or to a cache with another k, would change its objective mid-run
+      'teacher_targets': targets,
   }
   return Run(
       student_config=scfg, student_model=models.MaskedLM(scfg), student_params=sparams,

@@ -2,7 +2,8 @@
 
 `build(config, out)` runs the teacher over packed training rows and stores, for every position of
 each row, its top-k logits (values in bfloat16/float16/float32 + int32 ids, sorted descending),
-`logsumexp_V(t/T)` (float32, for the optional tail bucket) and optionally the last hidden state.
+`logsumexp_V(t/T)` (float32, for the optional tail bucket), optionally the last hidden state, and
+the intermediate outputs the config's TinyBERT/MiniLM terms read (`needed_layers`).
 `TeacherCache(dir)` reads it back; `TeacherCache.features(rows)` is the `row_features` hook of
 `input_pipeline.BatchIterator`, so cached targets travel with the batch through the prefetch thread.
 
@@ -17,7 +18,10 @@ Layout of a cache directory:
                          first as a plan (`complete: false`) and rewritten `complete: true` at the end
   shard-00000.arrow ...  Arrow IPC files (pyarrow), one record batch each: `row` int64 and per row
                          fixed-size lists `topk_values [T*k]` (uint16 bits of bf16/fp16, or float32),
-                         `topk_ids [T*k]` int32, `logz [T]` float32, `hidden [T*H]` (optional)
+                         `topk_ids [T*k]` int32, `logz [T]` float32, `hidden [T*H]` (optional),
+                         and per `manifest['layers']` entry (stored in `hidden_dtype`):
+                         `hidden_states_i [T*H]` (i = 0 embeddings, i = layer i's output),
+                         `attentions_l` / `attention_scores_l [h*T*T]`, `values_l [h*T*d]`
 Shard s holds cache positions [s*R, (s+1)*R) of the manifest's `rows` (indices into the packed
 data) and is written by host `s % process_count` to a temporary file, then renamed: a killed build
 rerun with the same command skips finished shards and gives a bit-identical cache.
@@ -42,6 +46,56 @@ MANIFEST = 'manifest.json'
 _DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16, 'float32': np.float32}
 # Fields that must match for a cache to serve a run (or for a build to resume into a directory).
 IDENTITY_KEYS = ('data_fingerprint', 'teacher_fingerprint', 'tokenizer', 'max_seq_length')
+# Intermediate `models.ModelOutput` fields a cache can hold, by teacher index.
+LAYER_FIELDS = ('hidden_states', 'attentions', 'attention_scores', 'values')
+
+
+def needed_layers(inter, num_teacher_layers: int, extra_hidden=()) -> dict[str, list[int]]:
+  """`ModelOutput` field -> sorted teacher indices an intermediate objective reads.
+
+  Args:
+    inter: `(intermediate.IntermediateWeights, layer_map)` or None (`setup.Run.inter`).
+    num_teacher_layers: L.
+    extra_hidden: more `hidden_states` indices to store (e.g. all of them for sweeps over
+      student depth / layer maps); negative counts from the end.
+  Returns:
+    e.g. `{'hidden_states': [0, 2, 4], 'values': [3]}`: `hidden_states` indices are 0 =
+    embeddings, i = output of layer i (as `ModelOutput.hidden_states`); the other fields are 0-based
+    layers. Fields nothing reads are absent.
+  """
+  n = num_teacher_layers
+  out = {f: set() for f in LAYER_FIELDS}
+  out['hidden_states'].update(int(i) % (n + 1) for i in extra_hidden)
+  if inter:
+    w, layer_map = inter
+    if w.alpha_emb:
+      out['hidden_states'].add(0)
+    if w.alpha_hidden:
+      out['hidden_states'].update(1 + int(m) for m in layer_map)
+    if w.alpha_attn_score:
+      out['attention_scores'].update(int(m) for m in layer_map)
+    if w.alpha_attn_kl:
+      out['attentions'].add(w.relation_teacher_layer % n)
+    if w.alpha_value_kl:
+      out['values'].add(w.relation_teacher_layer % n)
+  return {f: sorted(v) for f, v in out.items() if v}
+
+
+def _layer_columns(layers: dict, num_teacher_layers: int, last_hidden: bool) -> dict:
+  """(field, index) -> column name; the last hidden state is the `hidden` column when stored."""
+  cols = {}
+  for f, idx in layers.items():
+    for i in idx:
+      last = f == 'hidden_states' and i == num_teacher_layers and last_hidden
+      cols[(f, i)] = 'hidden' if last else f'{f}_{i}'
+  return cols
+
+
+def _layer_shape(field: str, cfg: dict, t: int) -> tuple:
+  """Per-row shape of a stored intermediate output (`ModelOutput` layout without the batch)."""
+  h, heads = cfg['hidden_size'], cfg['num_attention_heads']
+  return {'hidden_states': (t, h), 'attentions': (heads, t, t), 'attention_scores': (heads, t, t),
+          'values': (heads, t, h // heads)}[field]
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -144,12 +198,15 @@ class TeacherCache:
       the top-k); None or 0 = the stored k.
     hidden: serve `teacher_hidden` (needs a cache built with hidden states).
     logz: serve `teacher_logz` (for `tail_bucket`).
+    layers: intermediate outputs to serve, `needed_layers(...)` of the run (as
+      `teacher_{field}_{i}` batch entries in the `ModelOutput` layout).
   Raises:
-    ValueError: no/incomplete manifest, missing shards, k too large, hidden states not stored.
+    ValueError: no/incomplete manifest, missing shards, k too large, hidden states or a needed
+      intermediate layer not stored.
   """
 
   def __init__(self, directory: str, top_k: int | None = None, hidden: bool = False,
-               logz: bool = False):
+               logz: bool = False, layers: dict | None = None):
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
       raise ValueError(f'teacher.cache={directory!r} has no {MANIFEST}; build it with '
@@ -175,6 +232,24 @@ class TeacherCache:
     dtypes = {'topk_values': _dtype(m['values_dtype']), 'topk_ids': np.int32, 'logz': np.float32}
     if m['hidden_dtype']:
       shapes['hidden'], dtypes['hidden'] = (t, h), _dtype(m['hidden_dtype'])
+    n_layers = m['teacher_config']['num_hidden_layers']
+    stored = _layer_columns(m.get('layers') or {}, n_layers, bool(m['hidden_dtype']))
+    if m['hidden_dtype']:
+      stored[('hidden_states', n_layers)] = 'hidden'
+    want = _layer_columns(layers or {}, n_layers, bool(m['hidden_dtype']))
+    missing = [f'{f}[{i}]' for f, i in want if (f, i) not in stored]
+    if missing:
+      have = sorted(f'{f}[{i}]' for f, i in stored)
+      raise ValueError(f'this run\'s intermediate terms read teacher {", ".join(missing)} but '
+                       f'teacher.cache={directory!r} stores only {have or "none"}; rebuild the '
+                       'cache with this config (python -m flaxdistil.cache_teacher stores what '
+                       'its distill alphas and layer_map need; teacher.cache_hidden_layers adds '
+                       'more hidden_states), or change the distill alphas / layer_map.')
+    for (f, i), col in stored.items():
+      if col != 'hidden':
+        shapes[col] = _layer_shape(f, m['teacher_config'], t)
+        dtypes[col] = _dtype(m['hidden_dtype'])
+    self._layer_names = [(stored[key], f'teacher_{key[0]}_{key[1]}') for key in want]
     self._hidden, self._logz = hidden, logz
     self.directory, self.rows_per_shard = directory, m['rows_per_shard']
     self._shards = []
@@ -205,20 +280,26 @@ class TeacherCache:
   def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Cached targets of packed rows `rows [B]`: `teacher_topk_values [B, T, k]` (stored dtype),
     `teacher_topk_ids [B, T, k]` int32, and if requested `teacher_logz [B, T]` float32,
-    `teacher_hidden [B, T, H]`. Raises ValueError for a row that is not in the cache."""
+    `teacher_hidden [B, T, H]`, `teacher_{field}_{i}` (`[B, T, H]` hidden states, `[B, h, T, T]`
+    attentions / attention_scores, `[B, h, T, d]` values; stored dtype). Raises ValueError for a
+    row that is not in the cache."""
     pos = self._pos[np.asarray(rows, np.int64)]
     if (pos < 0).any():
       raise ValueError(f'packed row {int(np.asarray(rows)[pos < 0][0])} is not in teacher.cache='
                        f'{self.directory!r} ({len(self.manifest["rows"])} rows cached): the run reads '
                        'more rows than were cached; rebuild with a larger --num_rows.')
-    names = {'topk_values': 'teacher_topk_values', 'topk_ids': 'teacher_topk_ids'}
+    names = [('topk_values', 'teacher_topk_values'), ('topk_ids', 'teacher_topk_ids')]
     if self._logz:
-      names['logz'] = 'teacher_logz'
+      names.append(('logz', 'teacher_logz'))
     if self._hidden:
-      names['hidden'] = 'teacher_hidden'
+      names.append(('hidden', 'teacher_hidden'))
+    names += self._layer_names
     shard, off = pos // self.rows_per_shard, pos % self.rows_per_shard
     out = {}
-    for key, name in names.items():
+    for key, name in names:
+      if key == 'hidden' and name != 'teacher_hidden' and 'teacher_hidden' in out:
+        out[name] = out['teacher_hidden']  # the last hidden state serves alpha_cos and a layer term
+        continue
       first = self._shards[0][key]
       cut = (slice(None), slice(None), slice(0, self.top_k)) if key.startswith('topk') else ()
       shape = first[(slice(0, 1),) + cut[1:]].shape[1:]
@@ -261,19 +342,29 @@ def plan_rows(row_fn, num_steps: int, global_batch_size: int, num_packed: int,
   return np.concatenate(out)[:target] if out else np.zeros((0,), np.int64)
 
 
-def make_targets_fn(model, top_k: int, temperature: float, values_dtype, hidden_dtype):
+def make_targets_fn(model, top_k: int, temperature: float, values_dtype, hidden_dtype,
+                    layers: dict | None = None):
   """`fn(params, input_ids [B, T], attention_mask [B, T]) -> dict` of the teacher's targets:
   `topk_values [B, T, k]` (values_dtype), `topk_ids [B, T, k]` int32, `logz [B, T]` float32
-  (`logsumexp_V(t/T)`) and, if `hidden_dtype`, `hidden [B, T, H]`."""
+  (`logsumexp_V(t/T)`), if `hidden_dtype` `hidden [B, T, H]`, and for each `layers` entry
+  `{field}_{i}` in hidden_dtype (`ModelOutput.{field}[i]`, batch first)."""
+  layers = layers or {}
+  flags = {'output_attentions': 'attentions' in layers,
+           'output_attention_scores': 'attention_scores' in layers,
+           'output_values': 'values' in layers}
 
   def fn(params, input_ids, attention_mask):
-    out = model.apply({'params': params}, input_ids, attention_mask, None, deterministic=True)
+    out = model.apply({'params': params}, input_ids, attention_mask, None, deterministic=True,
+                      **flags)
     logits = out.logits.astype(jnp.float32)                    # [B, T, V]
     values, ids = jax.lax.top_k(logits, top_k)                 # sorted descending
     res = {'topk_values': values.astype(values_dtype), 'topk_ids': ids.astype(jnp.int32),
            'logz': jax.nn.logsumexp(logits / temperature, axis=-1)}
     if hidden_dtype is not None:
       res['hidden'] = out.hidden_states[-1].astype(hidden_dtype)
+    for field, idx in layers.items():
+      for i in idx:
+        res[f'{field}_{i}'] = getattr(out, field)[i].astype(hidden_dtype)
     return res
 
   return fn
@@ -286,7 +377,9 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   Args:
     config: a training config (configs/*.py); `teacher.cache_top_k`,
       `teacher.cache_values_dtype`, `teacher.cache_hidden_dtype` and `distill.temperature`
-      (of the stored logsumexp) set what is stored; `dtype='bfloat16'` runs the teacher in bf16.
+      (of the stored logsumexp) set what is stored; the intermediate outputs its TinyBERT/MiniLM
+      alphas and layer map read (`needed_layers`) plus `teacher.cache_hidden_layers` are stored
+      too; `dtype='bfloat16'` runs the teacher in bf16.
     out: the cache directory (created; an unfinished build there is resumed).
     workdir: scratch directory for `setup.build_run` (synthetic corpus, tokenisation cache).
     num_rows: rows to cache (0 = the rows the configured run reads in `num_train_steps`).
@@ -314,6 +407,14 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
                             f'{run.teacher_config.vocab_size}] (0 = vocab_size).')
   values_dtype, hidden_dtype = _dtype(tc.cache_values_dtype), (
       _dtype(tc.cache_hidden_dtype) if tc.cache_hidden_dtype else None)
+  n_layers = run.teacher_config.num_hidden_layers
+  layers = needed_layers(run.inter, n_layers, tuple(tc.cache_hidden_layers))
+  if layers and hidden_dtype is None:
+    raise setup.ConfigError(f'the intermediate terms need teacher {layers} stored, in '
+                            'teacher.cache_hidden_dtype, which is empty; set it to "bfloat16".')
+  if hidden_dtype is not None and n_layers in layers.get('hidden_states', ()):
+    layers['hidden_states'].remove(n_layers)  # it is the `hidden` column
+    layers = {f: v for f, v in layers.items() if v}
   packed = run.train_packed
   it = run.train_batches(0)
   try:
@@ -329,6 +430,7 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
       'teacher_config': run.fingerprint['teacher_config'], 'teacher_dtype': config.dtype,
       'top_k': k, 'values_dtype': tc.cache_values_dtype, 'ids_dtype': 'int32',
       'hidden_dtype': tc.cache_hidden_dtype or None, 'hidden_size': run.teacher_config.hidden_size,
+      'layers': layers,
       'temperature': float(config.distill.temperature), 'teacher_input': 'original',
       'rows_per_shard': int(rows_per_shard), 'num_shards': -(-len(rows) // rows_per_shard),
       'batch_size': 0, 'seed': config.seed, 'rows': rows.tolist(),
@@ -358,7 +460,7 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   t_shard = sharding.param_shardings(models.abstract_params(run.teacher_config), mesh, rules)
   b_shard = sharding.batch_sharding(mesh, rules)
   fn = make_targets_fn(run.teacher_model, k, float(config.distill.temperature),
-                       values_dtype, hidden_dtype)
+                       values_dtype, hidden_dtype, layers)
   with sharding.mesh_context(mesh, rules):
     jfn = jax.jit(fn, in_shardings=(t_shard, b_shard, b_shard))
     params = jax.device_put(run.teacher_params, t_shard)

@@ -137,8 +137,10 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
       `offline` (the sparse KL reads the student's full-vocabulary logits).
     offline: the teacher's targets come with the batch (`teacher.cache`:
       `teacher_topk_values`/`teacher_topk_ids [B, T, k]`, optional
-      `teacher_logz [B, T]`, `teacher_hidden [B, T, H]`); no teacher forward,
-      the KL is `losses.sparse_kl_div_loss`.
+      `teacher_logz [B, T]`, `teacher_hidden [B, T, H]`, intermediate
+      `teacher_{field}_{i}`; `losses.cached_teacher_output`); no teacher
+      forward (`teacher` only gives its layer count), the KL is
+      `losses.sparse_kl_div_loss`.
     teacher_input: 'masked' (HF distiller: the teacher sees the student's
       masked input) or 'original' (the unmasked tokens, recovered from the
       labels; what a teacher cache stores, so offline at k = V equals it).
@@ -173,9 +175,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
           mb['attention_mask'], types, deterministic=True, logits_positions=pos,
           return_mlm_hidden=hidden_only, **out_flags))
     elif offline:
-      t_out = losses.CachedTeacherOutput(
-          mb['teacher_topk_values'], mb['teacher_topk_ids'], mb.get('teacher_logz'),
-          (mb['teacher_hidden'],) if 'teacher_hidden' in mb else None)
+      t_out = losses.cached_teacher_output(mb, teacher.config.num_hidden_layers)
     if task:
       terms = losses.task_terms(s_out, t_out, mb, weights)
       loss = losses.combine(terms, counts, weights)

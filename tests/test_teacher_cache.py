@@ -213,3 +213,63 @@ def test_offline_run_at_k_equal_vocab_equals_online_run_with_original_input(buil
   if max_predictions:  # today's default, the teacher seeing the masked input, is another objective
     masked = step_metrics()
     assert not np.isclose(masked[0]['loss_ce'], online[0]['loss_ce'], rtol=1e-2)
+
+
+_INTER = {'distill.alpha_emb': 1.0, 'distill.alpha_hidden': 1.0, 'distill.alpha_attn_score': 0.5,
+          'distill.alpha_attn_kl': 1.0, 'distill.alpha_value_kl': 1.0}
+
+
+def test_intermediate_layers_cached_equal_the_online_teacher_and_missing_ones_are_refused(built):
+  """TinyBERT + MiniLM terms from a cache (k = V, float32) equal online with the unmasked input."""
+  root, _, _ = built
+  c = _config(**_INTER, **{'teacher.cache_top_k': 0, 'teacher.cache_hidden_layers': (1,)})
+  m = teacher_cache.build(c, str(root / 'cache_inter'), str(root / 'work'), rows_per_shard=16,
+                          batch_size=8)
+  # uniform map of 2 student onto 4 teacher layers: [1, 3]; hidden_states[4] is the `hidden` column
+  assert m['layers'] == {'hidden_states': [0, 1, 2], 'attention_scores': [1, 3],
+                         'attentions': [3], 'values': [3]}
+  cache = teacher_cache.TeacherCache(str(root / 'cache_inter'), hidden=True,
+                                     layers={'hidden_states': [1, 4], 'values': [3]})
+  f = cache.features(np.asarray(m['rows'][:3]))
+  assert f['teacher_values_3'].shape == (3, 4, 32, 8)
+  np.testing.assert_array_equal(f['teacher_hidden_states_4'], f['teacher_hidden'])
+
+  def step_metrics(**more):
+    c = _config(**_INTER, **{'optim.num_microbatches': 2}, **more)
+    run = setup.build_run(c, str(root / 'work'))
+    tx, _ = train.make_optimizer(c.optim, c.num_train_steps)
+    step = jax.jit(train.make_train_step(
+        run.student_model, run.teacher_model, tx, run.weights, 2, inter=run.inter,
+        offline=run.offline, teacher_input=c.distill.teacher_input))
+    state = train.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed),
+                             proj=run.proj_params)
+    out = []
+    with run.train_batches(0) as batches:
+      for _ in range(2):
+        state, metrics = step(state, None if run.offline else run.teacher_params, next(batches))
+        out.append(jax.device_get(metrics))
+    return out
+
+  online = step_metrics(**{'distill.teacher_input': 'original'})
+  offline = step_metrics(**{'teacher.cache': str(root / 'cache_inter'), 'teacher.cache_top_k': 0})
+  for a, b in zip(online, offline):
+    for k in ('loss', 'loss_ce', 'loss_cos', 'loss_emb', 'loss_hidden', 'loss_attn_score',
+              'loss_attn_kl', 'loss_value_kl', 'grad_norm'):
+      np.testing.assert_allclose(b[k], a[k], rtol=5e-5, err_msg=k)
+  # the first cache stores no intermediate layers: a run reading them is refused with the fix
+  with pytest.raises(setup.ConfigError, match=r'hidden_states\[0\].*rebuild the cache'):
+    setup.build_run(_config(**_INTER, **{'teacher.cache': str(root / 'cache'),
+                                          'teacher.cache_top_k': 0}), str(root / 'work'))
+
+
+def test_resume_refuses_other_teacher_targets(built):
+  """A run started online must not resume from a cache (and vice versa): another objective."""
+  from flaxdistil import checkpointing  # pylint: disable=g-import-not-at-top
+  root, _, _ = built
+  online = setup.build_run(_config(), str(root / 'work')).fingerprint
+  offline = setup.build_run(_config(**{'teacher.cache': str(root / 'cache'),
+                                       'teacher.cache_top_k': 8}), str(root / 'work')).fingerprint
+  assert online['teacher_targets'] == 'online' and offline['teacher_targets']['top_k'] == 8
+  checkpointing.check_compatible(offline, offline)
+  with pytest.raises(ValueError, match='teacher_targets'):
+    checkpointing.check_compatible(online, offline)
