@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
                                         # intermediate layers the distill alphas read; '' = none
   c.teacher.cache_hidden_layers = ()    # more teacher hidden_states to store (0 = embeddings,
                                         # -1 = last), e.g. all of them for layer-map sweeps
+  c.teacher.cache_teacher_input = 'original'  # build: the teacher sees the 'original' packed rows
+                                        # (any seed/batch size/masking can train from the cache) or
+                                        # this run's 'masked' stream (as online KD; serves only
+                                        # runs with the same seed, global_batch_size and masking)
   c.teacher.cache_tail_bucket = True    # sparse KL: teacher's tail mass as a (k+1)-th bucket
                                         # (False: top-k renormalised; far worse on a flat
                                         # teacher, NOTES_issue10.md)

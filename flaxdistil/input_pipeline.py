@@ -271,7 +271,8 @@ class _BatchSource:
       batch = _batch(self.packed[rows[lo:hi]], rng, self.pad_token_id, self.mask_kwargs,
                      global_batch_size=self.global_batch_size, row_offset=lo)
     if self.row_features is not None:  # e.g. cached teacher targets of these rows
-      batch.update(self.row_features(rows[lo:hi]))
+      samples = step * self.global_batch_size + np.arange(lo, hi, dtype=np.int64)
+      batch.update(self.row_features(rows[lo:hi], samples))
     return batch
 
 
@@ -310,8 +311,10 @@ class BatchIterator:
   is re-raised by `__next__`; `close()` (or `with`, or garbage collection) stops it. `pad_token_id`
   (default 0, BERT) sets attention_mask and is never masked. Raises ValueError for empty `packed`,
   global_batch_size not divisible by process_count, bad process_index, negative seed/start_step.
-  `row_features(rows [B] int64) -> {name: [B, ...] array}` (optional) adds per-row arrays to every
-  global batch inside the prefetch thread (the cached teacher targets of offline distillation).
+  `row_features(rows [b] int64, samples [b] int64) -> {name: [b, ...] array}` (optional) adds
+  per-row arrays to this host's rows of every batch inside the prefetch thread (the cached teacher
+  targets of offline distillation); `rows` index `packed`, `samples` are the positions
+  `step * global_batch_size + i` in the run's stream of (masked) sequences.
   """
 
   def __init__(self, packed, *, global_batch_size: int, seed: int, start_step: int = 0,

@@ -300,8 +300,9 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
   return train_batches, eval_batches, packed
 
 
-def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_teacher_layers):
-  """The `row_features` hook serving `teacher.cache` to this run, after checking it fits."""
+def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_teacher_layers,
+                        train_batches):
+  """`(row_features hook, fingerprint entry)` serving `teacher.cache`, after checking it fits."""
   t, d = config.teacher, config.distill
   if config.data.streaming or config.data.task:
     raise ConfigError('teacher.cache needs packed MLM data (data.streaming=False, no data.task).')
@@ -315,6 +316,17 @@ def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_t
     cache.check(teacher_cache.identity(tparams, packed, tokenizer_fp, config.data.max_seq_length))
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  if cache.by_sample:  # the teacher saw this run's masked stream: the masking must be the same
+    it = train_batches(0)
+    it.close()
+    want = teacher_cache.masking_identity(config, it.global_batch(0)['input_ids'])
+    have = cache.manifest['masking']
+    if want != have:
+      diff = [f'{k}: cache {have.get(k)!r}, run {v!r}' for k, v in want.items() if have.get(k) != v]
+      raise ConfigError(f'teacher.cache={t.cache!r} holds the teacher on another masked stream '
+                        f'({"; ".join(diff)}); a masked-input cache serves only runs with its '
+                        'seed, global_batch_size and masking. Rebuild it for this config, or use '
+                        'a teacher.cache_teacher_input="original" cache.')
   if t.cache_tail_bucket and cache.manifest['temperature'] != d.temperature:
     raise ConfigError(f'teacher.cache_tail_bucket needs the teacher\'s logsumexp at '
                       f'T={d.temperature}, but {t.cache!r} stores it at '
@@ -479,7 +491,7 @@ def build_run(config, workdir: str) -> Run:
       raise ConfigError('teacher.cache needs the teacher it was built from (teacher.path) to check '
                         'its identity and to evaluate it.')
     features, targets = _open_teacher_cache(config, tparams, packed, tokenizer_fp, inter,
-                                            tcfg.num_hidden_layers)
+                                            tcfg.num_hidden_layers, train_batches)
     train_batches = functools.partial(train_batches, row_features=features)
   else:
     targets = 'online' if tcfg is not None else None

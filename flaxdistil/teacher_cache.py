@@ -7,11 +7,20 @@ the intermediate outputs the config's TinyBERT/MiniLM terms read (`needed_layers
 `TeacherCache(dir)` reads it back; `TeacherCache.features(rows)` is the `row_features` hook of
 `input_pipeline.BatchIterator`, so cached targets travel with the batch through the prefetch thread.
 
-Why the UNMASKED rows: a cache computed once cannot follow dynamic masking (a new masking every
-step), so the teacher sees the original packed row and targets are stored for every non-padding
-position; the train step gathers them at whatever positions the step masks. Online distillation
-with `distill.teacher_input='original'` is the exactly equivalent online objective (tested equal at
-k = V); HF's distiller feeds the teacher the masked input ('masked', the default online).
+What the teacher sees (`teacher.cache_teacher_input`):
+- 'original' (default): the unmasked packed rows. A cache computed once cannot follow dynamic
+  masking (a new masking every step), so targets are stored for every non-padding position of the
+  original row and the train step gathers them at whatever positions the step masks; any seed,
+  batch size or masking can train from it. Online distillation with
+  `distill.teacher_input='original'` is the exactly equivalent online objective (tested equal at
+  k = V). But with the answer in its input the teacher's targets at masked positions are
+  label-like (README: Offline distillation).
+- 'masked': this run's own masked stream (the HF distiller's objective, `teacher_input='masked'`):
+  the masking is a pure function of (seed, step), so the builder replays it and stores the
+  teacher's targets per sample `step * global_batch_size + i`. Equal to online KD at k = V
+  (tested); it serves only runs with the same seed, global batch size and masking (checked: the
+  masking parameters and the sha256 of the step-0 masked batch are in the manifest), i.e. sweeps
+  over students, learning rates and loss weights, not over seeds.
 
 Layout of a cache directory:
   manifest.json          teacher / tokenizer / data fingerprints, k, dtypes, T, rows, shards; written
@@ -23,7 +32,7 @@ Layout of a cache directory:
                          `hidden_states_i [T*H]` (i = 0 embeddings, i = layer i's output),
                          `attentions_l` / `attention_scores_l [h*T*T]`, `values_l [h*T*d]`
 Shard s holds cache positions [s*R, (s+1)*R) of the manifest's `rows` (indices into the packed
-data) and is written by host `s % process_count` to a temporary file, then renamed: a killed build
+data; for a 'masked' cache, sample indices) and is written by host `s % process_count` to a temporary file, then renamed: a killed build
 rerun with the same command skips finished shards and gives a bit-identical cache.
 """
 
@@ -259,7 +268,8 @@ class TeacherCache:
         raise ValueError(f'teacher.cache={directory!r} lacks {shard_name(s)}; rebuild the cache.')
       self._shards.append(read_shard(p, shapes, dtypes))
     rows = np.asarray(m['rows'], np.int64)
-    self._pos = np.full(m['data_shape'][0], -1, np.int64)
+    self.by_sample = m.get('index') == 'sample'  # a masked-input cache: index = step * B + i
+    self._pos = np.full(int(rows.max()) + 1 if self.by_sample else m['data_shape'][0], -1, np.int64)
     self._pos[rows] = np.arange(len(rows))
 
   def check(self, expected: dict) -> None:
@@ -277,17 +287,25 @@ class TeacherCache:
                        + '; '.join(bad) + '). Build a cache for this config with '
                        '`python -m flaxdistil.cache_teacher --config ... --out NEW_DIR`.')
 
-  def features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+  def features(self, rows: np.ndarray, samples: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Cached targets of packed rows `rows [B]`: `teacher_topk_values [B, T, k]` (stored dtype),
     `teacher_topk_ids [B, T, k]` int32, and if requested `teacher_logz [B, T]` float32,
     `teacher_hidden [B, T, H]`, `teacher_{field}_{i}` (`[B, T, H]` hidden states, `[B, h, T, T]`
     attentions / attention_scores, `[B, h, T, d]` values; stored dtype). Raises ValueError for a
-    row that is not in the cache."""
-    pos = self._pos[np.asarray(rows, np.int64)]
+    row that is not in the cache. A masked-input cache (`index: sample`) is read by
+    `samples [B]` (`step * global_batch_size + i`, as `BatchIterator` passes them), the others by
+    the packed `rows [B]`."""
+    if self.by_sample and samples is None:
+      raise ValueError(f'teacher.cache={self.directory!r} holds the teacher on masked sequences; '
+                       'it is read by sample index (features(rows, samples)).')
+    idx = np.asarray(samples if self.by_sample else rows, np.int64)
+    pos = np.where(idx < len(self._pos), self._pos[np.minimum(idx, len(self._pos) - 1)], -1)
     if (pos < 0).any():
-      raise ValueError(f'packed row {int(np.asarray(rows)[pos < 0][0])} is not in teacher.cache='
-                       f'{self.directory!r} ({len(self.manifest["rows"])} rows cached): the run reads '
-                       'more rows than were cached; rebuild with a larger --num_rows.')
+      what = 'sample' if self.by_sample else 'packed row'
+      raise ValueError(f'{what} {int(idx[pos < 0][0])} is not in teacher.cache='
+                       f'{self.directory!r} ({len(self.manifest["rows"])} {what}s cached): the run '
+                       f'reads more {what}s than were cached; rebuild with a larger --num_rows '
+                       '(or num_train_steps).')
     names = [('topk_values', 'teacher_topk_values'), ('topk_ids', 'teacher_topk_ids')]
     if self._logz:
       names.append(('logz', 'teacher_logz'))
@@ -370,6 +388,34 @@ def make_targets_fn(model, top_k: int, temperature: float, values_dtype, hidden_
   return fn
 
 
+def masking_identity(config, first_input_ids: np.ndarray) -> dict:
+  """What a masked-input cache must share with a run: the masking's parameters and the sha256 of
+  the run's step-0 masked `input_ids [B, T]` (catches any other change of the masking)."""
+  d = config.distill
+  return {'seed': int(config.seed), 'global_batch_size': int(config.data.global_batch_size),
+          'mlm_probability': float(d.mlm_probability), 'mlm_smoothing': float(d.mlm_smoothing),
+          'first_batch_sha256': hashlib.sha256(
+              np.ascontiguousarray(first_input_ids, np.int32).tobytes()).hexdigest()[:32]}
+
+
+def _teacher_inputs(idx: np.ndarray, packed, it, gbs: int, masked: bool, memo: dict):
+  """`(input_ids, attention_mask) [n, T]` the teacher sees for cache indices `idx [n]`; `memo`
+  keeps the last step's masked batch, which spans several teacher batches."""
+  if not masked:
+    ids = packed[idx]
+    return ids, ids != 0  # pad id 0, as BatchIterator's default pad_token_id
+  steps = idx // gbs
+  ids, mask = np.empty((len(idx), packed.shape[1]), np.int32), np.empty((len(idx), packed.shape[1]),
+                                                                         np.int32)
+  for st in np.unique(steps):
+    if int(st) not in memo:
+      memo.clear()
+      memo[int(st)] = it.global_batch(int(st))
+    b, sel = memo[int(st)], steps == st
+    ids[sel], mask[sel] = b['input_ids'][idx[sel] % gbs], b['attention_mask'][idx[sel] % gbs]
+  return ids, mask
+
+
 def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int = 1024,
           batch_size: int = 0) -> dict:
   """Builds (or resumes) the cache of `config`'s teacher over its packed training rows.
@@ -415,13 +461,17 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   if hidden_dtype is not None and n_layers in layers.get('hidden_states', ()):
     layers['hidden_states'].remove(n_layers)  # it is the `hidden` column
     layers = {f: v for f, v in layers.items() if v}
-  packed = run.train_packed
+  packed, gbs = run.train_packed, int(config.data.global_batch_size)
+  if tc.cache_teacher_input not in ('original', 'masked'):
+    raise setup.ConfigError(f'teacher.cache_teacher_input={tc.cache_teacher_input!r}: use '
+                            '"original" or "masked".')
+  masked = tc.cache_teacher_input == 'masked'
   it = run.train_batches(0)
-  try:
-    rows = plan_rows(it.rows, config.num_train_steps, config.data.global_batch_size, len(packed),
-                     num_rows)
-  finally:
-    it.close()
+  it.close()  # only its pure (seed, step) functions are used: no prefetching
+  if masked:  # cache index = sample = step * B + i of the run's masked stream
+    rows = np.arange(num_rows or config.num_train_steps * gbs, dtype=np.int64)
+  else:
+    rows = plan_rows(it.rows, config.num_train_steps, gbs, len(packed), num_rows)
   t = int(config.data.max_seq_length)
   plan = {
       'format_version': FORMAT_VERSION, 'complete': False,
@@ -431,7 +481,9 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
       'top_k': k, 'values_dtype': tc.cache_values_dtype, 'ids_dtype': 'int32',
       'hidden_dtype': tc.cache_hidden_dtype or None, 'hidden_size': run.teacher_config.hidden_size,
       'layers': layers,
-      'temperature': float(config.distill.temperature), 'teacher_input': 'original',
+      'temperature': float(config.distill.temperature),
+      'teacher_input': tc.cache_teacher_input, 'index': 'sample' if masked else 'row',
+      'masking': masking_identity(config, it.global_batch(0)['input_ids']) if masked else None,
       'rows_per_shard': int(rows_per_shard), 'num_shards': -(-len(rows) // rows_per_shard),
       'batch_size': 0, 'seed': config.seed, 'rows': rows.tolist(),
   }
@@ -464,7 +516,7 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   with sharding.mesh_context(mesh, rules):
     jfn = jax.jit(fn, in_shardings=(t_shard, b_shard, b_shard))
     params = jax.device_put(run.teacher_params, t_shard)
-    done = 0
+    done, memo = 0, {}
     for s in range(plan['num_shards']):
       path = os.path.join(out, shard_name(s))
       if s % jax.process_count() != jax.process_index() or os.path.exists(path):
@@ -472,10 +524,10 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
       srows = rows[s * rows_per_shard:(s + 1) * rows_per_shard]
       parts = []
       for i in range(0, len(srows), bs):
-        ids = packed[srows[i:i + bs]]
+        ids, mask = _teacher_inputs(srows[i:i + bs], packed, it, gbs, masked, memo)
         n = len(ids)
-        ids = np.concatenate([ids, np.zeros((bs - n, t), ids.dtype)])  # pad rows, dropped below
-        mask = (ids != 0).astype(np.int32)  # pad id 0, as BatchIterator's default pad_token_id
+        pad = np.zeros((bs - n, t), ids.dtype)  # pad rows, dropped below
+        ids, mask = np.concatenate([ids, pad]), np.concatenate([mask, pad]).astype(np.int32)
         res = jax.device_get(jfn(params, *jax.device_put((ids, mask), b_shard)))
         parts.append({k_: np.asarray(v)[:n] for k_, v in res.items()})
       arrays = {'row': srows, **{k_: np.concatenate([p[k_] for p in parts]) for k_ in parts[0]}}
@@ -487,7 +539,12 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('flaxdistil_teacher_cache_done')
   sizes = [os.path.getsize(os.path.join(out, shard_name(s))) for s in range(plan['num_shards'])]
-  tokens = int((packed[rows] != 0).sum())
+  packed_rows = rows
+  if masked:  # the packed row behind each sample
+    steps = rows // gbs
+    packed_rows = np.concatenate([it.rows(int(st))[rows[steps == st] % gbs]
+                                  for st in np.unique(steps)])
+  tokens = int((packed[packed_rows] != 0).sum())
   manifest = dict(plan, complete=True, bytes=int(sum(sizes)), num_tokens=tokens,
                   bytes_per_token=round(sum(sizes) / max(tokens, 1), 2),
                   build_seconds=round(time.time() - t0, 1), shards_built_this_run=done)

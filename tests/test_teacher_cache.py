@@ -273,3 +273,45 @@ def test_resume_refuses_other_teacher_targets(built):
   checkpointing.check_compatible(offline, offline)
   with pytest.raises(ValueError, match='teacher_targets'):
     checkpointing.check_compatible(online, offline)
+
+
+@pytest.mark.parametrize('max_predictions', [0, 6])
+def test_masked_input_cache_equals_the_default_online_run_and_refuses_another_masking(
+    built, max_predictions):
+  """`cache_teacher_input='masked'`: the teacher on the run's own masked stream, stored per
+  sample; at k = V an offline run equals online KD with the teacher on the masked input (the HF
+  distiller's objective, `teacher_input='masked'`), and a run with another masking is refused."""
+  root, _, _ = built
+  over = {'distill.restrict_ce_to_mask': bool(max_predictions),
+          'distill.max_predictions_per_seq': max_predictions, 'optim.num_microbatches': 2,
+          'teacher.cache_teacher_input': 'masked', 'teacher.cache_top_k': 0}
+  out = str(root / f'cache_masked_{max_predictions}')
+  m = teacher_cache.build(_config(**over), out, str(root / 'work'), rows_per_shard=20,
+                          batch_size=8)
+  assert m['index'] == 'sample' and m['rows'] == list(range(3 * 16)) and m['num_shards'] == 3
+
+  def step_metrics(**more):
+    c = _config(**over, **more)
+    run = setup.build_run(c, str(root / 'work'))
+    tx, _ = train.make_optimizer(c.optim, c.num_train_steps)
+    step = jax.jit(train.make_train_step(
+        run.student_model, run.teacher_model, tx, run.weights, 2,
+        max_predictions_per_seq=max_predictions, offline=run.offline,
+        teacher_input=c.distill.teacher_input))
+    state = train.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed))
+    res = []
+    with run.train_batches(1) as batches:  # from step 1: samples 16..47, across shards
+      for _ in range(2):
+        state, metrics = step(state, None if run.offline else run.teacher_params, next(batches))
+        res.append(jax.device_get(metrics))
+    return res
+
+  online = step_metrics(**{'distill.teacher_input': 'masked'})
+  offline = step_metrics(**{'teacher.cache': out})
+  for a, b in zip(online, offline):  # float rounding: loss_ce ~3e-3 here differs by ~1e-7
+    for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_cos', 'grad_norm'):
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-7, err_msg=k)
+  with pytest.raises(setup.ConfigError,
+                     match='another masked stream.*mlm_probability: cache 0.15, run 0.2'):
+    setup.build_run(_config(**over, **{'teacher.cache': out, 'distill.mlm_probability': 0.2}),
+                    str(root / 'work'))
