@@ -26,13 +26,13 @@ import tempfile
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
 from flaxdistil import checkpointing
+from flaxdistil import console
 from flaxdistil import hf_conversion
 from flaxdistil import intermediate
 from flaxdistil import models
@@ -386,9 +386,13 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'flo
     try:
       report['onnx'] = onnx_export.export_onnx(report['path'])
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-      raise type(e)(f'{e} (the verified HF export is in place at {report["path"]}; retry the '
-                    f'ONNX step alone with `python -m flaxdistil.onnx_export --hf '
-                    f'{report["path"]}`)') from e
+      msg = (f'{e} (the verified HF export is in place at {report["path"]}; retry the ONNX '
+             f'step alone with `python -m flaxdistil.onnx_export --hf {report["path"]}`)')
+      try:  # keep the type (callers and the CLI tell errors apart by it) ...
+        error = type(e)(msg)
+      except Exception:  # pylint: disable=broad-except  ... unless its constructor differs
+        error = RuntimeError(msg)
+      raise error from e
   return report
 
 
@@ -412,13 +416,15 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required.')
+  console.quiet_libraries()
+  import transformers  # pylint: disable=g-import-not-at-top
+  transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the checks
   try:
     report = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                     overwrite=FLAGS.overwrite, onnx=FLAGS.onnx)
   except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  logging.info('export report: %s', report)
   print(json.dumps(report, default=str))
 
 

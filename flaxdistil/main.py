@@ -23,7 +23,6 @@ the environment; --multihost forces it). Offline machines: HF_HUB_OFFLINE=1
 and local directories for teacher.path / data.tokenizer.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -32,6 +31,8 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from flaxdistil import console
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exports.')
@@ -57,25 +58,6 @@ def _maybe_initialize_distributed():
         'TPU_WORKER_HOSTNAMES', 'x') not in ('', 'localhost')
   if multihost:
     jax.distributed.initialize()
-
-
-class _QuietLibraries(std_logging.Filter):
-  """Drops INFO chatter of libraries; warnings and errors always pass.
-
-  Dropped: orbax's one line per file it writes, and JAX's "Unable to
-  initialize backend 'tpu'" (logged at INFO while probing for optional
-  platforms; on a CPU or GPU machine it is expected, and the platform actually
-  used is logged by `main`). A platform the user requests with JAX_PLATFORMS
-  that fails is an exception, not this log line, so TPU/GPU errors still show.
-  """
-
-  def filter(self, record):
-    if record.levelno >= std_logging.WARNING:
-      return True
-    if '/orbax/' in record.pathname:
-      return False
-    return not (record.name.startswith('jax') and
-                str(record.msg).startswith('Unable to initialize backend'))
 
 
 _HUB_UNREACHABLE_TYPES = ('OfflineModeIsEnabled', 'LocalEntryNotFoundError', 'ConnectError',
@@ -121,7 +103,7 @@ def _hub_hint(config, error: BaseException) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  console.quiet_libraries()  # orbax / JAX-platform-probe chatter
   _maybe_initialize_distributed()
   logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),

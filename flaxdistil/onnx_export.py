@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -146,10 +147,15 @@ def _export_fp32(model, output: str, path: str, opset: int):
   feeds = verification_batch(model.config)
   args = tuple(torch.from_numpy(feeds[n]) for n in names)
   batch, seq = torch.export.Dim('batch'), torch.export.Dim('sequence')
-  program = torch.onnx.export(
-      _Forward(model, output).eval(), args, input_names=list(names), output_names=[output],
-      dynamic_shapes={n: {0: batch, 1: seq} for n in names}, opset_version=opset,
-      dynamo=True, external_data=False, verbose=False)
+  with warnings.catch_warnings():
+    # Benign for these graphs: every input shares the two named axes, and torch's own pytree
+    # code uses a deprecated spelling internally.
+    warnings.filterwarnings('ignore', message=r'# The axis name: .* will not be used')
+    warnings.filterwarnings('ignore', message=r'`isinstance\(treespec, LeafSpec\)` is deprecated')
+    program = torch.onnx.export(
+        _Forward(model, output).eval(), args, input_names=list(names), output_names=[output],
+        dynamic_shapes={n: {0: batch, 1: seq} for n in names}, opset_version=opset,
+        dynamo=True, external_data=False, verbose=False)
   if program is None:
     raise RuntimeError('torch.onnx.export(dynamo=True) returned no program.')
   program.save(path)

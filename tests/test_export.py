@@ -62,6 +62,11 @@ def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(t
   assert onnx['max_abs_diff_flax'] <= 1e-4 and onnx['int8_top1_agreement'] > 0
   assert sorted(os.listdir(out / 'onnx')) == ['model.onnx', 'model_quantized.onnx']
   _assert_readable(out)  # model.safetensors included (safetensors writes it 0600)
+  # The console: the JSON report on stdout, and no library chatter (orbax restore, ONNX
+  # optimiser passes, quantizer) or progress bars on stderr.
+  for noise in ('orbax', 'checkpoint_manager', 'constant_folding', 'torchvision', 'onnx_quantizer',
+                'Loading weights', 'Unable to initialize backend'):
+    assert noise not in r.stderr, (noise, r.stderr[-2000:])
   assert json.load(open(out / 'config.json'))['model_type'] == 'distilbert'
   assert 'Steps: 6' in (out / 'README.md').read_text()
 
@@ -116,6 +121,19 @@ def test_model_card_paths_are_absolute_or_hub_names(tmp_path, monkeypatch):
   assert f'`{tmp_path / "t"}`' in export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
   meta['info'].update(teacher='bert-base-uncased')
   assert '`bert-base-uncased`' in export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
+
+
+def test_onnx_failure_keeps_the_verified_hf_export_and_says_how_to_retry(trained, tmp_path,
+                                                                         monkeypatch):
+  from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
+
+  def broken(hf_dir, *a, **kw):
+    raise ValueError('ONNX verification failed: max |logits(onnxruntime) - logits(torch)| = 1')
+  monkeypatch.setattr(onnx_export, 'export_onnx', broken)
+  out = tmp_path / 'hf'
+  with pytest.raises(ValueError, match=r'verified HF export is in place.*onnx_export --hf'):
+    export.export(str(trained), str(out), onnx=True)
+  assert (out / 'model.safetensors').is_file() and not (out / 'onnx').exists()
 
 
 def test_export_of_a_specific_and_a_missing_step(trained, tmp_path):
