@@ -82,7 +82,10 @@ def _hub_hint(config, error: BaseException) -> str:
   """The fix for a hub name (teacher.path, data.tokenizer, student.path) that the offline or
   unreachable Hub cannot serve, or '' when `error` is about something else."""
   offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
-  if not (offline or _hub_unreachable(error)):
+  text = str(error).lower()
+  # Offline, setup refuses an 'org/name' it takes for a missing directory before any hub call.
+  missing = any(w in text for w in ('does not exist', 'cannot load', 'could not load'))
+  if not (_hub_unreachable(error) or offline and missing):
     return ''
   wants = {'teacher.path': 'config.json and weights (model.safetensors or pytorch_model.bin)',
            'student.path': 'config.json and weights (model.safetensors or pytorch_model.bin)',
