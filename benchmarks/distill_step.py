@@ -36,12 +36,10 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 
 # Let PyTorch and JAX share one GPU; peak_bytes_in_use is exact either way.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp

@@ -29,12 +29,10 @@ A model directory's ONNX files are read from `<dir>/onnx/` when present
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name -> (transformers config class name, kwargs); vocab 30522 and 512 positions for both.
 RANDOM_SHAPES = {

@@ -39,10 +39,9 @@ def _rss_mb(who) -> float:
 
 def _child(args) -> None:
   """Runs one measurement in this (fresh) process; prints one JSON object."""
-  sys.path.insert(0, ROOT)
   import numpy as np
-  from flaxdistil import corpus, input_pipeline as ip
-  tok = ip.load_tokenizer(args.tokenizer)
+  from flaxdistil import corpus, input_pipeline as ip, tokenization
+  tok = tokenization.load_tokenizer(args.tokenizer)
   out = {}
   if args.child == 'build':
     t0 = time.perf_counter()

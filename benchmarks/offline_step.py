@@ -23,16 +23,14 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import distill_step  # pylint: disable=wrong-import-position
+import distill_step  # the sibling script: this file's directory is sys.path[0]
 from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
 from flaxdistil import losses, models, sharding, train  # pylint: disable=wrong-import-position
 

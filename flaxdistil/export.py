@@ -1,6 +1,6 @@
-r"""Orbax checkpoint -> verified Hugging Face PyTorch directory.
+r"""Orbax checkpoint -> verified Hugging Face PyTorch directory (library and CLI).
 
-  python -m flaxdistil.export --workdir DIR [--step N] --out OUT_DIR [--dtype float32]
+  python -m flaxdistil.export --workdir DIR [--step N] --out OUT_DIR [--dtype float32] [--onnx]
 
 Restores the student of step N (default: the newest) onto one CPU host (also
 for checkpoints written by a sharded multi-device run), writes
@@ -9,6 +9,12 @@ GLUE run, `Bert*` for a fine-tuned BERT teacher: `config.json`,
 `model.safetensors`, tokenizer, model card) and, before reporting success,
 runs the torch model and the Flax student on the same padded batch and checks
 that logits agree (`export_hf`). Nothing is left in OUT_DIR on failure.
+`--onnx` then also writes `OUT_DIR/onnx/model.onnx` (fp32) and
+`model_quantized.onnx` (int8), verified by `onnx_export.export_onnx`.
+
+Importing this module defines no absl flags (they are defined only when it runs
+as the CLI), so it can be imported next to `flaxdistil.main`, which defines
+`--workdir` too.
 """
 
 import dataclasses
@@ -20,27 +26,21 @@ import tempfile
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
 from flaxdistil import checkpointing
+from flaxdistil import console
 from flaxdistil import hf_conversion
-from flaxdistil import input_pipeline
 from flaxdistil import intermediate
 from flaxdistil import models
 from flaxdistil.models import ModelConfig
 from flaxdistil import sharding
+from flaxdistil import tokenization
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir (holds checkpoints/ and config.json).')
-flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest readable one.')
-flags.DEFINE_string('out', None, 'Output directory (must not exist unless --overwrite).')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the written weights.')
-flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
-
 
 _TORCH_DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -108,8 +108,8 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
   Writes config.json, model.safetensors (tensors in ``dtype``), tokenizer files
   (``AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained``) and
   README.md (``model_card`` text, skipped if None) into a temporary directory
-  beside ``out_dir``. If ``verify``, loads it with
-  ``AutoModelForMaskedLM.from_pretrained(output_loading_info=True)`` (no
+  beside ``out_dir`` (published 0644 files, 0755 directories). If ``verify``,
+  loads it with ``AutoModelForMaskedLM.from_pretrained(output_loading_info=True)`` (no
   missing/unexpected/mismatched keys allowed) and compares float32 logits on a
   fixed padded batch with the Flax model (max abs diff over real tokens <=
   ``atol``). Only then is the directory renamed to ``out_dir``; on any failure
@@ -138,7 +138,6 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     hf_config = hf_conversion.config_to_hf(config, id2label)
     hf_config.dtype = dtype
     hf_config.save_pretrained(tmp)
@@ -153,7 +152,7 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
       with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
         f.write(model_card)
     max_diff = _verify_export(tmp, params, config, dtype, atol) if verify else None
-    _move_into_place(tmp, out_dir, overwrite)
+    move_into_place(tmp, out_dir, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -163,14 +162,14 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
 def _save_tokenizer(tokenizer_path: str, target: str, config: ModelConfig):
   """Saves the training tokenizer into `target` and checks it reloads complete.
 
-  `input_pipeline.load_tokenizer` handles bare BERT tokenizer folders that
+  `tokenization.load_tokenizer` handles bare BERT tokenizer folders that
   transformers v5's AutoTokenizer loads without [MASK]/[PAD]/...; the saved
   copy must reload through AutoTokenizer with the same special tokens, or
   `pipeline("fill-mask")` fails for users.
   """
   import transformers  # pylint: disable=g-import-not-at-top
   try:
-    tok = input_pipeline.load_tokenizer(tokenizer_path)
+    tok = tokenization.load_tokenizer(tokenizer_path)
   except (OSError, ValueError) as e:
     raise ValueError(f'Could not load tokenizer from {tokenizer_path!r} ({e}); pass a directory '
                      'with tokenizer files (vocab.txt / tokenizer.json).') from e
@@ -190,8 +189,35 @@ def _save_tokenizer(tokenizer_path: str, target: str, config: ModelConfig):
                      f'{[getattr(tok, n) for n in names]}.')
 
 
-def _move_into_place(tmp: str, out_dir: str, overwrite: bool):
-  """Renames tmp -> out_dir; an existing out_dir is swapped out, not merged."""
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+
+def make_readable(root: str):
+  """chmods `root` and everything under it to 0755 (directories) / 0644 (files).
+
+  Exports are built in a `tempfile.mkdtemp` directory (0700) and some writers
+  (safetensors' atomic temp file) create 0600 files; an export is meant to be
+  shared (served, uploaded, read by another user's job), so it is published
+  world-readable regardless of the umask of the process that wrote it.
+  """
+  os.chmod(root, DIR_MODE)
+  for parent, dirs, files in os.walk(root):
+    for d in dirs:
+      os.chmod(os.path.join(parent, d), DIR_MODE)
+    for f in files:
+      os.chmod(os.path.join(parent, f), FILE_MODE)
+
+
+def move_into_place(tmp: str, out_dir: str, overwrite: bool):
+  """Makes `tmp` readable (`make_readable`) and renames it to `out_dir`.
+
+  An existing `out_dir` is swapped out (renamed aside, then deleted), never
+  merged, so readers see either the old or the new directory.
+
+  Raises:
+    FileExistsError: `out_dir` exists and not `overwrite`.
+  """
+  make_readable(tmp)
   if not os.path.exists(out_dir):
     os.rename(tmp, out_dir)
     return
@@ -207,20 +233,55 @@ def _move_into_place(tmp: str, out_dir: str, overwrite: bool):
   shutil.rmtree(backup, ignore_errors=True)
 
 
+def _card_path(path: str | None, known_abs=()) -> str | None:
+  """A path for the model card: absolute for a local path, a hub name as given.
+
+  A relative path in the run's metadata is relative to the directory training
+  ran in, which the card's reader does not know. Where an absolute path that
+  training resolved ends in the same components (`info['tokenizer']` is the
+  training-time `abspath` of `data.tokenizer`, which defaults to
+  `teacher.path`), that one is used; otherwise the path is resolved against the
+  current directory.
+  """
+  if not path or path == 'random':
+    return path
+  expanded = os.path.expanduser(path)
+  if not (hf_conversion._looks_like_local_path(path)  # pylint: disable=protected-access
+          or os.path.exists(expanded)):
+    return path  # a hub name
+  if os.path.isabs(expanded):
+    return os.path.normpath(expanded)
+  tail = [c for c in os.path.normpath(expanded).split(os.sep) if c not in ('.', '..')]
+  for a in known_abs:
+    if a and os.path.isabs(a) and tail and os.path.normpath(a).split(os.sep)[-len(tail):] == tail:
+      return os.path.normpath(a)
+  return os.path.abspath(expanded)
+
+
 def _model_card(meta: dict, step: int, cfg: models.ModelConfig) -> str:
+  """README.md text (Hub model card) for a restored run: architecture, teacher, data, metrics.
+
+  Local paths (teacher, training files, dataset directory) are written
+  absolute, hub names as given (`_card_path`).
+  """
   info, ev = meta.get('info', {}), meta.get('eval', {}) or {}
   arch = 'BERT' if cfg.model_type == 'bert' else 'DistilBERT'
   tag = ('text-classification' if cfg.num_labels else
          'fill-mask' if cfg.with_mlm_head else 'feature-extraction')
+  known = (info.get('tokenizer'),)
+  data = [_card_path(f) for f in info.get('train_files', []) or []]
+  if info.get('dataset'):
+    data.append(_card_path(info['dataset']))
   lines = [
       '---', 'library_name: transformers', f'pipeline_tag: {tag}',
       'tags: [distilbert, distillation, flaxdistil]', '---',
       f'# {arch} {"classifier" if cfg.num_labels else "student"} trained with flaxdistil', '',
       f'- Architecture: {arch}, {cfg.num_hidden_layers} layers x {cfg.hidden_size} hidden, '
       f'{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}.',
-      f'- Teacher: `{info.get("teacher")}`; student init: `{info.get("student_init")}`.',
+      f'- Teacher: `{_card_path(info.get("teacher"), known)}`; '
+      f'student init: `{info.get("student_init")}`.',
       f'- Objective: {json.dumps(info.get("distill", {}))}.',
-      f'- Training data: {", ".join(os.path.basename(f) for f in info.get("train_files", []))}.',
+      f'- Training data: {", ".join(f"`{d}`" for d in data) or "synthetic"}.',
       f'- Steps: {step} (global batch {meta.get("fingerprint", {}).get("global_batch_size")} x '
       f'{meta.get("fingerprint", {}).get("max_seq_length")} tokens).',
   ]
@@ -288,8 +349,29 @@ def load_student_with_projection(workdir: str, step: int | None = None):
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'float32',
-           overwrite: bool = False) -> dict:
-  """Exports and verifies; returns `hf_conversion.export_hf`'s report plus `step`."""
+           overwrite: bool = False, onnx: bool = False) -> dict:
+  """Restores the run in `workdir`, writes and verifies the HF directory `out`.
+
+  Args:
+    workdir: training workdir (`checkpoints/`).
+    out: output directory (must not exist unless `overwrite`).
+    step: checkpoint step; None = the newest readable one.
+    dtype: dtype of the stored weights, 'float32' or 'bfloat16'.
+    overwrite: replace an existing `out` (swapped, not merged).
+    onnx: after the verified HF export, also write `out/onnx/model.onnx` (fp32)
+      and `model_quantized.onnx` (int8) with `onnx_export.export_onnx`, which
+      verifies onnxruntime against torch and Flax. The HF directory is already
+      in place when this runs: an ONNX failure leaves it (verified) and raises.
+
+  Returns:
+    `export_hf`'s report (`path`, `max_abs_diff`) plus `step` and, with `onnx`,
+    `onnx`: `export_onnx`'s report.
+
+  Raises:
+    FileNotFoundError: no checkpoint (for `step`) in `workdir`.
+    FileExistsError: `out` exists and not `overwrite`.
+    ValueError: verification of the HF or the ONNX export failed.
+  """
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f'--out {out} already exists; choose a new directory or pass --overwrite.')
   scfg, params, meta, step = load_student(workdir, step)
@@ -299,22 +381,53 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'flo
       model_card=_model_card(meta, step, scfg), dtype=dtype, overwrite=overwrite,
       id2label=info.get('id2label'))
   report['step'] = step
+  if onnx:
+    from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
+    try:
+      report['onnx'] = onnx_export.export_onnx(report['path'])
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+      msg = (f'{e} (the verified HF export is in place at {report["path"]}; retry the ONNX '
+             f'step alone with `python -m flaxdistil.onnx_export --hf {report["path"]}`)')
+      try:  # keep the type (callers and the CLI tell errors apart by it) ...
+        error = type(e)(msg)
+      except Exception:  # pylint: disable=broad-except  ... unless its constructor differs
+        error = RuntimeError(msg)
+      raise error from e
   return report
 
 
+def _define_flags():
+  """The CLI's flags; defined only when this module runs as `__main__`.
+
+  `flaxdistil.main` defines `--workdir` too, and absl refuses a second
+  definition in one process, so importing the library must not define flags.
+  """
+  flags.DEFINE_string('workdir', None, 'Training workdir (holds checkpoints/ and config.json).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest readable one.')
+  flags.DEFINE_string('out', None, 'Output directory (must not exist unless --overwrite).')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the written weights.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
+  flags.DEFINE_bool('onnx', False, 'Also write OUT/onnx/model.onnx (fp32) and '
+                    'model_quantized.onnx (int8), verified with onnxruntime against torch and Flax.')
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required.')
+  console.quiet_libraries()
+  import transformers  # pylint: disable=g-import-not-at-top
+  transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the checks
   try:
     report = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
-                    overwrite=FLAGS.overwrite)
+                    overwrite=FLAGS.overwrite, onnx=FLAGS.onnx)
   except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  logging.info('export report: %s', report)
   print(json.dumps(report, default=str))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -371,6 +371,19 @@ def _resolve_model_dir(path_or_name: str) -> str:
         allow_patterns=['config.json', '*.safetensors', '*.safetensors.index.json',
                         'pytorch_model.bin', 'pytorch_model.bin.index.json'])
   except Exception as e:  # pylint: disable=broad-except
+    offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
+    # LocalEntryNotFoundError / OfflineModeIsEnabled: the name was never checked online, so
+    # "check the name" would mislead; the fix is a local directory.
+    unreachable = offline or isinstance(e, ConnectionError) or type(e).__name__ in (
+        'LocalEntryNotFoundError', 'OfflineModeIsEnabled')
+    if unreachable:
+      why = 'offline (HF_HUB_OFFLINE=1)' if offline else 'unreachable'
+      raise FileNotFoundError(
+          f'{path_or_name!r} is not a local directory and could not be fetched from the '
+          f'Hugging Face Hub: the hub is {why} and the name is not in the local hub cache '
+          f'({type(e).__name__}: {e}). Set --config.teacher.path to a local directory with '
+          f'config.json and weights (model.safetensors or pytorch_model.bin); the same for '
+          f'student.path if that is the setting that named it.') from e
     raise FileNotFoundError(
         f'{path_or_name!r} is not a local directory and could not be fetched '
         f'from the Hugging Face Hub ({type(e).__name__}: {e}). Pass an existing '
@@ -447,7 +460,8 @@ def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
 
   Raises:
     FileNotFoundError: directory, config.json or weights file missing, or Hub
-      download failed.
+      download failed (offline or unreachable: the message names
+      ``teacher.path`` and a local directory as the fix).
     ValueError: config not BERT/DistilBERT, corrupt weights file, head requested
       but absent, or tensors not matching the config.
   """

@@ -20,7 +20,9 @@ Layout (the transformers.js / Hub convention): `<hf_dir>/onnx/model.onnx` and
 `<hf_dir>/onnx/model_quantized.onnx` by default; an `--out` outside the HF
 directory also gets its config.json and tokenizer files, so it is self-contained.
 The directory is written atomically (temporary directory + rename): a failed
-export or verification leaves nothing behind.
+export or verification leaves nothing behind. Files are published 0644,
+directories 0755. The CLI uses argparse, not absl flags, so this module can be
+imported next to `flaxdistil.main` and `flaxdistil.export`.
 """
 
 import argparse
@@ -29,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -144,10 +147,15 @@ def _export_fp32(model, output: str, path: str, opset: int):
   feeds = verification_batch(model.config)
   args = tuple(torch.from_numpy(feeds[n]) for n in names)
   batch, seq = torch.export.Dim('batch'), torch.export.Dim('sequence')
-  program = torch.onnx.export(
-      _Forward(model, output), args, input_names=list(names), output_names=[output],
-      dynamic_shapes={n: {0: batch, 1: seq} for n in names}, opset_version=opset,
-      dynamo=True, external_data=False, verbose=False)
+  with warnings.catch_warnings():
+    # Benign for these graphs: every input shares the two named axes, and torch's own pytree
+    # code uses a deprecated spelling internally.
+    warnings.filterwarnings('ignore', message=r'# The axis name: .* will not be used')
+    warnings.filterwarnings('ignore', message=r'`isinstance\(treespec, LeafSpec\)` is deprecated')
+    program = torch.onnx.export(
+        _Forward(model, output).eval(), args, input_names=list(names), output_names=[output],
+        dynamic_shapes={n: {0: batch, 1: seq} for n in names}, opset_version=opset,
+        dynamo=True, external_data=False, verbose=False)
   if program is None:
     raise RuntimeError('torch.onnx.export(dynamo=True) returned no program.')
   program.save(path)
@@ -236,7 +244,6 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.tmp-', dir=parent)
   try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     fp32 = os.path.join(tmp, ONNX_FILE)
     _export_fp32(model, output, fp32, opset)
     feeds = verification_batch(model.config)
@@ -269,7 +276,7 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
       for name in _SIDE_FILES:
         if os.path.isfile(os.path.join(hf_dir, name)):
           shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
-    hf_export._move_into_place(tmp, out, overwrite)  # pylint: disable=protected-access
+    hf_export.move_into_place(tmp, out, overwrite)  # files 0644, directories 0755
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -35,7 +35,6 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -184,10 +183,10 @@ def main():
   ap.add_argument('--json_out', default='')
   args = ap.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxdistil import hf_conversion, input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from flaxdistil import hf_conversion, models, tokenization  # pylint: disable=g-import-not-at-top
 
   t_start = time.perf_counter()
-  tok = input_pipeline.load_tokenizer(args.teacher)
+  tok = tokenization.load_tokenizer(args.teacher)
   pad = tok.pad_token_id
   wiki = tokenize(tok, wiki_sentences(args.wiki_test, args.num_sentences))
   tr_text, tr_y = read_sst2(os.path.join(args.sst2, 'train.tsv'))

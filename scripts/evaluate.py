@@ -13,9 +13,6 @@ import argparse
 import json
 import math
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
@@ -32,9 +29,9 @@ def main():
                   '~/.cache/flaxdistil)')
   args = ap.parse_args()
   import jax
-  from flaxdistil import export, hf_conversion, input_pipeline, models, train
+  from flaxdistil import export, hf_conversion, input_pipeline, models, tokenization, train
 
-  tok = input_pipeline.load_tokenizer(args.tokenizer or args.teacher)
+  tok = tokenization.load_tokenizer(args.tokenizer or args.teacher)
   packed = input_pipeline.load_packed(args.files, tok, args.max_seq_length,
                                       cache_dir=args.cache_dir or None)
   batches = input_pipeline.eval_batches(

@@ -8,10 +8,7 @@ student's top-5 (restored from the same checkpoint) is identical.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SENTENCES = (
     'The capital of France is [MASK].',

@@ -12,17 +12,15 @@ difference of the top-label probability. Exit code 1 if any label differs.
 
 import argparse
 import json
-import os
 import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flaxdistil import export  # pylint: disable=g-import-not-at-top
+from flaxdistil import export
 from flaxdistil import glue
-from flaxdistil import input_pipeline
 from flaxdistil import models
+from flaxdistil import tokenization
 
 
 def flax_probs(workdir: str, tokenizer, texts_a, texts_b, batch_size: int = 128):
@@ -66,7 +64,7 @@ def main():
 
   task = glue.get_task(args.task)
   texts_a, texts_b, labels = glue.read_tsv(args.tsv, task)
-  tokenizer = input_pipeline.load_tokenizer(args.hf)
+  tokenizer = tokenization.load_tokenizer(args.hf)
   probs, seq_len = flax_probs(args.workdir, tokenizer, texts_a, texts_b)
   flax_ids = probs.argmax(-1)
   hf_labels, hf_scores = pipeline_predictions(args.hf, texts_a, texts_b, seq_len)

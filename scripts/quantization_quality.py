@@ -24,8 +24,6 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def torch_int8(model):
   """torch dynamic quantization: qint8 weights of every nn.Linear, fp32 activations."""
@@ -110,14 +108,14 @@ def main():
   args = ap.parse_args()
   if (args.task == 'mlm') != bool(args.files) or (args.task != 'mlm') != bool(args.tsv):
     ap.error('--task mlm needs --files; --task sst2/mrpc needs --tsv.')
-  from flaxdistil import input_pipeline  # pylint: disable=g-import-not-at-top
   from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
+  from flaxdistil import tokenization  # pylint: disable=g-import-not-at-top
 
   model, output = onnx_export.load_torch_model(args.hf)
   onnx_dir = args.onnx_dir or os.path.join(args.hf, 'onnx')
   if not os.path.isfile(os.path.join(onnx_dir, onnx_export.INT8_FILE)):
     print(json.dumps(onnx_export.export_onnx(args.hf, onnx_dir, overwrite=True)))
-  tokenizer = input_pipeline.load_tokenizer(args.hf)
+  tokenizer = tokenization.load_tokenizer(args.hf)
   batches = (mlm_batches if args.task == 'mlm' else glue_batches)(args, tokenizer)
   names = onnx_export.input_names(model.config)
 

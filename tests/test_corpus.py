@@ -7,23 +7,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from conftest import CLS, MASK, PAD, SEP, UNK, WORDS  # the `tok` fixture's vocabulary
 from flaxdistil import corpus
 from flaxdistil import input_pipeline as ip
 from flaxdistil import setup
 from flaxdistil import synthetic
-
-WORDS = ['the', 'a', 'cat', 'dog', 'sat', 'on', 'mat', 'ran', 'and', 'big', 'small', 'red', 'blue',
-         'house', 'tree', 'bird', 'flew', 'over', 'green', 'hill', '.', ',', '##s', 'café']
-SPECIALS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
-PAD, UNK, CLS, SEP, MASK = range(5)
-
-
-@pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  d = tmp_path_factory.mktemp('tok')
-  (d / 'vocab.txt').write_text('\n'.join(SPECIALS + WORDS) + '\n')
-  return ip.load_tokenizer(str(d))
-
+from flaxdistil import tokenization
 
 def messy_text(rng, n_docs):
   """Paragraphs separated by runs of 2-5 newlines, some CRLF, whitespace-only and unicode lines."""
@@ -261,7 +250,7 @@ def test_run_reads_a_hub_dataset_into_the_shared_cache(tmp_path, monkeypatch):
                                   'data.dataset': repo, 'data.dataset_eval_split': 'validation',
                                   'data.num_proc': 1})  # the 2-process path is tested above
   run = setup.build_run(cfg, str(tmp_path / 'w1'))
-  tokenizer = ip.load_tokenizer(syn['tokenizer'])
+  tokenizer = tokenization.load_tokenizer(syn['tokenizer'])
   def no_tokenizing(*_):
     raise AssertionError('tokenised again')
 

@@ -1,7 +1,8 @@
-"""Export CLI: sharded-run checkpoint -> verified HF DistilBertForMaskedLM; fill-mask parity."""
+"""Export CLI: sharded-run checkpoint -> verified HF DistilBertForMaskedLM (+ ONNX); fill-mask parity."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -30,14 +31,42 @@ def trained(tmp_path_factory):
   return wd
 
 
-def test_export_cli_loads_in_transformers_and_fill_mask_matches_flax(trained, tmp_path):
+def _modes(root):
+  """{relative path: permission bits} of `root` and everything under it."""
+  out = {'.': stat.S_IMODE(os.stat(root).st_mode)}
+  for parent, dirs, files in os.walk(root):
+    for name in dirs + files:
+      path = os.path.join(parent, name)
+      out[os.path.relpath(path, root)] = stat.S_IMODE(os.stat(path).st_mode)
+  return out
+
+
+def _assert_readable(root):
+  for rel, mode in _modes(root).items():
+    want = 0o755 if os.path.isdir(os.path.join(root, rel)) else 0o644
+    assert mode == want, f'{rel}: {oct(mode)} != {oct(want)}'
+
+
+def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(trained, tmp_path):
   out = tmp_path / 'hf'
   r = subprocess.run([sys.executable, '-m', 'flaxdistil.export', '--workdir', str(trained),
-                      '--out', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                      '--out', str(out), '--onnx'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600,
                      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads(r.stdout.strip().splitlines()[-1])
   assert report['step'] == 6 and report['max_abs_diff'] <= 1e-4
+  # --onnx: fp32 verified against torch and Flax, int8 next to it, in <out>/onnx.
+  onnx = report['onnx']
+  assert onnx['path'] == str(out / 'onnx') and onnx['max_abs_diff'] <= 1e-4
+  assert onnx['max_abs_diff_flax'] <= 1e-4 and onnx['int8_top1_agreement'] > 0
+  assert sorted(os.listdir(out / 'onnx')) == ['model.onnx', 'model_quantized.onnx']
+  _assert_readable(out)  # model.safetensors included (safetensors writes it 0600)
+  # The console: the JSON report on stdout, and no library chatter (orbax restore, ONNX
+  # optimiser passes, quantizer) or progress bars on stderr.
+  for noise in ('orbax', 'checkpoint_manager', 'constant_folding', 'torchvision', 'onnx_quantizer',
+                'Loading weights', 'Unable to initialize backend'):
+    assert noise not in r.stderr, (noise, r.stderr[-2000:])
   assert json.load(open(out / 'config.json'))['model_type'] == 'distilbert'
   assert 'Steps: 6' in (out / 'README.md').read_text()
 
@@ -58,6 +87,53 @@ def test_export_cli_loads_in_transformers_and_fill_mask_matches_flax(trained, tm
   pos = int(np.where(enc['input_ids'][0] == tok.mask_token_id)[0][0])
   flax_top5 = list(np.argsort(-np.asarray(logits[0, pos]))[:5])
   assert torch_top5 == flax_top5
+
+
+def test_export_is_readable_whatever_the_umask(tmp_path):
+  cfg = models.ModelConfig(model_type='distilbert', vocab_size=40, hidden_size=16,
+                           num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=32)
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  old = os.umask(0o077)  # a private umask would make every new file 0600 and directory 0700
+  try:
+    export.export_hf(params, cfg, str(tmp_path / 'hf'), model_card='card\n')
+  finally:
+    os.umask(old)
+  assert {'config.json', 'model.safetensors', 'README.md'} <= set(os.listdir(tmp_path / 'hf'))
+  _assert_readable(tmp_path / 'hf')
+
+
+def test_model_card_paths_are_absolute_or_hub_names(tmp_path, monkeypatch):
+  cfg = models.ModelConfig(model_type='distilbert', vocab_size=40, hidden_size=16,
+                           num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+  train_file = str(tmp_path / 'data' / 'train.txt')
+  meta = {'info': {'teacher': '../models/teacher', 'tokenizer': '/srv/models/teacher',
+                   'train_files': [train_file], 'dataset': 'someorg/wiki',
+                   'student_init': 'teacher', 'distill': {}},
+          'fingerprint': {'global_batch_size': 8, 'max_seq_length': 32}}
+  monkeypatch.chdir(tmp_path)  # somewhere else than where training ran
+  card = export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
+  # The relative teacher path is the one training resolved into info['tokenizer'].
+  assert '`/srv/models/teacher`' in card and '../models' not in card
+  assert f'`{train_file}`' in card and '`someorg/wiki`' in card  # full path; hub name as given
+  # Without a matching absolute path, relative paths resolve against the current directory.
+  meta['info'].update(teacher='./t', tokenizer='bert-base-uncased')
+  assert f'`{tmp_path / "t"}`' in export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
+  meta['info'].update(teacher='bert-base-uncased')
+  assert '`bert-base-uncased`' in export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
+
+
+def test_onnx_failure_keeps_the_verified_hf_export_and_says_how_to_retry(trained, tmp_path,
+                                                                         monkeypatch):
+  from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
+
+  def broken(hf_dir, *a, **kw):
+    raise ValueError('ONNX verification failed: max |logits(onnxruntime) - logits(torch)| = 1')
+  monkeypatch.setattr(onnx_export, 'export_onnx', broken)
+  out = tmp_path / 'hf'
+  with pytest.raises(ValueError, match=r'verified HF export is in place.*onnx_export --hf'):
+    export.export(str(trained), str(out), onnx=True)
+  assert (out / 'model.safetensors').is_file() and not (out / 'onnx').exists()
 
 
 def test_export_of_a_specific_and_a_missing_step(trained, tmp_path):

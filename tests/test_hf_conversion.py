@@ -406,6 +406,32 @@ def test_hub_names_use_snapshot_download_only_when_not_local(ckpt, monkeypatch):
   assert cfg.vocab_size == 517
 
 
+def test_hub_name_offline_or_unreachable_names_teacher_path(monkeypatch):
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
+  # HF_HUB_OFFLINE=1 (conftest) and the real snapshot_download: nothing in the hub cache.
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  with pytest.raises(FileNotFoundError) as e:
+    hc.load_hf_model('fake-bert-h13-offline')
+  msg = str(e.value)
+  assert "'fake-bert-h13-offline'" in msg and 'offline (HF_HUB_OFFLINE=1)' in msg
+  assert 'Set --config.teacher.path' in msg and 'local directory with config.json and weights' in msg
+  # Online but no network: huggingface_hub raises LocalEntryNotFoundError (cause: ConnectError).
+  monkeypatch.delenv('HF_HUB_OFFLINE')
+
+  def unreachable(repo_id, **kw):
+    raise errors.LocalEntryNotFoundError('Got: ConnectError: Name or service not known')
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', unreachable)
+  with pytest.raises(FileNotFoundError, match=r'hub is unreachable.*Set --config\.teacher\.path'):
+    hc.load_hf_model('someorg/bert-x')
+  # Another failure (e.g. a misspelt name, online): the fix is the name, not teacher.path.
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download',
+                      lambda repo_id, **kw: (_ for _ in ()).throw(ValueError('404 not found')))
+  with pytest.raises(FileNotFoundError, match='check the name') as e:
+    hc.load_hf_model('someorg/bert-x')
+  assert 'teacher.path' not in str(e.value)
+
+
 def test_config_conversion():
   d = transformers.DistilBertConfig(vocab_size=123, dim=40, n_layers=3, n_heads=5,
                                     hidden_dim=77, activation='relu', dropout=0.2,

@@ -7,21 +7,10 @@ import threading
 import numpy as np
 import pytest
 
+from conftest import CLS, MASK, PAD, SEP, SPECIALS, UNK, WORDS  # the `tok` fixture's vocabulary
 from flaxdistil import corpus
 from flaxdistil import input_pipeline as ip
-
-WORDS = ['the', 'a', 'cat', 'dog', 'sat', 'on', 'mat', 'ran', 'and', 'big', 'small', 'red', 'blue',
-         'house', 'tree', 'bird', 'flew', 'over', 'green', 'hill', '.', ',', '##s']
-SPECIALS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
-PAD, UNK, CLS, SEP, MASK = range(5)
-
-
-@pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  d = tmp_path_factory.mktemp('tok')
-  (d / 'vocab.txt').write_text('\n'.join(SPECIALS + WORDS) + '\n')
-  return ip.load_tokenizer(str(d))
-
+from flaxdistil import tokenization
 
 def ids(tok, text):
   return tok(text, add_special_tokens=False)['input_ids']
@@ -47,14 +36,14 @@ def test_load_tokenizer(tok, tmp_path):
   assert tok.is_fast and len(tok) == len(SPECIALS) + len(WORDS)
   assert ids(tok, 'The Cats sat') == [5, 7, 27, 9]  # lowercased, '##s' split off
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    ip.load_tokenizer(str(tmp_path / 'nope'))
+    tokenization.load_tokenizer(str(tmp_path / 'nope'))
   # Layout of shared/models/tokenizer-bert-base-uncased: tokenizer.json without tokenizer_class, which
   # transformers v5's AutoTokenizer loads without special tokens.
   bare = tmp_path / 'bare'
   bare.mkdir()
   tok.backend_tokenizer.save(str(bare / 'tokenizer.json'))
   (bare / 'tokenizer_config.json').write_text('{"do_lower_case": true}')
-  tok2 = ip.load_tokenizer(str(bare))
+  tok2 = tokenization.load_tokenizer(str(bare))
   assert (tok2.mask_token_id, tok2.pad_token_id, tok2.cls_token_id) == (MASK, PAD, CLS)
   assert ids(tok2, 'The Cats sat') == [5, 7, 27, 9]
 

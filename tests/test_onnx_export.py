@@ -1,6 +1,7 @@
 """ONNX export: onnxruntime == transformers torch, int8 is smaller and close, errors, atomicity."""
 
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -51,6 +52,13 @@ def test_mlm_onnx_equals_torch_on_other_shapes(mlm_export):
     assert got.shape == (batch, seq_len, 512)
     keep = feeds['attention_mask'].astype(bool)
     np.testing.assert_allclose(got[keep], ref[keep], atol=1e-4)
+
+
+def test_onnx_files_are_readable(mlm_export):
+  _, report = mlm_export
+  assert stat.S_IMODE(os.stat(report['path']).st_mode) == 0o755  # mkdtemp made it 0700
+  for name in os.listdir(report['path']):
+    assert stat.S_IMODE(os.stat(os.path.join(report['path'], name)).st_mode) == 0o644, name
 
 
 def test_int8_is_smaller_and_close(mlm_export):
