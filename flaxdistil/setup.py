@@ -207,8 +207,10 @@ def validate(config) -> None:
 
   # Batch layout.
   gbs = d.global_batch_size
-  if gbs % jax.process_count():
-    raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {jax.process_count()} hosts.')
+  hosts = jax.process_count()
+  if gbs % hosts:
+    raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {hosts} hosts; use a '
+                      f'multiple of {hosts}.')
   try:
     mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
     sharding.check_batch_divisibility(gbs, config.optim.num_microbatches, mesh,
