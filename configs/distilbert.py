@@ -14,6 +14,8 @@ score; on a held-out masked-token set its accuracy approaches the teacher's.
 
 import ml_collections
 
+from flaxdistil import sharding
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -131,10 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ('data', 'fsdp', 'tensor')
   c.mesh.shape = (-1, 1, 1)         # -1 = the rest; (1,-1,1) FSDP; (1,1,-1) tensor parallel
-  c.mesh.logical_axis_rules = (     # logical axis -> mesh axes (MaxText/t5x style)
-      ('act_batch', ('data', 'fsdp')), ('act_len', None), ('act_embed', None),
-      ('act_mlp', 'tensor'), ('act_heads', 'tensor'), ('vocab', 'tensor'),
-      ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'))
+  # Logical axis -> mesh axes (MaxText/t5x style), defined once in flaxdistil/sharding.py.
+  c.mesh.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 3      # newest K steps kept

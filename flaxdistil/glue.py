@@ -20,7 +20,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100  # label of padding rows in eval batches
+from flaxdistil import input_pipeline
+from flaxdistil.input_pipeline import IGNORE_INDEX  # label of padding rows in eval batches
 
 
 class GlueTask(NamedTuple):
@@ -118,8 +119,8 @@ def load_split(path: str, task: GlueTask, tokenizer, max_seq_length: int) -> dic
 class ClassificationBatches:
   """Shuffled, endless global batches; batch `step` is a pure function of (seed, step).
 
-  Example order is the concatenation of per-epoch permutations
-  `default_rng([seed, epoch]).permutation(N)`; step s takes positions
+  Example order is `input_pipeline.EpochOrder(N, (seed,))`, the concatenation of
+  per-epoch permutations `default_rng([seed, epoch]).permutation(N)`; step s takes positions
   `[s*B, (s+1)*B)` of that stream. Each host keeps its contiguous rows
   `[p*B/P, (p+1)*B/P)` of every global batch. Same interface as
   `input_pipeline.BatchIterator` (`next()`, `close()`).
@@ -138,17 +139,10 @@ class ClassificationBatches:
     self.num_examples = len(arrays['labels'])
     per_host = global_batch_size // process_count
     self._rows = slice(process_index * per_host, (process_index + 1) * per_host)
-    self._perms: dict[int, np.ndarray] = {}
-
-  def _perm(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)}
-    return self._perms[epoch]
+    self._order = input_pipeline.EpochOrder(self.num_examples, (seed,))
 
   def global_batch(self, step: int) -> dict[str, np.ndarray]:
-    n, b = self.num_examples, self.global_batch_size
-    pos = np.arange(step * b, (step + 1) * b)
-    idx = np.concatenate([self._perm(int(e))[pos[pos // n == e] % n] for e in np.unique(pos // n)])
+    idx = self._order.rows(step, self.global_batch_size)
     return {k: v[idx] for k, v in self.arrays.items()}
 
   def __iter__(self):
@@ -168,18 +162,11 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[st
 
   The last batch is filled with padding rows (attention_mask 0, label -100),
   which every metric ignores, so all batches share one compiled shape.
+
+  Raises:
+    ValueError: `batch_size <= 0`.
   """
-  n = len(arrays['labels'])
-  out = []
-  for start in range(0, n, batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
-    short = batch_size - len(batch['labels'])
-    if short:
-      batch = {k: np.concatenate([v, np.full((short,) + v.shape[1:],
-                                             IGNORE_INDEX if k == 'labels' else 0, v.dtype)])
-               for k, v in batch.items()}
-    out.append(batch)
-  return out
+  return input_pipeline.padded_batches(arrays, batch_size, {'labels': IGNORE_INDEX})
 
 
 def f1_from_counts(tp: float, fp: float, fn: float) -> float:

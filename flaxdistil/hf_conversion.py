@@ -1,10 +1,10 @@
 """Hugging Face (torch) BERT/DistilBERT checkpoints <-> Flax ``models.MaskedLM``.
 
 Config mapping (``BertConfig``/``DistilBertConfig`` <-> ``ModelConfig``), tensor
-renaming (torch Linear ``weight [out, in]`` <-> Flax ``kernel [in, out]``),
-loading a checkpoint directory and DistilBERT student initialisation (HF
-``research_projects/distillation/scripts/extract_distilbert.py``). The
-verified export to a transformers directory is ``export.export_hf``.
+renaming (torch Linear ``weight [out, in]`` <-> Flax ``kernel [in, out]``) and
+loading a checkpoint directory. DistilBERT student initialisation from
+teacher layers is ``student_init``; the verified export to a transformers
+directory is ``export.export_hf``.
 Params are nested dicts of float32 arrays laid out as documented in
 ``models.py``; state dicts are ``dict[str, np.ndarray]``.
 """
@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
 from flaxdistil import models
@@ -486,101 +485,3 @@ def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
     num_labels = int(_to_numpy(state_dict['classifier.weight']).shape[0])
   config = config_from_hf(hf_config, with_mlm_head=with_mlm_head, num_labels=num_labels)
   return config, params_from_hf_state_dict(state_dict, config)
-
-
-def select_teacher_layers(num_teacher_layers: int,
-                          num_student_layers: int) -> list[int]:
-  """Teacher layer indices copied into the student, evenly spread.
-
-  ``round(linspace(0, Lt - 1, Ls))`` (numpy round-half-to-even); keeps the first
-  and last layer. 12 -> 6 gives [0, 2, 4, 7, 9, 11], the layers HF
-  ``extract_distilbert.py`` uses for distilbert-base-uncased.
-
-  Raises:
-    ValueError: num_student_layers < 1 or > num_teacher_layers.
-  """
-  if not 1 <= num_student_layers <= num_teacher_layers:
-    raise ValueError(
-        f'Cannot pick {num_student_layers} student layers from '
-        f'{num_teacher_layers} teacher layers; need 1 <= student <= teacher.')
-  idx = np.round(np.linspace(0, num_teacher_layers - 1, num_student_layers))
-  layers = [int(i) for i in idx]
-  assert len(set(layers)) == len(layers), layers
-  return layers
-
-
-def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
-                              student_config: ModelConfig, layers=None):
-  """DistilBERT-style student initialisation from teacher weights.
-
-  Copies word + position embeddings and the embedding LayerNorm (token-type
-  embeddings only if the student is also 'bert'; HF extract_distilbert drops
-  them), teacher layers ``layers`` (default ``select_teacher_layers``) into
-  student layers 0..Ls-1, and the MLM head if the student has one. If the
-  student has fewer positions, the first rows of the position table are kept.
-
-  Returns:
-    Student params (nested dict of float32 numpy arrays, copies), same
-    structure as ``models.init_params(student_config, ...)``.
-
-  Raises:
-    ValueError: width mismatch (hidden_size / num_attention_heads /
-      intermediate_size / vocab_size) with a hint to use random init, bad
-      ``layers``, or a student head without a teacher head.
-  """
-  t, s = teacher_config, student_config
-  # Only shapes must agree; activation / dropout / dtype are the student's own.
-  for field in ('hidden_size', 'num_attention_heads', 'intermediate_size',
-                'vocab_size'):
-    if getattr(t, field) != getattr(s, field):
-      raise ValueError(
-          f'Cannot initialise the student from the teacher: {field} differs '
-          f'(teacher {getattr(t, field)}, student {getattr(s, field)}). Use '
-          f"random init (student.init='random') or a student with the "
-          f"teacher's width.")
-  if s.max_position_embeddings > t.max_position_embeddings:
-    raise ValueError(
-        f'Student max_position_embeddings {s.max_position_embeddings} > teacher '
-        f'{t.max_position_embeddings}; the extra positions cannot be copied.')
-  if layers is None:
-    layers = select_teacher_layers(t.num_hidden_layers, s.num_hidden_layers)
-  layers = [int(i) for i in layers]
-  if (len(layers) != s.num_hidden_layers
-      or any(not 0 <= i < t.num_hidden_layers for i in layers)):
-    raise ValueError(
-        f'layers={layers} must list {s.num_hidden_layers} teacher layer '
-        f'indices in [0, {t.num_hidden_layers}).')
-  if s.with_mlm_head and 'mlm_head' not in teacher_params:
-    raise ValueError('The student has an MLM head but the teacher params have '
-                     'none; load the teacher with its MLM head.')
-  tp = models.unbox(teacher_params)
-  # Host numpy copies (like load_hf_model): the caller places/shards them.
-  copy = lambda tree: jax.tree_util.tree_map(
-      lambda x: np.array(x, dtype=np.float32), tree)
-  emb = tp['embeddings']
-  student_emb = {
-      'word_embeddings': copy(emb['word_embeddings']),
-      'position_embeddings': {'embedding': np.array(
-          emb['position_embeddings']['embedding'][:s.max_position_embeddings],
-          dtype=np.float32)},
-      'LayerNorm': copy(emb['LayerNorm']),
-  }
-  if s.has_token_types:
-    if not t.has_token_types or t.type_vocab_size != s.type_vocab_size:
-      raise ValueError("A 'bert' student needs the teacher's token-type "
-                       "embeddings (same type_vocab_size); use 'distilbert'.")
-    student_emb['token_type_embeddings'] = copy(emb['token_type_embeddings'])
-  out = {
-      'embeddings': student_emb,
-      'encoder': {f'layer_{j}': copy(tp['encoder'][f'layer_{i}'])
-                  for j, i in enumerate(layers)},
-  }
-  if s.with_mlm_head:
-    out['mlm_head'] = copy(tp['mlm_head'])
-  if s.num_labels:
-    if t.num_labels != s.num_labels:
-      raise ValueError(f'The student has {s.num_labels} labels but the teacher '
-                       f'{t.num_labels}; distil from a teacher fine-tuned on the task.')
-    # BERT pooler (tanh) -> DistilBERT pre_classifier (ReLU): a warm start, not an identity.
-    out['classifier_head'] = copy(tp['classifier_head'])
-  return out

@@ -29,7 +29,9 @@ import numpy as np
 
 from flaxdistil import corpus
 
-IGNORE_INDEX = -100   # label value for positions without an MLM target (torch CrossEntropy default)
+# Label of positions (MLM) or rows (classification, eval padding) without a target: torch
+# CrossEntropyLoss's default ignore_index. The one definition; losses and glue import it.
+IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
@@ -208,6 +210,74 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, mask_token_i
 
 
 # ----------------------------------------------------------------------------------------- batching
+class EpochOrder:
+  """Endless shuffled order of `num_rows` rows, one permutation per epoch, pure in `(key, epoch)`.
+
+  Position g of the stream (global batch s holds positions `[s*B, (s+1)*B)`) is row
+  `perm_e[g % N]` with `e = g // N` and `perm_e = np.random.default_rng([*key, e]).permutation(N)`;
+  batches straddle epochs and nothing is dropped, so any step is reached in O(N) (one
+  permutation) whatever its epoch. The permutations are cached (at most 2: a batch of B <= N
+  rows spans at most 2 epochs) behind a lock, so a prefetch thread may share the object.
+
+  Raises:
+    ValueError: `num_rows < 1`.
+  """
+
+  def __init__(self, num_rows: int, key: Sequence[int]):
+    if num_rows < 1:
+      raise ValueError(f'num_rows={num_rows}: there is nothing to shuffle; check the data.')
+    self.num_rows, self.key = int(num_rows), tuple(int(k) for k in key)
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """`[num_rows]` row indices of `epoch` (int32 below 2**31 rows: same values, half the RAM)."""
+    with self._lock:
+      if epoch not in self._perms:
+        if len(self._perms) >= 2:
+          self._perms.pop(min(self._perms))
+        n = self.num_rows
+        perm = np.random.default_rng([*self.key, epoch]).permutation(n)
+        self._perms[epoch] = perm.astype(np.int32) if n < 2 ** 31 else perm
+      return self._perms[epoch]
+
+  def rows(self, step: int, batch_size: int) -> np.ndarray:
+    """`[batch_size] int64` row indices of global batch `step`."""
+    n = self.num_rows
+    g = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    rows = np.empty_like(g)
+    for epoch in np.unique(g // n):
+      sel = g // n == epoch
+      rows[sel] = self.permutation(int(epoch))[g[sel] % n]
+    return rows
+
+
+def padded_batches(arrays: dict[str, np.ndarray], batch_size: int,
+                   fill: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+  """`arrays` (equal first dimension N) in order as `ceil(N / batch_size)` batches of `batch_size`.
+
+  The last batch is filled up with rows of `fill[key]` (0 for keys not in `fill`), e.g. pad
+  token ids or `IGNORE_INDEX` labels, which every metric ignores, so that all evaluation batches
+  share one compiled shape. Dtypes and trailing shapes are kept.
+
+  Raises:
+    ValueError: `batch_size <= 0`.
+  """
+  if batch_size <= 0:
+    raise ValueError(f'batch_size={batch_size} must be positive.')
+  fill = fill or {}
+  n = len(next(iter(arrays.values()))) if arrays else 0
+  out = []
+  for start in range(0, n, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+    short = batch_size - min(batch_size, n - start)
+    if short:
+      batch = {k: np.concatenate([v, np.full((short,) + v.shape[1:], fill.get(k, 0), v.dtype)])
+               for k, v in batch.items()}
+    out.append(batch)
+  return out
+
+
 def _batch(ids: np.ndarray, rng, pad_token_id: int, mask_kwargs: dict,
            **slice_kwargs) -> dict[str, np.ndarray]:
   kwargs = dict(mask_kwargs, **slice_kwargs)
@@ -232,28 +302,12 @@ class _BatchSource:
     self.packed, self.seed, self.global_batch_size = packed, seed, global_batch_size
     self.pad_token_id, self.mask_kwargs = pad_token_id, mask_kwargs
     self.row_features = row_features
-    self.perms: dict[int, np.ndarray] = {}
-    self.lock = threading.Lock()
-
-  def permutation(self, epoch: int) -> np.ndarray:
-    with self.lock:
-      if epoch not in self.perms:
-        if len(self.perms) >= 2:  # a batch spans at most 2 epochs (B <= N); 8N bytes each
-          self.perms.pop(min(self.perms))
-        n = len(self.packed)
-        perm = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
-        self.perms[epoch] = perm.astype(np.int32) if n < 2 ** 31 else perm  # same values, half RAM
-      return self.perms[epoch]
+    # The 0 tag keeps the permutation stream apart from masking's [seed, 1, step] (BatchIterator).
+    self.order = EpochOrder(len(packed), (seed, 0))
 
   def rows(self, step: int) -> np.ndarray:
     """`[global_batch_size] int64` row indices of `packed` in the global batch of `step`."""
-    n = len(self.packed)
-    g = step * self.global_batch_size + np.arange(self.global_batch_size, dtype=np.int64)
-    rows = np.empty_like(g)
-    for epoch in np.unique(g // n):
-      sel = g // n == epoch
-      rows[sel] = self.permutation(int(epoch))[g[sel] % n]
-    return rows
+    return self.order.rows(step, self.global_batch_size)
 
   def global_batch(self, step: int, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
     """Rows `[lo, hi)` of the global batch of `step`; only those rows are read from `packed`.
@@ -421,17 +475,10 @@ def eval_batches(packed_eval, batch_size: int, seed: int, num_sequences: int | N
   `pad_token_id` (default 0).
   """
   pad_token_id = mask_kwargs.pop('pad_token_id', 0)
-  if batch_size <= 0:
-    raise ValueError(f'batch_size={batch_size} must be positive.')
   rows = np.asarray(packed_eval[:num_sequences])  # a PackedDataset reads only these rows
-  out = []
-  for i in range(-(-len(rows) // batch_size)):
-    chunk = rows[i * batch_size:(i + 1) * batch_size]
-    if len(chunk) < batch_size:
-      fill = np.full((batch_size - len(chunk), rows.shape[1]), pad_token_id, rows.dtype)
-      chunk = np.concatenate([chunk, fill])
-    out.append(_batch(chunk, np.random.default_rng([seed, 2, i]), pad_token_id, mask_kwargs))
-  return out
+  chunks = padded_batches({'ids': rows}, batch_size, {'ids': pad_token_id})
+  return [_batch(c['ids'], np.random.default_rng([seed, 2, i]), pad_token_id, mask_kwargs)
+          for i, c in enumerate(chunks)]
 
 
 def streaming_batches(files: Sequence[str], tokenizer, max_seq_length: int, *,

@@ -45,13 +45,13 @@ not part of the student model and the exported HF model never needs them.
 from __future__ import annotations
 
 import numbers
-from typing import Mapping, NamedTuple, Sequence, Tuple
+from typing import Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Pair = Tuple[jax.Array, jax.Array]  # (sum, count), both float32 scalars
+from flaxdistil.losses import Pair, as_f32, weighted_sum, weighted_total
 
 TERM_NAMES = ('emb', 'hidden', 'attn_score', 'attn_kl', 'value_kl')
 # Floor for log of probabilities given as probabilities (not logits): keeps
@@ -59,13 +59,9 @@ TERM_NAMES = ('emb', 'hidden', 'attn_score', 'attn_kl', 'value_kl')
 _LOG_FLOOR = 1e-30
 
 
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
-
-
 def _const(x):
   """Teacher tensors are targets: never differentiate through them."""
-  return jax.lax.stop_gradient(_f32(x))
+  return jax.lax.stop_gradient(as_f32(x))
 
 
 # ----------------------------------------------------------------------------- layer maps
@@ -152,7 +148,7 @@ class HiddenProjection(nn.Module):
         self.teacher_hidden_size, dtype=jnp.float32, param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('embed', None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-        name='dense')(_f32(x))
+        name='dense')(as_f32(x))
 
 
 def _init_projection_boxed(rng, student_hidden: int, teacher_hidden: int):
@@ -190,16 +186,15 @@ def _project(x, proj, teacher_hidden: int, what: str):
       raise ValueError(
           f'{what}: student hidden size {x.shape[-1]} != teacher hidden size {teacher_hidden}; '
           f'pass projection params from intermediate.init_projection_params.')
-    return _f32(x)
+    return as_f32(x)
   return HiddenProjection(teacher_hidden).apply({'params': proj}, x)
 
 
 # ----------------------------------------------------------------------------- terms
 
 def _token_mse(s, t, weights) -> Pair:
-  w = _f32(weights)
   d = s - t
-  return jnp.sum(jnp.mean(d * d, axis=-1) * w), jnp.sum(w)
+  return weighted_sum(jnp.mean(d * d, axis=-1), weights)
 
 
 def embedding_mse(s_emb, t_emb, weights, proj=None) -> Pair:
@@ -250,7 +245,7 @@ def hidden_mse(s_hidden, t_hidden, weights, layer_map, proj=None) -> Pair:
   """
   _check_map(len(s_hidden), len(t_hidden), layer_map, 'hidden_mse')
   total = jnp.zeros((), jnp.float32)
-  count = jnp.sum(_f32(weights))
+  count = jnp.sum(as_f32(weights))
   for j, i in enumerate(layer_map):
     t = _const(t_hidden[i])
     total = total + _token_mse(_project(s_hidden[j], proj, t.shape[-1], 'hidden_mse'), t,
@@ -289,11 +284,11 @@ def attention_score_mse(s_scores, t_scores, attention_mask, layer_map) -> Pair:
       layer_map mismatch.
   """
   _check_map(len(s_scores), len(t_scores), layer_map, 'attention_score_mse')
-  m = _f32(attention_mask)
+  m = as_f32(attention_mask)
   pair = (m[:, :, None] * m[:, None, :])[:, None]  # [B, 1, T, T]
   total = jnp.zeros((), jnp.float32)
   for j, i in enumerate(layer_map):
-    s, t = _f32(s_scores[j]), _const(t_scores[i])
+    s, t = as_f32(s_scores[j]), _const(t_scores[i])
     _check_heads(s.shape, t.shape, 'attention_score_mse (TinyBERT)',
                  'set alpha_attn_score=0 and use the MiniLM value relation '
                  '(alpha_value_kl with num_relation_heads), which allows different head counts.')
@@ -306,10 +301,9 @@ def attention_score_mse(s_scores, t_scores, attention_mask, layer_map) -> Pair:
 
 def _row_kl(t_logp, s_logp, attention_mask) -> Pair:
   """KL(t || s) over keys per row [B, h, T, T] log-probs; mean over heads, sum real rows."""
-  m = _f32(attention_mask)
-  key = m[:, None, None, :] > 0
+  key = as_f32(attention_mask)[:, None, None, :] > 0
   kl = jnp.sum(jnp.where(key, jnp.exp(t_logp) * (t_logp - s_logp), 0.0), axis=-1)  # [B, h, T]
-  return jnp.sum(jnp.mean(kl, axis=1) * m), jnp.sum(m)
+  return weighted_sum(jnp.mean(kl, axis=1), attention_mask)
 
 
 def attention_kl(s_probs_last, t_probs_last, attention_mask) -> Pair:
@@ -331,14 +325,14 @@ def attention_kl(s_probs_last, t_probs_last, attention_mask) -> Pair:
   _check_heads(s_probs_last.shape, t_probs_last.shape, 'attention_kl (MiniLM)',
                'set alpha_attn_kl=0 and use value_relation_kl with num_relation_heads '
                '(MiniLMv2 relation heads).')
-  s_logp = jnp.log(jnp.maximum(_f32(s_probs_last), _LOG_FLOOR))
+  s_logp = jnp.log(jnp.maximum(as_f32(s_probs_last), _LOG_FLOOR))
   t_logp = jnp.log(jnp.maximum(_const(t_probs_last), _LOG_FLOOR))
   return _row_kl(t_logp, s_logp, attention_mask)
 
 
 def _relation_logp(values, attention_mask, num_relation_heads):
   """log softmax(V V^T / sqrt(d_r)) over real keys: [B, h, T, d] -> [B, R, T, T]."""
-  v = _f32(values)
+  v = as_f32(values)
   b, h, t, d = v.shape
   if num_relation_heads:
     r = int(num_relation_heads)
@@ -348,7 +342,7 @@ def _relation_logp(values, attention_mask, num_relation_heads):
     # Concatenate heads back to [B, T, H] (the value projection's layout), re-split.
     v = v.transpose(0, 2, 1, 3).reshape(b, t, r, h * d // r).transpose(0, 2, 1, 3)
   logits = jnp.einsum('bhqd,bhkd->bhqk', v, v) * (v.shape[-1] ** -0.5)
-  key = _f32(attention_mask)[:, None, None, :] > 0
+  key = as_f32(attention_mask)[:, None, None, :] > 0
   return jax.nn.log_softmax(jnp.where(key, logits, jnp.finfo(jnp.float32).min), axis=-1)
 
 
@@ -481,7 +475,7 @@ def intermediate_counts(batch: Mapping[str, jax.Array], weights: IntermediateWei
   (sum over sequences of n_b^2) for 'attn_score'. Equal to the counts
   `intermediate_terms` returns for the same batch.
   """
-  m = _f32(batch['attention_mask'])
+  m = as_f32(batch['attention_mask'])
   n_tok = jnp.sum(m)
   n_pairs = jnp.sum(jnp.sum(m, axis=-1) ** 2)
   return {k: n_pairs if k == 'attn_score' else n_tok
@@ -493,8 +487,4 @@ def combine(terms: dict, counts: dict, weights: IntermediateWeights) -> jax.Arra
 
   Same contract as `losses.combine`; add the two totals in the train step.
   """
-  alphas = term_alphas(weights)
-  total = jnp.zeros((), jnp.float32)
-  for k, (s, _) in terms.items():
-    total = total + alphas[k] * s / jnp.maximum(counts[k], 1.0)
-  return total
+  return weighted_total(terms, counts, term_alphas(weights))

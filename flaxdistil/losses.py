@@ -32,13 +32,34 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special
 
+# Defined with the batches that carry it (input_pipeline stays free of jax); re-exported here.
+from flaxdistil.input_pipeline import IGNORE_INDEX  # pylint: disable=unused-import
+
 Pair = Tuple[jax.Array, jax.Array]  # (sum, count), both float32 scalars
 
-IGNORE_INDEX = -100  # label value of positions that are not predicted (HF convention)
 
-
-def _f32(x):
+def as_f32(x) -> jax.Array:
+  """`x` as a float32 array (losses compute in float32 whatever the model dtype)."""
   return jnp.asarray(x, jnp.float32)
+
+
+def weighted_sum(values, weights) -> Pair:
+  """`(sum(values * w), sum(w))` with `w = float32(weights)` of the same shape as `values`."""
+  w = as_f32(weights)
+  return jnp.sum(values * w), jnp.sum(w)
+
+
+def weighted_total(terms: Mapping[str, Pair], counts: Mapping[str, jax.Array],
+                   alphas: Mapping[str, float]) -> jax.Array:
+  """`sum_k alphas[k] * sum_k / max(counts[k], 1)` over the `(sum, count)` terms present.
+
+  `counts` are the global normalisers (`term_counts`, `intermediate.intermediate_counts`),
+  not the terms' own counts, so microbatch totals add up to the global-batch mean.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for k, (s, _) in terms.items():
+    total = total + alphas[k] * s / jnp.maximum(counts[k], 1.0)
+  return total
 
 
 def kl_div_loss(student_logits, teacher_logits, weights, temperature: float) -> Pair:
@@ -57,13 +78,13 @@ def kl_div_loss(student_logits, teacher_logits, weights, temperature: float) -> 
   Returns:
     `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars.
   """
-  t = _f32(temperature)
-  s_logp = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)
-  t_logp = jax.nn.log_softmax(_f32(teacher_logits) / t, axis=-1)
+  t = as_f32(temperature)
+  s_logp = jax.nn.log_softmax(as_f32(student_logits) / t, axis=-1)
+  t_logp = jax.nn.log_softmax(as_f32(teacher_logits) / t, axis=-1)
   # KL(p_t || p_s) = sum p_t (log p_t - log p_s); exp(log p) avoids a second softmax pass.
   kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)  # [B, T]
-  w = _f32(weights)
-  return jnp.sum(kl * w) * t * t, jnp.sum(w)
+  total, n = weighted_sum(kl, weights)
+  return total * t * t, n
 
 
 def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperature: float,
@@ -101,14 +122,14 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
   Returns:
     `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars.
   """
-  t = _f32(temperature)
-  s_logp = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)          # [B, T, V], full-V norm
+  t = as_f32(temperature)
+  s_logp = jax.nn.log_softmax(as_f32(student_logits) / t, axis=-1)          # [B, T, V], full-V norm
   s_logq = jnp.take_along_axis(s_logp, topk_ids.astype(jnp.int32), axis=-1)  # [B, T, k]
-  v = _f32(topk_values) / t
+  v = as_f32(topk_values) / t
   if tail_bucket and topk_ids.shape[-1] < student_logits.shape[-1]:  # at k = V there is no tail
     if teacher_logz is None:
       raise ValueError('tail_bucket=True needs teacher_logz (logsumexp of the teacher over V).')
-    t_logp = v - _f32(teacher_logz)[..., None]                             # [B, T, k]
+    t_logp = v - as_f32(teacher_logz)[..., None]                             # [B, T, k]
     p_tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(t_logp), -1), 0.0)          # [B, T]
     q_tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(s_logq), -1), 1e-30)
     tail = jax.scipy.special.xlogy(p_tail, p_tail) - jax.scipy.special.xlogy(p_tail, q_tail)
@@ -116,8 +137,8 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
     t_logp = jax.nn.log_softmax(v, axis=-1)
     tail = 0.0
   kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logq), axis=-1) + tail       # [B, T]
-  w = _f32(weights)
-  return jnp.sum(kl * w) * t * t, jnp.sum(w)
+  total, n = weighted_sum(kl, weights)
+  return total * t * t, n
 
 
 class CachedTeacherOutput(NamedTuple):
@@ -172,27 +193,26 @@ def mlm_cross_entropy(logits, labels) -> Pair:
   Returns:
     `(sum of token NLL, number of predicted tokens)`, float32 scalars.
   """
-  logits = _f32(logits)
+  logits = as_f32(logits)
   valid = labels != IGNORE_INDEX
   safe = jnp.where(valid, labels, 0)
   logz = jax.nn.logsumexp(logits, axis=-1)
   gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
   nll = (logz - gold) * valid
-  return jnp.sum(nll), jnp.sum(_f32(valid))
+  return jnp.sum(nll), jnp.sum(as_f32(valid))
 
 
 def accuracy(logits, labels) -> Pair:
   """Top-1 accuracy over positions whose label is not -100: `(correct, count)`."""
   valid = labels != IGNORE_INDEX
   correct = (jnp.argmax(logits, axis=-1) == labels) & valid
-  return jnp.sum(_f32(correct)), jnp.sum(_f32(valid))
+  return jnp.sum(as_f32(correct)), jnp.sum(as_f32(valid))
 
 
 def agreement(student_logits, teacher_logits, weights) -> Pair:
   """Fraction of weighted positions where student and teacher top-1 agree."""
   same = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
-  w = _f32(weights)
-  return jnp.sum(_f32(same) * w), jnp.sum(w)
+  return weighted_sum(as_f32(same), weights)
 
 
 def cosine_embedding_loss(student_hidden, teacher_hidden, weights) -> Pair:
@@ -217,12 +237,11 @@ def cosine_embedding_loss(student_hidden, teacher_hidden, weights) -> Pair:
     raise ValueError(
         f'alpha_cos needs equal hidden sizes, got student {student_hidden.shape[-1]} vs '
         f'teacher {teacher_hidden.shape[-1]}; set distill.alpha_cos=0 for a narrower student.')
-  s, t = _f32(student_hidden), _f32(teacher_hidden)
+  s, t = as_f32(student_hidden), as_f32(teacher_hidden)
   eps = 1e-8  # torch.nn.functional.cosine_similarity's eps
   cos = jnp.sum(s * t, -1) / (
       jnp.maximum(jnp.linalg.norm(s, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(t, axis=-1), eps))
-  w = _f32(weights)
-  return jnp.sum((1.0 - cos) * w), jnp.sum(w)
+  return weighted_sum(1.0 - cos, weights)
 
 
 def mse_logits_loss(student_logits, teacher_logits, weights) -> Pair:
@@ -231,9 +250,8 @@ def mse_logits_loss(student_logits, teacher_logits, weights) -> Pair:
   Matches HF distiller's `nn.MSELoss(reduction="sum")(s, t) / num_tokens`.
   Returns `(sum, count)` float32 scalars.
   """
-  d = _f32(student_logits) - _f32(teacher_logits)
-  w = _f32(weights)
-  return jnp.sum(jnp.sum(d * d, -1) * w), jnp.sum(w)
+  d = as_f32(student_logits) - as_f32(teacher_logits)
+  return weighted_sum(jnp.sum(d * d, -1), weights)
 
 
 def soft_cross_entropy(student_logits, teacher_logits, weights, temperature: float) -> Pair:
@@ -249,11 +267,11 @@ def soft_cross_entropy(student_logits, teacher_logits, weights, temperature: flo
   Returns:
     `(sum over examples of w * T^2 * CE, sum of w)`, float32 scalars.
   """
-  t = _f32(temperature)
-  s_logp = jax.nn.log_softmax(_f32(student_logits) / t, axis=-1)
-  t_p = jax.nn.softmax(_f32(teacher_logits) / t, axis=-1)
-  w = _f32(weights)
-  return -jnp.sum(jnp.sum(t_p * s_logp, -1) * w) * t * t, jnp.sum(w)
+  t = as_f32(temperature)
+  s_logp = jax.nn.log_softmax(as_f32(student_logits) / t, axis=-1)
+  t_p = jax.nn.softmax(as_f32(teacher_logits) / t, axis=-1)
+  total, n = weighted_sum(jnp.sum(t_p * s_logp, -1), weights)
+  return -total * t * t, n
 
 
 class DistillWeights(NamedTuple):
@@ -356,7 +374,7 @@ def _vocab_chunk(s_h, s_emb, s_bias, t_h, t_emb, t_bias, labels, kl_w, coef, *, 
   sum_k coef_k * sum_k, or None).
   """
   c_mlm, c_ce, c_mse = coef
-  s = jnp.einsum('bch,vh->bcv', s_h, s_emb, preferred_element_type=jnp.float32) + _f32(s_bias)
+  s = jnp.einsum('bch,vh->bcv', s_h, s_emb, preferred_element_type=jnp.float32) + as_f32(s_bias)
   sums, g = {}, jnp.zeros_like(s) if with_grad else None
   if c_mlm is not None:
     valid = labels != IGNORE_INDEX
@@ -365,12 +383,12 @@ def _vocab_chunk(s_h, s_emb, s_bias, t_h, t_emb, t_bias, labels, kl_w, coef, *, 
     sums['mlm'] = jnp.sum((logz - gold)[..., 0] * valid)
     if with_grad:  # d/ds CE = softmax(s) - onehot(y) on predicted positions
       onehot = jax.nn.one_hot(labels, s.shape[-1], dtype=jnp.float32)
-      g = g + c_mlm * _f32(valid)[..., None] * (jnp.exp(s - logz) - onehot)
+      g = g + c_mlm * as_f32(valid)[..., None] * (jnp.exp(s - logz) - onehot)
   if c_ce is not None or c_mse is not None:
-    t = jnp.einsum('bch,vh->bcv', t_h, t_emb, preferred_element_type=jnp.float32) + _f32(t_bias)
-    w = _f32(kl_w)[..., None]
+    t = jnp.einsum('bch,vh->bcv', t_h, t_emb, preferred_element_type=jnp.float32) + as_f32(t_bias)
+    w = as_f32(kl_w)[..., None]
   if c_ce is not None:
-    temp = _f32(temperature)
+    temp = as_f32(temperature)
     s_logp = jax.nn.log_softmax(s / temp, axis=-1)
     t_logp = jax.nn.log_softmax(t / temp, axis=-1)
     t_p = jnp.exp(t_logp)
@@ -489,17 +507,17 @@ def chunked_vocab_terms(student_hidden, student_proj, teacher_hidden, teacher_pr
   """
   labels = batch['labels']
   kl_w = (labels != IGNORE_INDEX) if w.restrict_ce_to_mask else batch['attention_mask']
-  coef = tuple(_f32(alpha) / jnp.maximum(counts[k], 1.0) if alpha else None
+  coef = tuple(as_f32(alpha) / jnp.maximum(counts[k], 1.0) if alpha else None
                for k, alpha in (('mlm', w.alpha_mlm), ('ce', w.alpha_ce), ('mse', w.alpha_mse)))
   if (coef[1] is not None or coef[2] is not None) and teacher_hidden is None:
     raise ValueError('alpha_ce/alpha_mse need the teacher\'s mlm_hidden and projection.')
   t_emb, t_bias = teacher_proj if teacher_proj is not None else (None, None)
   sums = _fused_vocab_loss(student_hidden, *student_proj, teacher_hidden, t_emb, t_bias, labels,
-                           _f32(kl_w), coef, float(w.temperature), int(chunk_size))
+                           as_f32(kl_w), coef, float(w.temperature), int(chunk_size))
   loss = sum((c * sums[k] for k, c in zip(('mlm', 'ce', 'mse'), coef) if c is not None),
              jnp.zeros((), jnp.float32))
   # This (micro)batch's own counts, as distillation_terms: pairs add up over microbatches.
-  local = {'mlm': jnp.sum(_f32(labels != IGNORE_INDEX)), 'ce': jnp.sum(_f32(kl_w))}
+  local = {'mlm': jnp.sum(as_f32(labels != IGNORE_INDEX)), 'ce': jnp.sum(as_f32(kl_w))}
   local['mse'] = local['ce']
   return loss, {k: (v, local[k]) for k, v in sums.items()}
 
@@ -513,8 +531,8 @@ def term_counts(batch: Mapping[str, jax.Array], w: DistillWeights) -> dict:
   batches (`labels [B]`, `task_terms`) count examples for 'ce' and 'task'.
   """
   labels, mask = batch['labels'], batch['attention_mask']
-  n_labels = jnp.sum(_f32(labels != IGNORE_INDEX))  # masked tokens, or examples
-  n_tokens = jnp.sum(_f32(mask))
+  n_labels = jnp.sum(as_f32(labels != IGNORE_INDEX))  # masked tokens, or examples
+  n_tokens = jnp.sum(as_f32(mask))
   kl_n = n_labels if (labels.ndim == 1 or w.restrict_ce_to_mask) else n_tokens
   terms = (('mlm', w.alpha_mlm, n_labels), ('task', w.alpha_task, n_labels),
            ('ce', w.alpha_ce, kl_n), ('mse', w.alpha_mse, kl_n), ('cos', w.alpha_cos, n_tokens))
@@ -523,9 +541,5 @@ def term_counts(batch: Mapping[str, jax.Array], w: DistillWeights) -> dict:
 
 def combine(terms: dict, counts: dict, w: DistillWeights) -> jax.Array:
   """`sum_k alpha_k * sum_k / count_k` with counts from `term_counts` (max 1)."""
-  alphas = {'ce': w.alpha_ce, 'mlm': w.alpha_mlm, 'cos': w.alpha_cos, 'mse': w.alpha_mse,
-            'task': w.alpha_task}
-  total = jnp.zeros((), jnp.float32)
-  for k, (s, _) in terms.items():
-    total = total + alphas[k] * s / jnp.maximum(counts[k], 1.0)
-  return total
+  return weighted_total(terms, counts, {'ce': w.alpha_ce, 'mlm': w.alpha_mlm, 'cos': w.alpha_cos,
+                                        'mse': w.alpha_mse, 'task': w.alpha_task})

@@ -6,7 +6,7 @@ HF ``DistilBertForMaskedLM`` / ``DistilBertModel``). The two HF architectures
 compute the same function; DistilBERT only drops the token-type embeddings (and
 the pooler, which we never build). Using a single parameter tree layout for both
 lets a student be initialised from teacher subtrees directly (see
-``hf_conversion.init_student_from_teacher``).
+``student_init.init_student_from_teacher``).
 
 Parameter tree (kernels are ``[in, out]``, i.e. the transpose of torch Linear)::
 

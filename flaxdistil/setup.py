@@ -1,9 +1,11 @@
 """From a config to everything the train loop needs, with clear input errors.
 
-`build_run(config, workdir)` loads the tokenizer and the teacher, derives and
-initialises the student, builds the mesh, packs the data and validates the
-combination; every problem found here raises `ConfigError` naming the fix,
-before any expensive work starts.
+`build_run(config, workdir)` first checks the config alone (`validate`: no file
+is read, no model loaded), then loads the tokenizer and the teacher, derives and
+initialises the student (`student_init`), builds the mesh and packs the data.
+Every problem raises `ConfigError` naming the key and the fix; the checks that
+need a loaded model (vocabulary, positions, heads, layer counts) come right
+after it is loaded, before the data is tokenised.
 """
 
 import dataclasses
@@ -24,18 +26,30 @@ from flaxdistil import input_pipeline
 from flaxdistil import intermediate
 from flaxdistil import losses
 from flaxdistil import models
+from flaxdistil import objective as objective_lib
 from flaxdistil import sharding
+from flaxdistil import student_init
 from flaxdistil import synthetic
 from flaxdistil import teacher_cache
+from flaxdistil.objective import Objective, Projection
 
 
 class ConfigError(ValueError):
   """A config or input problem; the message says how to fix it."""
 
 
+# Host copies the loop may drop once they are on devices (memory); nothing else changes.
+_RELEASABLE = frozenset({'student_params', 'teacher_params', 'proj_params'})
+
+
 @dataclasses.dataclass
 class Run:
-  """Everything `train.train_and_evaluate` needs; params are host numpy trees."""
+  """Everything `train.train_and_evaluate` needs; params are host numpy trees.
+
+  Immutable after `build_run`, except that `student_params`, `teacher_params`
+  and `proj_params` may be set to None to release the host copies; any other
+  assignment raises `dataclasses.FrozenInstanceError`.
+  """
   student_config: models.ModelConfig
   student_model: Any
   student_params: Any
@@ -45,16 +59,39 @@ class Run:
   mesh: Any
   rules: tuple
   teacher_rules: tuple
-  weights: losses.DistillWeights
+  objective: Objective
   fingerprint: dict
   train_batches: Callable[[int], Any]   # start_step -> BatchIterator
   eval_batches: Callable[[], list]
   info: dict                            # provenance for checkpoints' metadata and model cards
-  inter: tuple | None = None            # (IntermediateWeights, layer_map) or None
-  projection: tuple | None = None       # (student_hidden, teacher_hidden) with TinyBERT projections
+  projection: Projection | None = None  # TinyBERT projections of a narrower student, or None
   proj_params: Any = None               # their initial values (host)
   train_packed: Any = None              # packed training rows [N, T] (MLM, not streaming)
-  offline: bool = False                 # teacher targets come from teacher.cache (no forward)
+
+  def __post_init__(self):
+    object.__setattr__(self, '_built', True)
+
+  def __setattr__(self, name, value):
+    if getattr(self, '_built', False) and not (name in _RELEASABLE and value is None):
+      raise dataclasses.FrozenInstanceError(
+          f'Run.{name} cannot be changed after build_run; only {sorted(_RELEASABLE)} may be set '
+          'to None (to release host copies). Build a new Run (dataclasses.replace) instead.')
+    object.__setattr__(self, name, value)
+
+  @property
+  def weights(self) -> losses.DistillWeights:
+    """`objective.weights`."""
+    return self.objective.weights
+
+  @property
+  def inter(self) -> objective_lib.LayerTerms | None:
+    """`objective.inter`: `(IntermediateWeights, layer_map)` or None."""
+    return self.objective.inter
+
+  @property
+  def offline(self) -> bool:
+    """`objective.offline`: teacher targets come from `teacher.cache` (no forward)."""
+    return self.objective.offline
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -77,18 +114,112 @@ def _dtype(name: str):
     raise ConfigError(f'dtype={name!r}: use "float32" or "bfloat16".') from None
 
 
-def intermediate_weights(d) -> intermediate.IntermediateWeights:
-  """The config's TinyBERT/MiniLM coefficients (`distill.alpha_emb`, ...)."""
-  return intermediate.IntermediateWeights(
-      alpha_emb=d.alpha_emb, alpha_hidden=d.alpha_hidden, alpha_attn_score=d.alpha_attn_score,
-      alpha_attn_kl=d.alpha_attn_kl, alpha_value_kl=d.alpha_value_kl,
-      num_relation_heads=d.num_relation_heads or None,
-      relation_teacher_layer=d.relation_teacher_layer)
+def _teacher_loaded(config) -> bool:
+  # A teacher given by path is always loaded: it defines the student's default shape (so an
+  # MLM-only baseline has the same architecture as the distilled student) and is evaluated
+  # as the reference, even when no loss term uses it.
+  return (Objective.from_config(config).uses_teacher or config.student.init == 'teacher' or
+          bool(config.teacher.path))
 
 
-def _teacher_has_forward(d) -> bool:
-  return bool(d.alpha_ce or d.alpha_cos or d.alpha_mse or
-              any(intermediate.term_alphas(intermediate_weights(d)).values()))
+_NEEDS_TEACHER = ('The objective needs a teacher (alpha_ce/alpha_cos/alpha_mse > 0 or '
+                  'student.init="teacher") but teacher.path is empty; set teacher.path, '
+                  'or set those alphas to 0 and student.init="random" for plain MLM.')
+
+
+def validate(config) -> None:
+  """Checks everything `config` alone decides, before any file is read or model loaded.
+
+  Pure: reads no path (a nonexistent teacher.path or data file is found by
+  `build_run`), only the number of devices and processes. What needs a loaded
+  model or tokenizer (vocabulary sizes, max_position_embeddings, heads, layer
+  counts, cache identity) is checked by `build_run` right after loading.
+
+  Raises:
+    ConfigError: naming the key and the fix, e.g. an unknown dtype, task or
+      student.init, no tokenizer source, both data.train_files and
+      data.dataset, MLM terms on a classification task, a teacher term without
+      a teacher, a teacher.cache that cannot serve the objective, or a
+      global batch not divisible by hosts, microbatches and batch shards.
+  """
+  d, dist, t, s = config.data, config.distill, config.teacher, config.student
+  obj = Objective.from_config(config)
+  _dtype(config.dtype)
+
+  # Data source.
+  tok_path = d.tokenizer or t.path or s.path
+  if not d.synthetic and not tok_path:
+    raise ConfigError('No tokenizer: set data.tokenizer (or teacher.path / student.path, whose '
+                      'tokenizer is used).')
+  if not d.synthetic and not d.train_files and not d.dataset:
+    raise ConfigError('data.train_files is empty; list text/json/parquet files, set data.dataset (a '
+                      'hub name or local dataset directory) or data.synthetic=True.')
+  if (d.synthetic or d.train_files) and d.dataset:
+    raise ConfigError(f'Both data.train_files and data.dataset={d.dataset!r} are set; use one.')
+
+  # Task vs MLM.
+  if d.task:
+    try:
+      glue.get_task(d.task)
+    except ValueError as e:
+      raise ConfigError(f'data.task: {e}') from e
+    if not d.synthetic and (len(d.train_files) != 1 or len(d.eval_files) > 1):
+      raise ConfigError(f'data.task={d.task!r} takes one train TSV and at most one eval TSV '
+                        f'(train.tsv, dev.tsv), got {list(d.train_files)} / {list(d.eval_files)}.')
+    if dist.alpha_mlm or dist.alpha_mse:
+      raise ConfigError(f'data.task={d.task!r} trains sequence classification: set '
+                        'distill.alpha_mlm=0 and distill.alpha_mse=0 (use alpha_ce for soft labels, '
+                        'alpha_task for gold).')
+  elif dist.alpha_task:
+    raise ConfigError('distill.alpha_task needs a classification task (data.task="sst2"/"mrpc").')
+  if d.streaming and dist.mlm_smoothing:
+    raise ConfigError('distill.mlm_smoothing needs token counts of the whole corpus; it is not '
+                      'available with data.streaming=True.')
+
+  # Student and teacher.
+  if s.model_type not in ('bert', 'distilbert'):
+    raise ConfigError(f'student.model_type={s.model_type!r}: use "distilbert" or "bert" (the '
+                      'latter to fine-tune a BERT teacher).')
+  if s.init not in student_init.INITS:
+    raise ConfigError(f'student.init={s.init!r}: use "teacher", "random" or "pretrained".')
+  if s.init == 'pretrained' and not s.path:
+    raise ConfigError('student.init="pretrained" needs student.path (a HF BERT/DistilBERT dir).')
+  if _teacher_loaded(config) and not t.path and not t.random_init:
+    raise ConfigError(_NEEDS_TEACHER)
+
+  # Objective.
+  if dist.teacher_input not in objective_lib.TEACHER_INPUTS:
+    raise ConfigError(f'distill.teacher_input={dist.teacher_input!r}: use "masked" or '
+                      '"original".')
+  try:
+    losses.check_logits_restriction(obj.weights, obj.max_predictions_per_seq)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if obj.offline:
+    if d.streaming or d.task:
+      raise ConfigError('teacher.cache needs packed MLM data (data.streaming=False, no data.task).')
+    if not _teacher_loaded(config):
+      raise ConfigError('teacher.cache needs the teacher it was built from (teacher.path) to check '
+                        'its identity and to evaluate it.')
+    if dist.alpha_mse:
+      raise ConfigError('teacher.cache stores top-k logits, not the full logits distill.alpha_mse '
+                        'compares: set distill.alpha_mse=0 (or train online without teacher.cache).')
+    if config.teacher.cache_teacher_input not in ('original', 'masked'):
+      raise ConfigError(f'teacher.cache_teacher_input={config.teacher.cache_teacher_input!r}: use '
+                        '"original" or "masked".')
+
+  # Batch layout.
+  gbs = d.global_batch_size
+  hosts = jax.process_count()
+  if gbs % hosts:
+    raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {hosts} hosts; use a '
+                      f'multiple of {hosts}.')
+  try:
+    mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
+    sharding.check_batch_divisibility(gbs, config.optim.num_microbatches, mesh,
+                                      sharding.rules_tuple(config.mesh.logical_axis_rules))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def load_teacher(config, vocab_size: int, num_labels: int = 0):
@@ -96,14 +227,13 @@ def load_teacher(config, vocab_size: int, num_labels: int = 0):
 
   `num_labels > 0` (a GLUE task): logit terms need a teacher fine-tuned on the
   task, i.e. a `*ForSequenceClassification` checkpoint with that many labels.
+
+  Raises:
+    ConfigError: the teacher cannot be loaded, or lacks the head the
+      objective reads.
   """
-  t = config.teacher
-  # A teacher given by path is always loaded: it defines the student's default shape (so an
-  # MLM-only baseline has the same architecture as the distilled student) and is evaluated
-  # as the reference, even when no loss term uses it.
-  needed = (_teacher_has_forward(config.distill) or config.student.init == 'teacher' or
-            bool(t.path))
-  if not needed:
+  t, dist = config.teacher, config.distill
+  if not _teacher_loaded(config):
     return None, None
   if t.path:
     if not os.path.isdir(t.path) and (os.path.sep in t.path or t.path.startswith('.')):
@@ -120,17 +250,14 @@ def load_teacher(config, vocab_size: int, num_labels: int = 0):
         intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings)
     tparams = jax.device_get(models.init_params(tcfg, jax.random.PRNGKey(config.seed + 1)))
   else:
-    raise ConfigError('The objective needs a teacher (alpha_ce/alpha_cos/alpha_mse > 0 or '
-                      'student.init="teacher") but teacher.path is empty; set teacher.path, '
-                      'or set those alphas to 0 and student.init="random" for plain MLM.')
+    raise ConfigError(_NEEDS_TEACHER)
   if num_labels:
-    if config.distill.alpha_ce and tcfg.num_labels != num_labels:
+    if dist.alpha_ce and tcfg.num_labels != num_labels:
       raise ConfigError(
           f'Teacher {t.path!r} has no {num_labels}-label classification head (num_labels='
           f'{tcfg.num_labels}): fine-tune it on the task first (configs/glue.py:teacher) and pass '
           'the exported directory as teacher.path, or set distill.alpha_ce=0.')
-  elif _teacher_has_forward(config.distill) and not tcfg.with_mlm_head and (
-      config.distill.alpha_ce or config.distill.alpha_mse):
+  elif not tcfg.with_mlm_head and (dist.alpha_ce or dist.alpha_mse):
     raise ConfigError(f'Teacher {t.path!r} has no MLM head (a plain BertModel): set '
                       'distill.alpha_ce=0 and distill.alpha_mse=0 and distill via hidden states.')
   return tcfg, tparams
@@ -154,7 +281,7 @@ def student_config(config, tcfg: models.ModelConfig | None, vocab_size: int,
       type_vocab_size=ref.type_vocab_size if ref and ref.type_vocab_size else 2,
       hidden_size=pick(s.hidden_size, 'hidden_size', 768),
       # A same-type pretrained model keeps its depth; BERT -> DistilBERT picks layers.
-      num_hidden_layers=pick(0 if _same_type(pretrained, s) else s.num_hidden_layers,
+      num_hidden_layers=pick(0 if student_init.same_type(pretrained, s) else s.num_hidden_layers,
                              'num_hidden_layers', 6),
       num_attention_heads=pick(s.num_attention_heads, 'num_attention_heads', 12),
       intermediate_size=pick(s.intermediate_size, 'intermediate_size', 3072),
@@ -169,69 +296,33 @@ def student_config(config, tcfg: models.ModelConfig | None, vocab_size: int,
       dtype=_dtype(config.dtype), remat=config.remat)
 
 
-def _same_type(pretrained, student_group) -> bool:
-  return pretrained is not None and pretrained.model_type == student_group.model_type
-
-
-def _with_head(params, scfg, seed: int):
-  """Adds a freshly initialised classification head when `params` lack a matching one."""
-  if not scfg.num_labels:
-    return params
-  want = models.unbox(models.abstract_params(scfg))['classifier_head']
-  head = params.get('classifier_head')
-  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
-  if head is None or shapes(head) != shapes(want):
-    fresh = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 4)))
-    params = dict(params, classifier_head=fresh['classifier_head'])
-  return params
-
-
 def load_pretrained_student(config, num_labels: int):
-  """`(ModelConfig, params)` of `student.path` for `student.init='pretrained'`, or (None, None)."""
+  """`(ModelConfig, params)` of `student.path` for `student.init='pretrained'`, or (None, None).
+
+  Raises:
+    ConfigError: the checkpoint cannot be loaded or does not fit `student.model_type`.
+  """
   s = config.student
   if s.init != 'pretrained':
     return None, None
-  if not s.path:
-    raise ConfigError('student.init="pretrained" needs student.path (a HF BERT/DistilBERT dir).')
   try:
-    pcfg, params = hf_conversion.load_hf_model(s.path, with_mlm_head=False if num_labels else None)
-  except (FileNotFoundError, ValueError, OSError) as e:
-    raise ConfigError(f'Cannot load student.path {s.path!r}: {e}') from e
-  if pcfg.model_type == 'distilbert' and s.model_type == 'bert':
-    raise ConfigError(f'student.path {s.path!r} is a DistilBERT model; set '
-                      'student.model_type="distilbert".')
-  return pcfg, params
+    return student_init.load_pretrained_student(s.path, s.model_type, num_labels)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def init_student(config, scfg, tcfg, tparams, pretrained=(None, None)):
-  """Student params (numpy): from the teacher, from an HF checkpoint, or random.
+  """Student params (numpy) for `student.init` (`student_init.init_student`).
 
-  A classification student whose source has no matching head gets a random one.
+  Raises:
+    ConfigError: the source cannot initialise this student (names the fix).
   """
-  init, (pcfg, pretrained_params) = config.student.init, pretrained
-  if init == 'pretrained' and not _same_type(pcfg, scfg):
-    # A BERT checkpoint (e.g. the pretrained, not fine-tuned, teacher) initialises a DistilBERT
-    # student the DistilBERT way: student.layers of it.
-    tcfg, tparams, init = pcfg, pretrained_params, 'teacher'
-  if init == 'teacher':
-    if tcfg is None:
-      raise ConfigError('student.init="teacher" needs teacher.path.')
-    head_ok = scfg.num_labels == tcfg.num_labels
-    body_cfg = scfg if head_ok else dataclasses.replace(scfg, num_labels=0)
-    try:
-      params = hf_conversion.init_student_from_teacher(
-          tparams, tcfg, body_cfg, layers=list(config.student.layers) or None)
-    except ValueError as e:
-      raise ConfigError(f'student.init="teacher": {e}') from e
-    return _with_head(params, scfg, config.seed)
-  if init == 'pretrained':
-    params = dict(pretrained_params)
-    if not scfg.num_labels:
-      params.pop('classifier_head', None)
-    return _with_head(params, scfg, config.seed)
-  if init == 'random':
-    return jax.device_get(models.init_params(scfg, jax.random.PRNGKey(config.seed + 2)))
-  raise ConfigError(f'student.init={init!r}: use "teacher", "random" or "pretrained".')
+  try:
+    return student_init.init_student(config.student.init, scfg, config.seed,
+                                     teacher=(tcfg, tparams), pretrained=pretrained,
+                                     layers=list(config.student.layers) or None)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def _files_id(files) -> list:
@@ -249,9 +340,6 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
   d, gbs, vocab_size = config.data, config.data.global_batch_size, len(tokenizer)
   cache_dir = d.cache_dir or corpus.default_cache_dir()
   source = dict(dataset=d.dataset, dataset_split=d.dataset_split, text_column=d.text_column)
-  if d.streaming and config.distill.mlm_smoothing:
-    raise ConfigError('distill.mlm_smoothing needs token counts of the whole corpus; it is not '
-                      'available with data.streaming=True.')
   try:
     # Every host builds-or-waits on the same key (flock); the first one tokenises, the rest map it.
     packed = None if d.streaming else input_pipeline.load_packed(
@@ -303,12 +391,7 @@ def _mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
 def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_teacher_layers,
                         train_batches):
   """`(row_features hook, fingerprint entry)` serving `teacher.cache`, after checking it fits."""
-  t, d = config.teacher, config.distill
-  if config.data.streaming or config.data.task:
-    raise ConfigError('teacher.cache needs packed MLM data (data.streaming=False, no data.task).')
-  if d.alpha_mse:
-    raise ConfigError('teacher.cache stores top-k logits, not the full logits distill.alpha_mse '
-                      'compares: set distill.alpha_mse=0 (or train online without teacher.cache).')
+  t, d = config.teacher, config.distill  # streaming, task and alpha_mse: checked by validate
   try:
     cache = teacher_cache.TeacherCache(
         t.cache, top_k=t.cache_top_k, hidden=bool(d.alpha_cos), logz=t.cache_tail_bucket,
@@ -343,10 +426,7 @@ def _open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_t
 
 def _task_batches(config, task, tokenizer, train_files, eval_files, mesh, rules):
   """`(train_batches, eval_batches)` of a GLUE task's labelled TSV files."""
-  d = config.data
-  if len(train_files) != 1 or len(eval_files) > 1:
-    raise ConfigError(f'data.task={d.task!r} takes one train TSV and at most one eval TSV '
-                      f'(train.tsv, dev.tsv), got {list(train_files)} / {list(eval_files)}.')
+  d = config.data  # one train TSV, at most one eval TSV: checked by validate
   try:
     train = glue.load_split(train_files[0], task, tokenizer, d.max_seq_length)
     dev = glue.load_split(eval_files[0], task, tokenizer, d.max_seq_length) if eval_files else None
@@ -368,111 +448,91 @@ def _task_batches(config, task, tokenizer, train_files, eval_files, mesh, rules)
   return train_batches, eval_batches
 
 
+def _check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg) -> None:
+  """The checks that need the loaded tokenizer and model configs; ConfigError naming the fix."""
+  d = config.data
+  if tcfg is not None and vocab_size > tcfg.vocab_size:
+    raise ConfigError(
+        f'Tokenizer {tok_path!r} has {vocab_size} tokens but the teacher\'s vocab_size is '
+        f'{tcfg.vocab_size}: they do not belong together; use the teacher\'s own tokenizer '
+        '(data.tokenizer="" takes it from teacher.path).')
+  for name, cfg in (('teacher', tcfg), ('student', scfg)):
+    if cfg is not None and d.max_seq_length > cfg.max_position_embeddings:
+      raise ConfigError(
+          f'data.max_seq_length={d.max_seq_length} exceeds the {name}\'s max_position_embeddings='
+          f'{cfg.max_position_embeddings}; use --config.data.max_seq_length<={cfg.max_position_embeddings}.')
+  if student_init.same_type(pcfg, config.student) and (
+      pcfg.hidden_size, pcfg.num_hidden_layers) != (scfg.hidden_size, scfg.num_hidden_layers):
+    raise ConfigError(f'student.path {config.student.path!r} has {pcfg.num_hidden_layers} layers x '
+                      f'{pcfg.hidden_size}; leave student.hidden_size at 0 to keep its shape.')
+  if config.distill.alpha_mlm and not scfg.with_mlm_head:
+    raise ConfigError(f'Teacher {config.teacher.path!r} has no MLM head, so neither has the student: '
+                      'set distill.alpha_mlm=0 (distil hidden states / attentions instead).')
+  if tcfg is not None and config.distill.alpha_cos and tcfg.hidden_size != scfg.hidden_size:
+    raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
+                      f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
+
+
+def _resolve_objective(config, scfg, tcfg) -> tuple[Objective, Projection | None]:
+  """The objective with its layer map resolved for these depths, and the projection shape."""
+  obj = Objective.from_config(config)
+  if obj.inter is None:
+    return obj, None
+  try:
+    layer_map = intermediate.resolve_layer_map(scfg.num_hidden_layers, tcfg.num_hidden_layers,
+                                               list(config.distill.layer_map) or None)
+  except ValueError as e:
+    raise ConfigError(f'distill.layer_map: {e}') from e
+  iw = obj.inter.weights
+  projection = None
+  if (iw.alpha_emb or iw.alpha_hidden) and scfg.hidden_size != tcfg.hidden_size:
+    projection = Projection(scfg.hidden_size, tcfg.hidden_size)
+  return Objective.from_config(config, layer_map), projection
+
+
 def build_run(config, workdir: str) -> Run:
-  """Validates `config` and builds models, params, mesh and data for the loop.
+  """Validates `config`, then builds models, params, mesh and data for the loop.
+
+  Order: `validate(config)` (no I/O), tokenizer and models (then the checks that
+  need them), student init, data. Writes only the synthetic corpus (with
+  `data.synthetic`) under `workdir` and the token cache under `data.cache_dir`.
 
   Raises:
-    ConfigError: with the problem and the fix (missing paths, vocab mismatch,
-      max_seq_length above max_position_embeddings, batch not divisible by
-      devices x microbatches, empty dataset, teacher without MLM head...).
+    ConfigError: with the problem and the fix (see `validate`; then missing
+      paths, vocab mismatch, max_seq_length above max_position_embeddings,
+      teacher without MLM head, empty dataset, a teacher.cache of another run...).
   """
+  validate(config)
   d = config.data
   train_files, eval_files, tok_path = list(d.train_files), list(d.eval_files), d.tokenizer
   if d.synthetic:
     paths = synthetic.write_corpus(os.path.join(workdir, 'synthetic'), seed=config.seed)
     train_files, eval_files, tok_path = paths['train_files'], paths['eval_files'], paths['tokenizer']
   tok_path = tok_path or config.teacher.path or config.student.path
-  if not tok_path:
-    raise ConfigError('No tokenizer: set data.tokenizer (or teacher.path / student.path, whose '
-                      'tokenizer is used).')
-  if not train_files and not d.dataset:
-    raise ConfigError('data.train_files is empty; list text/json/parquet files, set data.dataset (a '
-                      'hub name or local dataset directory) or data.synthetic=True.')
-  if train_files and d.dataset:
-    raise ConfigError(f'Both data.train_files and data.dataset={d.dataset!r} are set; use one.')
   try:
     tokenizer = input_pipeline.load_tokenizer(tok_path)
   except (OSError, ValueError) as e:
     raise ConfigError(f'Cannot load tokenizer from {tok_path!r}: {e}') from e
   vocab_size = len(tokenizer)
 
-  task = None
-  if d.task:
-    try:
-      task = glue.get_task(d.task)
-    except ValueError as e:
-      raise ConfigError(f'data.task: {e}') from e
+  task = glue.get_task(d.task) if d.task else None
   num_labels = len(task.label_names) if task else 0
-  if config.student.model_type not in ('bert', 'distilbert'):
-    raise ConfigError(f'student.model_type={config.student.model_type!r}: use "distilbert" or '
-                      '"bert" (the latter to fine-tune a BERT teacher).')
   tcfg, tparams = load_teacher(config, vocab_size, num_labels)
   if tcfg is not None:
-    if vocab_size > tcfg.vocab_size:
-      raise ConfigError(
-          f'Tokenizer {tok_path!r} has {vocab_size} tokens but the teacher\'s vocab_size is '
-          f'{tcfg.vocab_size}: they do not belong together; use the teacher\'s own tokenizer '
-          '(data.tokenizer="" takes it from teacher.path).')
     tcfg = dataclasses.replace(tcfg, dtype=_dtype(config.dtype), remat=config.remat)
   pcfg, pparams = load_pretrained_student(config, num_labels)
   scfg = student_config(config, tcfg, vocab_size, num_labels, pcfg)
-  for name, cfg in (('teacher', tcfg), ('student', scfg)):
-    if cfg is not None and d.max_seq_length > cfg.max_position_embeddings:
-      raise ConfigError(
-          f'data.max_seq_length={d.max_seq_length} exceeds the {name}\'s max_position_embeddings='
-          f'{cfg.max_position_embeddings}; use --config.data.max_seq_length<={cfg.max_position_embeddings}.')
-  if pcfg is not None and _same_type(pcfg, config.student) and (
-      pcfg.hidden_size, pcfg.num_hidden_layers) != (scfg.hidden_size, scfg.num_hidden_layers):
-    raise ConfigError(f'student.path {config.student.path!r} has {pcfg.num_hidden_layers} layers x '
-                      f'{pcfg.hidden_size}; leave student.hidden_size at 0 to keep its shape.')
-  if task and (config.distill.alpha_mlm or config.distill.alpha_mse):
-    raise ConfigError(f'data.task={d.task!r} trains sequence classification: set distill.alpha_mlm=0 '
-                      'and distill.alpha_mse=0 (use alpha_ce for soft labels, alpha_task for gold).')
-  if config.distill.alpha_task and not task:
-    raise ConfigError('distill.alpha_task needs a classification task (data.task="sst2"/"mrpc").')
-  if config.distill.alpha_mlm and not scfg.with_mlm_head:
-    raise ConfigError(f'Teacher {config.teacher.path!r} has no MLM head, so neither has the student: '
-                      'set distill.alpha_mlm=0 (distil hidden states / attentions instead).')
+  _check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg)
+  obj, projection = _resolve_objective(config, scfg, tcfg)
   sparams = init_student(config, scfg, tcfg, tparams, (pcfg, pparams))
+  proj_params = None
+  if projection is not None:
+    proj_params = jax.device_get(intermediate.init_projection_params(
+        jax.random.PRNGKey(config.seed + 3), *projection))
 
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
   rules = sharding.rules_tuple(config.mesh.logical_axis_rules)
   t_rules = sharding.rules_tuple(config.teacher.logical_axis_rules or rules)
-  gbs, nmb = d.global_batch_size, config.optim.num_microbatches
-  if gbs % jax.process_count():
-    raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {jax.process_count()} hosts.')
-  try:
-    sharding.check_batch_divisibility(gbs, nmb, mesh, rules)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-
-  weights = losses.DistillWeights(
-      temperature=config.distill.temperature, alpha_ce=config.distill.alpha_ce,
-      alpha_mlm=config.distill.alpha_mlm, alpha_cos=config.distill.alpha_cos,
-      alpha_mse=config.distill.alpha_mse, restrict_ce_to_mask=config.distill.restrict_ce_to_mask,
-      alpha_task=config.distill.alpha_task, tail_bucket=config.teacher.cache_tail_bucket)
-  if config.distill.teacher_input not in ('masked', 'original'):
-    raise ConfigError(f'distill.teacher_input={config.distill.teacher_input!r}: use "masked" or '
-                      '"original".')
-  try:
-    losses.check_logits_restriction(weights, config.distill.max_predictions_per_seq)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  iw = intermediate_weights(config.distill)
-  inter = projection = proj_params = None
-  if any(intermediate.term_alphas(iw).values()):
-    try:
-      inter = (iw, intermediate.resolve_layer_map(scfg.num_hidden_layers, tcfg.num_hidden_layers,
-                                                  list(config.distill.layer_map) or None))
-    except ValueError as e:
-      raise ConfigError(f'distill.layer_map: {e}') from e
-    if (iw.alpha_emb or iw.alpha_hidden) and scfg.hidden_size != tcfg.hidden_size:
-      projection = (scfg.hidden_size, tcfg.hidden_size)
-      proj_params = jax.device_get(intermediate.init_projection_params(
-          jax.random.PRNGKey(config.seed + 3), *projection))
-  if tcfg is not None and weights.alpha_cos and tcfg.hidden_size != scfg.hidden_size:
-    raise ConfigError(f'distill.alpha_cos needs equal hidden sizes (teacher {tcfg.hidden_size}, '
-                      f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
 
   packed = None
   if task is None:
@@ -485,23 +545,20 @@ def build_run(config, workdir: str) -> Run:
   strip = lambda c: None if c is None else {k: v for k, v in dataclasses.asdict(c).items()
                                             if k not in ('dtype', 'remat')}
   tokenizer_fp = hashlib.sha1(' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16]
-  offline = bool(config.teacher.cache)
-  if offline:
-    if tcfg is None:
-      raise ConfigError('teacher.cache needs the teacher it was built from (teacher.path) to check '
-                        'its identity and to evaluate it.')
-    features, targets = _open_teacher_cache(config, tparams, packed, tokenizer_fp, inter,
+  if obj.offline:
+    features, targets = _open_teacher_cache(config, tparams, packed, tokenizer_fp, obj.inter,
                                             tcfg.num_hidden_layers, train_batches)
     train_batches = functools.partial(train_batches, row_features=features)
   else:
     targets = 'online' if tcfg is not None else None
   fingerprint = {
       'student_config': strip(scfg), 'teacher_config': strip(tcfg),
-      'global_batch_size': gbs, 'max_seq_length': d.max_seq_length, 'seed': config.seed,
+      'global_batch_size': d.global_batch_size, 'max_seq_length': d.max_seq_length,
+      'seed': config.seed,
       'train_data': _files_id(train_files) + ([[d.dataset, d.dataset_split, d.text_column]]
                                               if d.dataset else []),
       'student_init': config.student.init,
-      'projection': projection, 'task': d.task,
+      'projection': None if projection is None else tuple(projection), 'task': d.task,
       'tokenizer_vocab': tokenizer_fp,
       # where the teacher's targets come from: a resumed run switching between online and a cache,
       # or to a cache with another k, would change its objective mid-run
@@ -510,10 +567,9 @@ def build_run(config, workdir: str) -> Run:
   return Run(
       student_config=scfg, student_model=models.MaskedLM(scfg), student_params=sparams,
       teacher_config=tcfg, teacher_model=models.MaskedLM(tcfg) if tcfg else None,
-      teacher_params=tparams, mesh=mesh, rules=rules, teacher_rules=t_rules, weights=weights,
+      teacher_params=tparams, mesh=mesh, rules=rules, teacher_rules=t_rules, objective=obj,
       fingerprint=fingerprint, train_batches=train_batches, eval_batches=eval_batches,
-      inter=inter, projection=projection, proj_params=proj_params, train_packed=packed,
-      offline=offline,
+      projection=projection, proj_params=proj_params, train_packed=packed,
       info={'teacher': config.teacher.path or ('random' if tcfg else None),
             'tokenizer': os.path.abspath(tok_path) if os.path.isdir(tok_path) else tok_path,
             'train_files': [os.path.abspath(f) for f in train_files],

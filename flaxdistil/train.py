@@ -29,6 +29,7 @@ from flaxdistil import glue
 from flaxdistil import intermediate
 from flaxdistil import losses
 from flaxdistil import models
+from flaxdistil import objective
 from flaxdistil import setup
 from flaxdistil import sharding
 
@@ -153,9 +154,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx, weights: 
   classification (`losses.task_terms`; models built with `num_labels`).
   """
   iw, layer_map = inter if inter else (intermediate.IntermediateWeights(), [])
-  need_teacher = teacher is not None and not offline and (
-      weights.alpha_ce or weights.alpha_cos or weights.alpha_mse or
-      any(intermediate.term_alphas(iw).values()))
+  need_teacher = (teacher is not None and
+                  objective.Objective(weights, inter, offline).needs_teacher_forward)
   out_flags = intermediate.model_kwargs(iw)
   vocab_alphas = {'alpha_mlm': 0.0, 'alpha_ce': 0.0, 'alpha_mse': 0.0}
   chunked = bool(vocab_chunk_size) and not offline and student.config.with_mlm_head and any(

@@ -61,6 +61,16 @@ def test_distilbert_recipe_defaults():
   assert c.student.num_hidden_layers == 6 and c.teacher.path == 'bert-base-uncased'
 
 
+@pytest.mark.parametrize('name, variant', CASES)
+def test_axis_rules_come_from_sharding(name, variant):
+  """One definition: every config's mesh rules are sharding.DEFAULT_LOGICAL_AXIS_RULES."""
+  from flaxdistil import sharding  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'configs.{name}')
+  c = module.get_config() if variant is None else module.get_config(variant)
+  assert sharding.rules_tuple(c.mesh.logical_axis_rules) == sharding.DEFAULT_LOGICAL_AXIS_RULES
+  assert c.teacher.logical_axis_rules == ()  # () = the student's rules
+
+
 def test_unknown_key_is_rejected():
   c = importlib.import_module('configs.tiny').get_config()
   c.lock()

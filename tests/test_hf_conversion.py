@@ -17,6 +17,7 @@ import transformers
 from flaxdistil import export
 from flaxdistil import hf_conversion as hc
 from flaxdistil import models
+from flaxdistil import student_init
 
 SIZES = {
     # (vocab, hidden, layers, heads, intermediate, positions, act)
@@ -458,29 +459,12 @@ def test_config_conversion():
     hc.config_to_hf(dataclasses.replace(cfg, layer_norm_eps=1e-5))
 
 
-def test_select_teacher_layers():
-  assert hc.select_teacher_layers(12, 6) == [0, 2, 4, 7, 9, 11]  # HF extract_distilbert
-  assert hc.select_teacher_layers(12, 12) == list(range(12))
-  assert hc.select_teacher_layers(4, 2) == [0, 3]
-  assert hc.select_teacher_layers(6, 3) == [0, 2, 5]
-  assert hc.select_teacher_layers(5, 1) == [0]
-  for lt in range(1, 25):
-    for ls in range(1, lt + 1):
-      sel = hc.select_teacher_layers(lt, ls)
-      assert sel == sorted(set(sel)) and len(sel) == ls
-      assert sel[0] == 0 and (ls == 1 or sel[-1] == lt - 1)
-  with pytest.raises(ValueError, match='1 <= student <= teacher'):
-    hc.select_teacher_layers(4, 5)
-  with pytest.raises(ValueError, match='1 <= student <= teacher'):
-    hc.select_teacher_layers(4, 0)
-
-
 def test_init_student_from_teacher_copies_selected_layers(ckpt):
   tcfg, tparams = hc.load_hf_model(ckpt('bert', 'a'))  # 3 layers
   import dataclasses  # pylint: disable=g-import-not-at-top
   scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=2,
                              type_vocab_size=0, max_position_embeddings=32)
-  student = hc.init_student_from_teacher(tparams, tcfg, scfg)
+  student = student_init.init_student_from_teacher(tparams, tcfg, scfg)
   ref = models.init_params(scfg, jax.random.PRNGKey(0))
   assert jax.tree_util.tree_structure(student) == jax.tree_util.tree_structure(ref)
   assert (jax.tree_util.tree_map(lambda x: x.shape, student)
@@ -497,16 +481,16 @@ def test_init_student_from_teacher_copies_selected_layers(ckpt):
       student['embeddings']['position_embeddings']['embedding'],
       np.asarray(tparams['embeddings']['position_embeddings']['embedding'])[:32])
   assert 'token_type_embeddings' not in student['embeddings']
-  custom = hc.init_student_from_teacher(tparams, tcfg, scfg, layers=[1, 2])
+  custom = student_init.init_student_from_teacher(tparams, tcfg, scfg, layers=[1, 2])
   assert eq(custom['encoder']['layer_0'], tparams['encoder']['layer_1'])
   out = models.MaskedLM(scfg).apply({'params': student}, jnp.ones((1, 5), jnp.int32),
                                     jnp.ones((1, 5), jnp.int32))
   assert np.isfinite(np.asarray(out.logits)).all()
   with pytest.raises(ValueError, match="student.init='random'"):
-    hc.init_student_from_teacher(
+    student_init.init_student_from_teacher(
         tparams, tcfg, dataclasses.replace(scfg, hidden_size=32, intermediate_size=64))
   with pytest.raises(ValueError, match='must list 2 teacher layer'):
-    hc.init_student_from_teacher(tparams, tcfg, scfg, layers=[0, 3])
+    student_init.init_student_from_teacher(tparams, tcfg, scfg, layers=[0, 3])
 
 
 @pytest.mark.parametrize('kind', ['bert', 'distilbert'])
@@ -560,9 +544,9 @@ def test_student_init_copies_the_teachers_classification_head(tmp_path):
   scfg = models.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
                             num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                             num_labels=2, with_mlm_head=False)
-  sp = hc.init_student_from_teacher(tparams, tcfg, scfg)
+  sp = student_init.init_student_from_teacher(tparams, tcfg, scfg)
   jax.tree.map(np.testing.assert_array_equal, sp['classifier_head'], tparams['classifier_head'])
   with pytest.raises(ValueError, match='3 labels but the teacher 2'):
-    hc.init_student_from_teacher(tparams, tcfg, models.ModelConfig(
+    student_init.init_student_from_teacher(tparams, tcfg, models.ModelConfig(
         model_type='distilbert', vocab_size=50, hidden_size=16, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=32, num_labels=3, with_mlm_head=False))

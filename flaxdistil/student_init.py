@@ -1,0 +1,207 @@
+"""Student initialisation: teacher layers (DistilBERT), an HF checkpoint, or random.
+
+`init_student_from_teacher` follows HF `research_projects/distillation/scripts/
+extract_distilbert.py`: embeddings, evenly spread teacher layers
+(`select_teacher_layers`) and the MLM head are copied into the student.
+`init_student` picks the source for `student.init` and adds a fresh
+classification head where the source has no matching one. Params are nested
+dicts of float32 host numpy arrays laid out as documented in `models.py`.
+Errors are `ValueError`s whose message names the config key and the fix
+(`setup` re-raises them as `ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from flaxdistil import hf_conversion
+from flaxdistil import models
+from flaxdistil.models import ModelConfig
+
+INITS = ('teacher', 'random', 'pretrained')
+
+
+def select_teacher_layers(num_teacher_layers: int,
+                          num_student_layers: int) -> list[int]:
+  """Teacher layer indices copied into the student, evenly spread.
+
+  ``round(linspace(0, Lt - 1, Ls))`` (numpy round-half-to-even); keeps the first
+  and last layer. 12 -> 6 gives [0, 2, 4, 7, 9, 11], the layers HF
+  ``extract_distilbert.py`` uses for distilbert-base-uncased.
+
+  Raises:
+    ValueError: num_student_layers < 1 or > num_teacher_layers.
+  """
+  if not 1 <= num_student_layers <= num_teacher_layers:
+    raise ValueError(
+        f'Cannot pick {num_student_layers} student layers from '
+        f'{num_teacher_layers} teacher layers; need 1 <= student <= teacher.')
+  idx = np.round(np.linspace(0, num_teacher_layers - 1, num_student_layers))
+  layers = [int(i) for i in idx]
+  assert len(set(layers)) == len(layers), layers
+  return layers
+
+
+def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
+                              student_config: ModelConfig, layers=None):
+  """DistilBERT-style student initialisation from teacher weights.
+
+  Copies word + position embeddings and the embedding LayerNorm (token-type
+  embeddings only if the student is also 'bert'; HF extract_distilbert drops
+  them), teacher layers ``layers`` (default ``select_teacher_layers``) into
+  student layers 0..Ls-1, and the MLM head if the student has one. If the
+  student has fewer positions, the first rows of the position table are kept.
+
+  Returns:
+    Student params (nested dict of float32 numpy arrays, copies), same
+    structure as ``models.init_params(student_config, ...)``.
+
+  Raises:
+    ValueError: width mismatch (hidden_size / num_attention_heads /
+      intermediate_size / vocab_size) with a hint to use random init, bad
+      ``layers``, or a student head without a teacher head.
+  """
+  t, s = teacher_config, student_config
+  # Only shapes must agree; activation / dropout / dtype are the student's own.
+  for field in ('hidden_size', 'num_attention_heads', 'intermediate_size',
+                'vocab_size'):
+    if getattr(t, field) != getattr(s, field):
+      raise ValueError(
+          f'Cannot initialise the student from the teacher: {field} differs '
+          f'(teacher {getattr(t, field)}, student {getattr(s, field)}). Use '
+          f"random init (student.init='random') or a student with the "
+          f"teacher's width.")
+  if s.max_position_embeddings > t.max_position_embeddings:
+    raise ValueError(
+        f'Student max_position_embeddings {s.max_position_embeddings} > teacher '
+        f'{t.max_position_embeddings}; the extra positions cannot be copied.')
+  if layers is None:
+    layers = select_teacher_layers(t.num_hidden_layers, s.num_hidden_layers)
+  layers = [int(i) for i in layers]
+  if (len(layers) != s.num_hidden_layers
+      or any(not 0 <= i < t.num_hidden_layers for i in layers)):
+    raise ValueError(
+        f'layers={layers} must list {s.num_hidden_layers} teacher layer '
+        f'indices in [0, {t.num_hidden_layers}).')
+  if s.with_mlm_head and 'mlm_head' not in teacher_params:
+    raise ValueError('The student has an MLM head but the teacher params have '
+                     'none; load the teacher with its MLM head.')
+  tp = models.unbox(teacher_params)
+  # Host numpy copies (like load_hf_model): the caller places/shards them.
+  copy = lambda tree: jax.tree_util.tree_map(
+      lambda x: np.array(x, dtype=np.float32), tree)
+  emb = tp['embeddings']
+  student_emb = {
+      'word_embeddings': copy(emb['word_embeddings']),
+      'position_embeddings': {'embedding': np.array(
+          emb['position_embeddings']['embedding'][:s.max_position_embeddings],
+          dtype=np.float32)},
+      'LayerNorm': copy(emb['LayerNorm']),
+  }
+  if s.has_token_types:
+    if not t.has_token_types or t.type_vocab_size != s.type_vocab_size:
+      raise ValueError("A 'bert' student needs the teacher's token-type "
+                       "embeddings (same type_vocab_size); use 'distilbert'.")
+    student_emb['token_type_embeddings'] = copy(emb['token_type_embeddings'])
+  out = {
+      'embeddings': student_emb,
+      'encoder': {f'layer_{j}': copy(tp['encoder'][f'layer_{i}'])
+                  for j, i in enumerate(layers)},
+  }
+  if s.with_mlm_head:
+    out['mlm_head'] = copy(tp['mlm_head'])
+  if s.num_labels:
+    if t.num_labels != s.num_labels:
+      raise ValueError(f'The student has {s.num_labels} labels but the teacher '
+                       f'{t.num_labels}; distil from a teacher fine-tuned on the task.')
+    # BERT pooler (tanh) -> DistilBERT pre_classifier (ReLU): a warm start, not an identity.
+    out['classifier_head'] = copy(tp['classifier_head'])
+  return out
+
+
+def same_type(pretrained: ModelConfig | None, student) -> bool:
+  """`pretrained` exists and has the student's `model_type` (a config or the `student` group)."""
+  return pretrained is not None and pretrained.model_type == student.model_type
+
+
+def with_head(params, scfg: ModelConfig, seed: int):
+  """Adds a freshly initialised classification head when `params` lack a matching one.
+
+  The head is drawn from `PRNGKey(seed + 4)`; params without `scfg.num_labels`
+  are returned unchanged.
+  """
+  if not scfg.num_labels:
+    return params
+  want = models.unbox(models.abstract_params(scfg))['classifier_head']
+  head = params.get('classifier_head')
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+  if head is None or shapes(head) != shapes(want):
+    fresh = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 4)))
+    params = dict(params, classifier_head=fresh['classifier_head'])
+  return params
+
+
+def load_pretrained_student(path: str, student_model_type: str, num_labels: int):
+  """`(ModelConfig, numpy params)` of the HF checkpoint `student.path`.
+
+  A classification student (`num_labels > 0`) is loaded without MLM head.
+
+  Raises:
+    ValueError: the checkpoint cannot be loaded (the loader's reason), or it is a
+      DistilBERT while the student is a 'bert'.
+  """
+  try:
+    pcfg, params = hf_conversion.load_hf_model(path, with_mlm_head=False if num_labels else None)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise ValueError(f'Cannot load student.path {path!r}: {e}') from e
+  if pcfg.model_type == 'distilbert' and student_model_type == 'bert':
+    raise ValueError(f'student.path {path!r} is a DistilBERT model; set '
+                     'student.model_type="distilbert".')
+  return pcfg, params
+
+
+def init_student(init: str, scfg: ModelConfig, seed: int, *, teacher=(None, None),
+                 pretrained=(None, None), layers=None):
+  """Student params (float32 host numpy tree shaped like `models.init_params(scfg)`).
+
+  Args:
+    init: 'teacher' (DistilBERT-style, from `teacher`), 'pretrained' (from
+      `pretrained`; a BERT checkpoint for a DistilBERT student is used the
+      teacher way) or 'random' (`PRNGKey(seed + 2)`).
+    scfg: the student's config.
+    seed: the run's seed.
+    teacher / pretrained: `(ModelConfig, params)` or `(None, None)`.
+    layers: teacher layer indices for init='teacher' (None = `select_teacher_layers`).
+
+  A classification student whose source has no matching head gets a random one.
+
+  Raises:
+    ValueError: unknown `init`, init='teacher' without a teacher, or a student
+      the source cannot initialise (message starts 'student.init=...').
+  """
+  (tcfg, tparams), (pcfg, pretrained_params) = teacher, pretrained
+  if init == 'pretrained' and not same_type(pcfg, scfg):
+    # A BERT checkpoint (e.g. the pretrained, not fine-tuned, teacher) initialises a DistilBERT
+    # student the DistilBERT way: student.layers of it.
+    tcfg, tparams, init = pcfg, pretrained_params, 'teacher'
+  if init == 'teacher':
+    if tcfg is None:
+      raise ValueError('student.init="teacher" needs teacher.path.')
+    head_ok = scfg.num_labels == tcfg.num_labels
+    body_cfg = scfg if head_ok else dataclasses.replace(scfg, num_labels=0)
+    try:
+      params = init_student_from_teacher(tparams, tcfg, body_cfg, layers=layers or None)
+    except ValueError as e:
+      raise ValueError(f'student.init="teacher": {e}') from e
+    return with_head(params, scfg, seed)
+  if init == 'pretrained':
+    params = dict(pretrained_params)
+    if not scfg.num_labels:
+      params.pop('classifier_head', None)
+    return with_head(params, scfg, seed)
+  if init == 'random':
+    return jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 2)))
+  raise ValueError(f'student.init={init!r}: use "teacher", "random" or "pretrained".')
