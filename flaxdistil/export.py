@@ -246,7 +246,7 @@ def _card_path(path: str | None, known_abs=()) -> str | None:
   if not path or path == 'random':
     return path
   expanded = os.path.expanduser(path)
-  if not (hf_conversion._looks_like_local_path(path)  # pylint: disable=protected-access
+  if not (hf_conversion.looks_like_local_path(path)
           or os.path.exists(expanded)):
     return path  # a hub name
   if os.path.isabs(expanded):

@@ -346,7 +346,9 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def _looks_like_local_path(s: str) -> bool:
+def looks_like_local_path(s: str) -> bool:
+  """True for what can only be a filesystem path (absolute, ./, ~, or more than one '/'), not a
+  hub name such as 'bert-base-uncased' or 'google-bert/bert-base-uncased'."""
   return (os.path.isabs(s) or s.startswith(('.', '~')) or s.count('/') > 1
           or os.sep != '/' and os.sep in s)
 
@@ -358,7 +360,7 @@ def _resolve_model_dir(path_or_name: str) -> str:
   if os.path.exists(path):
     raise ValueError(f'{path_or_name!r} is a file; pass the directory that '
                      f'contains config.json and model.safetensors.')
-  if _looks_like_local_path(path_or_name):
+  if looks_like_local_path(path_or_name):
     raise FileNotFoundError(
         f'Model directory {path_or_name!r} does not exist. Pass a directory '
         f'with config.json and model.safetensors (or pytorch_model.bin), or a '

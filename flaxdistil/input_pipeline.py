@@ -1,6 +1,6 @@
 """Input pipeline for MLM distillation: tokenize, pack, cache, mask and batch (pure numpy).
 
-Flow: `load_tokenizer` -> `load_packed` (documents -> token shards on disk, tokenised in parallel once
+Flow: `tokenization.load_tokenizer` -> `load_packed` (documents -> token shards on disk, tokenised in parallel once
 and cached by `corpus`; packed `[N, T]` int32 windows read on demand) -> `BatchIterator` (shuffled
 global batches, BERT masking, host slicing, prefetch thread) and `eval_batches` (fixed masked batches).
 `streaming_batches` packs on the fly without any cache (corpus order). Nothing here imports jax: the
@@ -33,48 +33,6 @@ from flaxdistil import corpus
 # CrossEntropyLoss's default ignore_index. The one definition; losses and glue import it.
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------- tokenizer
-def load_tokenizer(path_or_name: str):
-  """Loads a fast (Rust `tokenizers`-backed) tokenizer with [CLS]/[SEP]/[PAD]/[MASK] defined.
-
-  Accepts a local directory (tokenizer.json and/or vocab.txt, e.g. a bare BERT tokenizer dir with no
-  `tokenizer_class`, which transformers v5's AutoTokenizer loads without special tokens, so BERT
-  WordPiece is assumed there) or a hub name. Returns a `transformers.PreTrainedTokenizerFast`.
-  Raises FileNotFoundError for a missing local path, ValueError when the tokenizer is not fast or
-  lacks one of the special tokens.
-  """
-  import transformers  # lazy: the .npy cache-hit path of training never needs it
-  looks_local = path_or_name.startswith(('/', './', '../', '~')) or os.path.exists(path_or_name)
-  path = os.path.expanduser(path_or_name)
-  if looks_local and not os.path.isdir(path):
-    what = 'is a file, not a directory' if os.path.exists(path) else 'does not exist'
-    raise FileNotFoundError(f'Tokenizer path {path_or_name!r} {what}; pass the directory that holds '
-                            'tokenizer.json or vocab.txt (e.g. the teacher model directory).')
-  required = ('cls_token', 'sep_token', 'pad_token', 'mask_token')
-  missing = lambda t: [n for n in required if getattr(t, n + '_id', None) is None]
-  tok, error = None, None
-  try:
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-  except Exception as e:  # noqa: BLE001 - re-raised below with a fix if no fallback works
-    error = e
-  if os.path.isdir(path) and (tok is None or missing(tok)) and any(
-      os.path.exists(os.path.join(path, f)) for f in ('vocab.txt', 'tokenizer.json')):
-    try:
-      tok = transformers.BertTokenizerFast.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001
-      error = e
-  if tok is None:
-    raise ValueError(f'Could not load a tokenizer from {path_or_name!r} ({error}); pass a local '
-                     'directory with tokenizer.json or vocab.txt, or a hub name when online.')
-  if not getattr(tok, 'is_fast', False):
-    raise ValueError(f'Tokenizer {path_or_name!r} is a slow (pure Python) tokenizer; packing needs a '
-                     'fast one: provide tokenizer.json (save it with a fast tokenizer).')
-  if missing(tok):
-    raise ValueError(f'Tokenizer {path_or_name!r} lacks {missing(tok)}; MLM packing needs [CLS], '
-                     '[SEP], [PAD] and [MASK]: add them to tokenizer_config.json.')
-  return tok
 
 
 # ----------------------------------------------------------------------------------------- packing

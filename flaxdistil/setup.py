@@ -31,6 +31,7 @@ from flaxdistil import sharding
 from flaxdistil import student_init
 from flaxdistil import synthetic
 from flaxdistil import teacher_cache
+from flaxdistil import tokenization
 from flaxdistil.objective import Objective, Projection
 
 
@@ -236,7 +237,7 @@ def load_teacher(config, vocab_size: int, num_labels: int = 0):
   if not _teacher_loaded(config):
     return None, None
   if t.path:
-    if not os.path.isdir(t.path) and (os.path.sep in t.path or t.path.startswith('.')):
+    if not os.path.isdir(t.path) and hf_conversion.looks_like_local_path(t.path):
       raise ConfigError(f'teacher.path {t.path!r} does not exist; pass a Hugging Face BERT directory '
                         '(config.json + model.safetensors or pytorch_model.bin) or a hub name.')
     try:
@@ -510,7 +511,7 @@ def build_run(config, workdir: str) -> Run:
     train_files, eval_files, tok_path = paths['train_files'], paths['eval_files'], paths['tokenizer']
   tok_path = tok_path or config.teacher.path or config.student.path
   try:
-    tokenizer = input_pipeline.load_tokenizer(tok_path)
+    tokenizer = tokenization.load_tokenizer(tok_path)
   except (OSError, ValueError) as e:
     raise ConfigError(f'Cannot load tokenizer from {tok_path!r}: {e}') from e
   vocab_size = len(tokenizer)

@@ -1,8 +1,7 @@
 """Tokenizer loading: a fast BERT-style tokenizer with [CLS]/[SEP]/[PAD]/[MASK] defined.
 
 Its own module so that export, scripts and data code share one loader without
-importing the input pipeline, which moved it here. (`input_pipeline.load_tokenizer`
-still exists, unchanged, until `input_pipeline.py` and `setup.py` import it from here.)
+importing the input pipeline.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from flaxdistil import input_pipeline
 from flaxdistil import objective
 from flaxdistil import setup
 from flaxdistil import synthetic
+from flaxdistil import tokenization
 
 
 def _cfg(**overrides):
@@ -23,7 +24,7 @@ def no_loading(monkeypatch):
   """Makes every loader fail loudly: a test using it proves nothing was read."""
   def refuse(*args, **kwargs):
     raise AssertionError(f'loaded {args} before the config was validated')
-  for module, name in ((hf_conversion, 'load_hf_model'), (input_pipeline, 'load_tokenizer'),
+  for module, name in ((hf_conversion, 'load_hf_model'), (tokenization, 'load_tokenizer'),
                        (input_pipeline, 'load_packed'), (synthetic, 'write_corpus')):
     monkeypatch.setattr(module, name, refuse)
 
