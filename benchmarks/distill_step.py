@@ -3,9 +3,9 @@ r"""Throughput of one distillation step: flaxdistil (JAX) vs. HF distiller.py-st
 A step = teacher forward (no grad) + student forward/backward + global-norm
 clipping + AdamW update, for bert-base-uncased (12 x 768, vocab 30522) ->
 6-layer DistilBERT shapes with random weights. The JAX side is the project's
-real step (`train.make_train_step` / `make_optimizer` / `state_layout`,
-`models.MaskedLM`, a data-parallel `sharding` mesh over all local devices,
-hyper-parameters of `configs/distilbert.py`). The PyTorch side is written the
+real step (`train_step.make_train_step` / `make_optimizer` / `state_layout` /
+`jit_train_step`, the train loop's jit wiring; `models.MaskedLM`, a data-parallel
+`sharding` mesh over all local devices, hyper-parameters of `configs/distilbert.py`). The PyTorch side is written the
 way HF `examples/research_projects/distillation/distiller.py` does it:
 transformers `BertForMaskedLM` teacher (eval, no_grad), `DistilBertForMaskedLM`
 student, KLDivLoss(batchmean) * T^2 over non-pad tokens + CE on masked tokens +
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
-from flaxdistil import losses, models, sharding, train  # pylint: disable=wrong-import-position
+from flaxdistil import losses, models, sharding, train_step  # pylint: disable=wrong-import-position
 
 # Dense peak TFLOP/s by device_kind substring: (bfloat16, float32). float32 on GPU = TF32
 # tensor cores (JAX's default matmul precision there); TPUs run float32 dots as bf16 passes.
@@ -185,24 +185,23 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
   mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
   rules = sharding.rules_tuple(cfg.mesh.logical_axis_rules)
   sharding.check_batch_divisibility(a.batch_size, a.num_microbatches, mesh, rules)
-  tx, _ = train.make_optimizer(cfg.optim, cfg.num_train_steps)
-  state_shard, _ = train.state_layout(scfg, tx, mesh, rules)
+  tx, _ = train_step.make_optimizer(cfg.optim, cfg.num_train_steps)
+  state_shard, _ = train_step.state_layout(scfg, tx, mesh, rules)
   t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, rules)
   b_shard = sharding.batch_sharding(mesh, rules)
-  replicated = state_shard['step']
 
   t_params = jax.device_put(models.init_params(tcfg, jax.random.PRNGKey(0)), t_shard)
-  state = train.init_state(models.init_params(scfg, jax.random.PRNGKey(1)), tx,
-                           jax.random.PRNGKey(2), state_shard)
+  state = train_step.init_state(models.init_params(scfg, jax.random.PRNGKey(1)), tx,
+                                jax.random.PRNGKey(2), state_shard)
   batch = sharding.make_global_batch(host_batch, b_shard, a.batch_size)
 
-  step_fn = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights,
-                                  a.num_microbatches, vocab_chunk_size=vocab_chunk_size)
+  step_fn = train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                                       weights, a.num_microbatches,
+                                       vocab_chunk_size=vocab_chunk_size)
   t0 = time.perf_counter()
   with sharding.mesh_context(mesh, rules):  # logical constraints apply while tracing
-    compiled = jax.jit(step_fn, in_shardings=(state_shard, t_shard, b_shard),
-                       out_shardings=(state_shard, replicated),
-                       donate_argnums=(0,)).lower(state, t_params, batch).compile()
+    compiled = train_step.jit_train_step(step_fn, state_shard, t_shard).lower(
+        state, t_params, batch).compile()
   compile_s = time.perf_counter() - t0
   ma = compiled.memory_analysis()
   if a.memory_only:

@@ -3,7 +3,7 @@ r"""Student step throughput: cached teacher targets (offline) vs the online teac
 Same shapes and step as `distill_step.py` (bert-base-shaped random teacher 12 x 768, vocab 30522
 -> 6-layer DistilBERT student, seq 128, the DistilBERT recipe's loss: T=2, alpha_ce=5,
 alpha_mlm=2, alpha_cos=1, KL over every non-padding token), timed three ways with the project's
-real `train.make_train_step`:
+real `train_step.make_train_step`:
   online    teacher forward + student forward/backward + AdamW (today's step)
   offline k the teacher's top-k logits (bfloat16) + ids (int32) + last hidden state (bfloat16) come
             with the batch (random tensors of the shapes `teacher.cache` serves); sparse KL
@@ -32,7 +32,7 @@ import numpy as np
 
 import distill_step  # the sibling script: this file's directory is sys.path[0]
 from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
-from flaxdistil import losses, models, sharding, train  # pylint: disable=wrong-import-position
+from flaxdistil import losses, models, sharding, train_step  # pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None):
@@ -50,9 +50,9 @@ def parse_args(argv=None):
 def _time_step(step_fn, state, teacher_params, batch, a, mesh, rules, shardings):
   state_shard, t_shard = shardings
   with sharding.mesh_context(mesh, rules):
-    fn = jax.jit(step_fn, in_shardings=(state_shard, t_shard, None), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = fn.lower(state, teacher_params, batch).compile()
+    compiled = train_step.jit_train_step(step_fn, state_shard, t_shard).lower(
+        state, teacher_params, batch).compile()
     compile_s = time.perf_counter() - t0
   for _ in range(a.warmup):
     state, m = compiled(state, teacher_params, batch)
@@ -78,8 +78,8 @@ def main(argv=None):
                                      if k in cfg.distill})
   mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
   rules = sharding.rules_tuple(cfg.mesh.logical_axis_rules)
-  tx, _ = train.make_optimizer(cfg.optim, cfg.num_train_steps)
-  state_shard, _ = train.state_layout(scfg, tx, mesh, rules)
+  tx, _ = train_step.make_optimizer(cfg.optim, cfg.num_train_steps)
+  state_shard, _ = train_step.state_layout(scfg, tx, mesh, rules)
   t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, rules)
   b_shard = sharding.batch_sharding(mesh, rules)
   s_params = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(1)))  # donated per run
@@ -93,8 +93,8 @@ def main(argv=None):
   results = {}
   print('timing online (teacher forward in the step) ...', flush=True)
   t_params = jax.device_put(models.init_params(tcfg, jax.random.PRNGKey(0)), t_shard)
-  state = train.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
-  step = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights, 1)
+  state = train_step.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
+  step = train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights, 1)
   batch = sharding.make_global_batch(host, b_shard, a.batch_size)
   results['online'] = _time_step(step, state, t_params, batch, a, mesh, rules,
                                  (state_shard, t_shard))
@@ -108,8 +108,8 @@ def main(argv=None):
                   teacher_topk_ids=rng.integers(0, a.vocab_size, shape, dtype=np.int32),
                   teacher_hidden=rng.normal(size=(a.batch_size, a.seq_len, a.hidden_size)).astype(
                       jnp.bfloat16))
-    state = train.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
-    step = train.make_train_step(models.MaskedLM(scfg), None, tx, weights, 1, offline=True)
+    state = train_step.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
+    step = train_step.make_train_step(models.MaskedLM(scfg), None, tx, weights, 1, offline=True)
     batch = sharding.make_global_batch(cached, b_shard, a.batch_size)
     results[f'offline_k{k}'] = _time_step(step, state, None, batch, a, mesh, rules,
                                           (state_shard, None))

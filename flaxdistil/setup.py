@@ -39,17 +39,12 @@ class ConfigError(ValueError):
   """A config or input problem; the message says how to fix it."""
 
 
-# Host copies the loop may drop once they are on devices (memory); nothing else changes.
-_RELEASABLE = frozenset({'student_params', 'teacher_params', 'proj_params'})
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
   """Everything `train.train_and_evaluate` needs; params are host numpy trees.
 
-  Immutable after `build_run`, except that `student_params`, `teacher_params`
-  and `proj_params` may be set to None to release the host copies; any other
-  assignment raises `dataclasses.FrozenInstanceError`.
+  Immutable (`dataclasses.FrozenInstanceError` on assignment); the loop drops the host copies of
+  the params with `dataclasses.replace(run, student_params=None, ...)`.
   """
   student_config: models.ModelConfig
   student_model: Any
@@ -68,16 +63,6 @@ class Run:
   projection: Projection | None = None  # TinyBERT projections of a narrower student, or None
   proj_params: Any = None               # their initial values (host)
   train_packed: Any = None              # packed training rows [N, T] (MLM, not streaming)
-
-  def __post_init__(self):
-    object.__setattr__(self, '_built', True)
-
-  def __setattr__(self, name, value):
-    if getattr(self, '_built', False) and not (name in _RELEASABLE and value is None):
-      raise dataclasses.FrozenInstanceError(
-          f'Run.{name} cannot be changed after build_run; only {sorted(_RELEASABLE)} may be set '
-          'to None (to release host copies). Build a new Run (dataclasses.replace) instead.')
-    object.__setattr__(self, name, value)
 
   @property
   def weights(self) -> losses.DistillWeights:

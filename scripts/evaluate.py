@@ -29,7 +29,7 @@ def main():
                   '~/.cache/flaxdistil)')
   args = ap.parse_args()
   import jax
-  from flaxdistil import export, hf_conversion, input_pipeline, models, tokenization, train
+  from flaxdistil import evaluation, export, hf_conversion, input_pipeline, models, tokenization
 
   tok = tokenization.load_tokenizer(args.tokenizer or args.teacher)
   packed = input_pipeline.load_packed(args.files, tok, args.max_seq_length,
@@ -39,8 +39,8 @@ def main():
       mask_token_id=tok.mask_token_id, vocab_size=len(tok),
       special_token_ids=sorted(set(tok.all_special_ids)))
   tcfg, tparams = hf_conversion.load_hf_model(args.teacher)
-  score = lambda cfg, params, ref=None: train.evaluate(
-      jax.jit(train.make_eval_step(models.MaskedLM(cfg), 4 * args.max_seq_length // 10)),
+  score = lambda cfg, params, ref=None: evaluation.evaluate(
+      jax.jit(evaluation.make_eval_step(models.MaskedLM(cfg), 4 * args.max_seq_length // 10)),
       params, batches, ref)
   teacher = score(tcfg, tparams)
   rows = [('teacher', teacher)]

@@ -18,6 +18,7 @@ from flaxdistil import losses
 from flaxdistil import models
 from flaxdistil import sharding
 from flaxdistil import train
+from flaxdistil import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = sharding.rules_tuple(tiny.get_config().mesh.logical_axis_rules)
@@ -104,15 +105,15 @@ def _task_setup():
 def _task_step(mesh_shape, num_microbatches=1, devices=None):
   tcfg, scfg, tparams, sparams, batch = _task_setup()
   cfg = tiny.get_config()
-  tx, _ = train.make_optimizer(cfg.optim, 10)
+  tx, _ = train_step.make_optimizer(cfg.optim, 10)
   mesh = sharding.create_mesh(mesh_shape, ('data', 'fsdp', 'tensor'), devices=devices)
-  shard, _ = train.state_layout(scfg, tx, mesh, RULES)
+  shard, _ = train_step.state_layout(scfg, tx, mesh, RULES)
   t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, RULES)
-  state = train.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
+  state = train_step.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
   w = losses.DistillWeights(temperature=2.0, alpha_ce=1.0, alpha_mlm=0.0, alpha_cos=0.5,
                             alpha_task=1.0)
-  step = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, w,
-                               num_microbatches)
+  step = train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, w,
+                                    num_microbatches, task=True)
   with sharding.mesh_context(mesh, RULES):
     gbatch = sharding.make_global_batch(batch, sharding.batch_sharding(mesh, RULES), 16)
     new_state, metrics = jax.jit(step, in_shardings=(shard, t_shard, None))(

@@ -12,7 +12,7 @@ from configs import tiny
 from flaxdistil import losses
 from flaxdistil import setup
 from flaxdistil import teacher_cache
-from flaxdistil import train
+from flaxdistil import train_step
 
 
 def _logits(seed, v=40, scale=3.0):
@@ -192,12 +192,12 @@ def test_offline_run_at_k_equal_vocab_equals_online_run_with_original_input(buil
   def step_metrics(**more):
     c = _config(**over, **more)
     run = setup.build_run(c, str(root / 'work'))
-    tx, _ = train.make_optimizer(c.optim, c.num_train_steps)
-    step = jax.jit(train.make_train_step(
+    tx, _ = train_step.make_optimizer(c.optim, c.num_train_steps)
+    step = jax.jit(train_step.make_train_step(
         run.student_model, run.teacher_model, tx, run.weights, 1,
         max_predictions_per_seq=max_predictions, offline=run.offline,
         teacher_input=c.distill.teacher_input))
-    state = train.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed))
+    state = train_step.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed))
     out = []
     with run.train_batches(0) as batches:
       for _ in range(2):

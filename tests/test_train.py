@@ -15,6 +15,7 @@ from flaxdistil import losses
 from flaxdistil import models
 from flaxdistil import sharding
 from flaxdistil import train
+from flaxdistil import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = sharding.rules_tuple(tiny.get_config().mesh.logical_axis_rules)
@@ -46,15 +47,17 @@ def _one_step(mesh_shape, num_microbatches=1, devices=None, dropout=0.0, teacher
               vocab_chunk_size=0, max_predictions_per_seq=0, restrict=False):
   tcfg, scfg, tparams, sparams, batch = _setup(dropout)
   cfg = tiny.get_config()
-  tx, _ = train.make_optimizer(cfg.optim, 10)
+  tx, _ = train_step.make_optimizer(cfg.optim, 10)
   mesh = sharding.create_mesh(mesh_shape, AXES, devices=devices)
-  shard, _ = train.state_layout(scfg, tx, mesh, RULES)
+  shard, _ = train_step.state_layout(scfg, tx, mesh, RULES)
   t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, teacher_rules)
-  state = train.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
-  step = train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
-                               losses.DistillWeights(alpha_mse=0.1, restrict_ce_to_mask=restrict),
-                               num_microbatches, max_predictions_per_seq=max_predictions_per_seq,
-                               vocab_chunk_size=vocab_chunk_size)
+  state = train_step.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
+  step = train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                                    losses.DistillWeights(alpha_mse=0.1,
+                                                          restrict_ce_to_mask=restrict),
+                                    num_microbatches,
+                                    max_predictions_per_seq=max_predictions_per_seq,
+                                    vocab_chunk_size=vocab_chunk_size)
   b_shard = sharding.batch_sharding(mesh, RULES)
   with sharding.mesh_context(mesh, RULES):
     fn = jax.jit(step, in_shardings=(shard, t_shard, b_shard))
@@ -136,10 +139,10 @@ def test_step_changes_only_student_and_skips_nonfinite():
   tcfg, scfg, tparams, sparams, batch = _setup()
   optim = tiny.get_config().optim
   optim.warmup_steps = 0  # non-zero learning rate at step 0
-  tx, _ = train.make_optimizer(optim, 10)
-  step = jax.jit(train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
-                                       losses.DistillWeights(), 1))
-  state = train.init_state(sparams, tx, jax.random.PRNGKey(0))
+  tx, _ = train_step.make_optimizer(optim, 10)
+  step = jax.jit(train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                                            losses.DistillWeights(), 1))
+  state = train_step.init_state(sparams, tx, jax.random.PRNGKey(0))
   t_before = jax.tree.map(np.array, tparams)
   new, m = step(state, tparams, batch)
   assert bool(m['finite']) and int(new['num_skipped']) == 0
@@ -185,6 +188,49 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert full['teacher']['num_tokens'] == full['student']['num_tokens'] > 0
 
 
+def _train_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f) if r['kind'] == 'train'}
+
+
+def test_logged_train_metrics_are_interval_means_and_a_finished_run_is_left_alone(tmp_path,
+                                                                                   caplog):
+  kw = {'num_train_steps': 6, 'eval_every_steps': 0, 'checkpoint_every_steps': 4}
+  caplog.set_level('INFO')
+  _run(tmp_path / 'every', log_every_steps=1, **kw)  # the per-step values
+  caplog.clear()
+  first = _run(tmp_path / 'interval', log_every_steps=3, **kw)
+  # The console: the objective once, the compiling interval labelled, where everything is.
+  assert caplog.text.count('loss = 5*ce(T=2) + 2*mlm + 1*cos') == 1
+  assert caplog.text.count('first interval: includes compilation') == 1
+  assert 'Done at step 6/6' in caplog.text and 'python -m flaxdistil.export --workdir' in caplog.text
+  caplog.clear()
+  per_step, logged = _train_records(tmp_path / 'every'), _train_records(tmp_path / 'interval')
+  assert sorted(logged) == [3, 6] and sorted(per_step) == list(range(1, 7))
+  for end in (3, 6):
+    steps = [per_step[i] for i in range(end - 2, end + 1)]
+    tokens = np.array([r['tokens'] for r in steps])
+    assert logged[end]['tokens'] == tokens.sum() and logged[end]['num_steps'] == 3
+    # Token-weighted: the total loss and the terms counted over tokens (ce and cos here).
+    for k in ('loss', 'loss_ce', 'loss_cos'):
+      want = np.dot([r[k] for r in steps], tokens) / tokens.sum()
+      np.testing.assert_allclose(logged[end][k], want, rtol=1e-6, err_msg=f'{end} {k}')
+      assert logged[end][k] != per_step[end][k], 'a mean, not the last step'
+    np.testing.assert_allclose(logged[end]['grad_norm'], np.mean([r['grad_norm'] for r in steps]),
+                               rtol=1e-6)
+    # loss_mlm is over masked tokens (their count varies by step): within the steps' range.
+    mlm = [r['loss_mlm'] for r in steps]
+    assert min(mlm) <= logged[end]['loss_mlm'] <= max(mlm)
+  # Running the finished run again trains nothing, appends nothing and keeps its summary.
+  files = {n: (tmp_path / 'interval' / n).read_bytes() for n in ('metrics.jsonl', 'summary.json')}
+  assert first['train_tokens_per_sec'] > 0
+  again = _run(tmp_path / 'interval', log_every_steps=3, **kw)
+  assert again == first
+  for name, content in files.items():
+    assert (tmp_path / 'interval' / name).read_bytes() == content, name
+  assert 'is complete' in caplog.text and 'python -m flaxdistil.export --workdir' in caplog.text
+
+
 def test_resume_with_incompatible_config_is_refused(tmp_path):
   _run(tmp_path, num_train_steps=2)
   with pytest.raises(ValueError, match='global_batch_size'):
@@ -218,7 +264,7 @@ def test_main_cli_two_steps_then_resume_and_bad_input(tmp_path):
 
 def test_masked_positions_gather():
   labels = jnp.array([[-100, 5, -100, 7, 9], [-100, -100, -100, -100, 3]])
-  pos, lab = train.masked_positions(labels, 2)
+  pos, lab = train_step.masked_positions(labels, 2)
   np.testing.assert_array_equal(pos, [[1, 3], [4, 0]])
   np.testing.assert_array_equal(lab, [[5, 7], [3, -100]])
 
@@ -228,20 +274,20 @@ def test_logits_on_masked_positions_only_gives_the_same_step():
   tcfg, scfg, tparams, sparams, batch = _setup()
   optim = tiny.get_config().optim
   optim.warmup_steps = 0
-  tx, _ = train.make_optimizer(optim, 10)
+  tx, _ = train_step.make_optimizer(optim, 10)
   w = losses.DistillWeights(restrict_ce_to_mask=True, alpha_mse=0.1)
-  state = train.init_state(sparams, tx, jax.random.PRNGKey(0))
+  state = train_step.init_state(sparams, tx, jax.random.PRNGKey(0))
   outs = []
   for max_pred in (0, 12):
-    step = jax.jit(train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, w, 2,
-                                         max_predictions_per_seq=max_pred))
+    step = jax.jit(train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                                              w, 2, max_predictions_per_seq=max_pred))
     outs.append(step(state, tparams, batch))
   for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_mse', 'loss_cos'):
     np.testing.assert_allclose(outs[0][1][k], outs[1][1][k], rtol=1e-5)
   _assert_trees_close(outs[0][0]['params'], outs[1][0]['params'])
   with pytest.raises(ValueError, match='restrict_ce_to_mask'):
-    train.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
-                          losses.DistillWeights(), 1, max_predictions_per_seq=8)
+    train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
+                               losses.DistillWeights(), 1, max_predictions_per_seq=8)
 
 
 def test_nonfinite_steps_are_skipped_or_stop_the_run(tmp_path):

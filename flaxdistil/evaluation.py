@@ -1,0 +1,121 @@
+"""Held-out evaluation: jitted eval steps and token-weighted metrics over fixed batches.
+
+The eval steps return `(sum, count)` pairs, so means are exact across batches,
+microbatches and hosts; `evaluate` sums them on the host.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxdistil import glue
+from flaxdistil import losses
+from flaxdistil import train_step
+
+
+def make_task_eval_step(model: nn.Module):
+  """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for classification.
+
+  `pairs`: `nll` (gold-label cross-entropy), `acc`, `tp`/`fp`/`fn` of label 1
+  (summed, so F1 is exact across batches and hosts) and `agree` with
+  `reference_top1 [B]`; padding rows (label -100) count nowhere.
+  """
+
+  def eval_step(params, batch, reference_top1=None):
+    out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
+                      batch.get('token_type_ids'), deterministic=True)
+    labels, top1 = batch['labels'], jnp.argmax(out.class_logits, -1)
+    valid = (labels != losses.IGNORE_INDEX).astype(jnp.float32)
+    n = jnp.sum(valid)
+    count = lambda x: (jnp.sum(x.astype(jnp.float32) * valid), n)
+    pairs = {'nll': losses.mlm_cross_entropy(out.class_logits, labels),
+             'acc': losses.accuracy(out.class_logits, labels),
+             'tp': count((top1 == 1) & (labels == 1)), 'fp': count((top1 == 1) & (labels != 1)),
+             'fn': count((top1 != 1) & (labels == 1))}
+    if reference_top1 is not None:
+      pairs['agree'] = count(top1 == reference_top1)
+    return pairs, top1
+
+  return eval_step
+
+
+def make_eval_step(model: nn.Module, max_predictions_per_seq: int = 0):
+  """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for held-out metrics.
+
+  `pairs` holds `(sum, count)` of masked-token NLL (`nll`), top-1 accuracy
+  (`acc`) and, when `reference_top1 [B, T]` (the teacher's predictions) is
+  given, top-1 agreement with it (`agree`); `top1 [B, T]` stays on device.
+  """
+
+  def eval_step(params, batch, reference_top1=None):
+    batch = train_step.restrict_to_masked(batch, max_predictions_per_seq)
+    out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
+                      deterministic=True, logits_positions=batch.get('logits_positions'))
+    top1 = jnp.argmax(out.logits, -1)
+    pairs = {'nll': losses.mlm_cross_entropy(out.logits, batch['labels']),
+             'acc': losses.accuracy(out.logits, batch['labels'])}
+    if reference_top1 is not None:
+      valid = (batch['labels'] != losses.IGNORE_INDEX).astype(jnp.float32)
+      pairs['agree'] = (jnp.sum((top1 == reference_top1) * valid), jnp.sum(valid))
+    return pairs, top1
+
+  return eval_step
+
+
+def evaluate(eval_fn, params, batches, reference_top1=None) -> dict:
+  """Token-weighted held-out metrics over fixed (global, sharded) eval batches.
+
+  Args:
+    eval_fn: a jitted `make_eval_step` / `make_task_eval_step` step.
+    params: the model's params (device arrays, any sharding).
+    batches: list of batch dicts (`input_ids`, `attention_mask`, `labels`).
+    reference_top1: `_top1` of an earlier `evaluate` on the same batches
+      (the teacher's), or None.
+
+  Returns dict with `loss` (mean masked-token NLL, nats), `perplexity`,
+  `accuracy` (top-1 on masked tokens), `num_tokens` (masked tokens scored),
+  `agreement` (top-1 agreement with `reference_top1`, if given) and `_top1`
+  (per-batch device arrays of predictions, to serve as a reference). For
+  classification (`make_task_eval_step`) the unit is the example, and `f1`
+  (of label 1) is added.
+  """
+  sums, top1 = {}, []
+  for i, b in enumerate(batches):
+    pairs, pred = eval_fn(params, b, None if reference_top1 is None else reference_top1[i])
+    top1.append(pred)
+    for k, (s, c) in jax.device_get(pairs).items():
+      acc = sums.setdefault(k, [0.0, 0.0])
+      acc[0] += float(s)
+      acc[1] += float(c)
+  mean = lambda k: sums[k][0] / max(sums[k][1], 1.0) if k in sums else 0.0
+  out = {'loss': mean('nll'), 'perplexity': float(math.exp(min(mean('nll'), 50.0))),
+         'accuracy': mean('acc'), 'num_tokens': int(sums.get('nll', [0, 0])[1]), '_top1': top1}
+  if 'agree' in sums:
+    out['agreement'] = mean('agree')
+  if 'tp' in sums:
+    out['f1'] = glue.f1_from_counts(sums['tp'][0], sums['fp'][0], sums['fn'][0])
+  return out
+
+
+def make_eval_steps(run, max_predictions_per_seq: int = 0, with_teacher: bool = True):
+  """Jitted `(student_eval, teacher_eval)` steps for a `setup.Run`; None where not scored.
+
+  Classification students (`num_labels`) get `make_task_eval_step`, the
+  others `make_eval_step`. A model without the matching head (a head-less,
+  MiniLM-style student, or a teacher with another label count) gets None:
+  masked-token metrics need MLM heads (scripts/embedding_report.py scores
+  encoders). `with_teacher` False (no teacher params) gives no teacher step.
+  """
+  if run.student_config.num_labels:
+    make = make_task_eval_step
+    has_head = lambda cfg: cfg.num_labels == run.student_config.num_labels
+  else:
+    make = lambda m: make_eval_step(m, max_predictions_per_seq=max_predictions_per_seq)
+    has_head = lambda cfg: cfg.with_mlm_head
+  s_eval = jax.jit(make(run.student_model)) if has_head(run.student_config) else None
+  t_eval = (jax.jit(make(run.teacher_model))
+            if with_teacher and run.teacher_config is not None and has_head(run.teacher_config)
+            else None)
+  return s_eval, t_eval
