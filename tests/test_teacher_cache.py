@@ -182,6 +182,26 @@ def test_mismatched_cache_is_refused(built, tmp_path):
     setup.build_run(c, str(root / 'work'))
 
 
+def _step_metrics(root, over: dict, start_step: int = 0, steps: int = 2) -> list:
+  """Metrics of `steps` train steps from `start_step` with the loop's pieces (build_run,
+  make_train_step, BatchIterator with the cache hook) on `_config(**over)`."""
+  c = _config(**over)
+  run = setup.build_run(c, str(root / 'work'))
+  tx, _ = train_step.make_optimizer(c.optim, c.num_train_steps)
+  step = jax.jit(train_step.make_train_step(
+      run.student_model, run.teacher_model, tx, run.weights, c.optim.num_microbatches,
+      max_predictions_per_seq=c.distill.max_predictions_per_seq, inter=run.inter,
+      offline=run.offline, teacher_input=c.distill.teacher_input))
+  state = train_step.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed),
+                                proj=run.proj_params)
+  out = []
+  with run.train_batches(start_step) as batches:
+    for _ in range(steps):
+      state, metrics = step(state, None if run.offline else run.teacher_params, next(batches))
+      out.append(jax.device_get(metrics))
+  return out
+
+
 @pytest.mark.parametrize('max_predictions', [0, 6])
 def test_offline_run_at_k_equal_vocab_equals_online_run_with_original_input(built, max_predictions):
   """The loop's pieces (build_run, make_train_step, BatchIterator with the cache hook), 2 steps."""
@@ -189,29 +209,14 @@ def test_offline_run_at_k_equal_vocab_equals_online_run_with_original_input(buil
   over = {'distill.restrict_ce_to_mask': bool(max_predictions),
           'distill.max_predictions_per_seq': max_predictions, 'optim.num_microbatches': 1}
 
-  def step_metrics(**more):
-    c = _config(**over, **more)
-    run = setup.build_run(c, str(root / 'work'))
-    tx, _ = train_step.make_optimizer(c.optim, c.num_train_steps)
-    step = jax.jit(train_step.make_train_step(
-        run.student_model, run.teacher_model, tx, run.weights, 1,
-        max_predictions_per_seq=max_predictions, offline=run.offline,
-        teacher_input=c.distill.teacher_input))
-    state = train_step.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed))
-    out = []
-    with run.train_batches(0) as batches:
-      for _ in range(2):
-        state, m = step(state, None if run.offline else run.teacher_params, next(batches))
-        out.append(jax.device_get(m))
-    return out
-
-  online = step_metrics(**{'distill.teacher_input': 'original'})
-  offline = step_metrics(**{'teacher.cache': str(root / 'cache'), 'teacher.cache_top_k': 0})
+  online = _step_metrics(root, {**over, 'distill.teacher_input': 'original'})
+  offline = _step_metrics(root, {**over, 'teacher.cache': str(root / 'cache'),
+                                 'teacher.cache_top_k': 0})
   for a, b in zip(online, offline):
     for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_cos', 'grad_norm'):
       np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=k)
   if max_predictions:  # today's default, the teacher seeing the masked input, is another objective
-    masked = step_metrics()
+    masked = _step_metrics(root, over)
     assert not np.isclose(masked[0]['loss_ce'], online[0]['loss_ce'], rtol=1e-2)
 
 
@@ -234,24 +239,10 @@ def test_intermediate_layers_cached_equal_the_online_teacher_and_missing_ones_ar
   assert f['teacher_values_3'].shape == (3, 4, 32, 8)
   np.testing.assert_array_equal(f['teacher_hidden_states_4'], f['teacher_hidden'])
 
-  def step_metrics(**more):
-    c = _config(**_INTER, **{'optim.num_microbatches': 2}, **more)
-    run = setup.build_run(c, str(root / 'work'))
-    tx, _ = train.make_optimizer(c.optim, c.num_train_steps)
-    step = jax.jit(train.make_train_step(
-        run.student_model, run.teacher_model, tx, run.weights, 2, inter=run.inter,
-        offline=run.offline, teacher_input=c.distill.teacher_input))
-    state = train.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed),
-                             proj=run.proj_params)
-    out = []
-    with run.train_batches(0) as batches:
-      for _ in range(2):
-        state, metrics = step(state, None if run.offline else run.teacher_params, next(batches))
-        out.append(jax.device_get(metrics))
-    return out
-
-  online = step_metrics(**{'distill.teacher_input': 'original'})
-  offline = step_metrics(**{'teacher.cache': str(root / 'cache_inter'), 'teacher.cache_top_k': 0})
+  inter = {**_INTER, 'optim.num_microbatches': 2}
+  online = _step_metrics(root, {**inter, 'distill.teacher_input': 'original'})
+  offline = _step_metrics(root, {**inter, 'teacher.cache': str(root / 'cache_inter'),
+                                  'teacher.cache_top_k': 0})
   for a, b in zip(online, offline):
     for k in ('loss', 'loss_ce', 'loss_cos', 'loss_emb', 'loss_hidden', 'loss_attn_score',
               'loss_attn_kl', 'loss_value_kl', 'grad_norm'):
@@ -290,24 +281,9 @@ def test_masked_input_cache_equals_the_default_online_run_and_refuses_another_ma
                           batch_size=8)
   assert m['index'] == 'sample' and m['rows'] == list(range(3 * 16)) and m['num_shards'] == 3
 
-  def step_metrics(**more):
-    c = _config(**over, **more)
-    run = setup.build_run(c, str(root / 'work'))
-    tx, _ = train.make_optimizer(c.optim, c.num_train_steps)
-    step = jax.jit(train.make_train_step(
-        run.student_model, run.teacher_model, tx, run.weights, 2,
-        max_predictions_per_seq=max_predictions, offline=run.offline,
-        teacher_input=c.distill.teacher_input))
-    state = train.init_state(run.student_params, tx, jax.random.PRNGKey(c.seed))
-    res = []
-    with run.train_batches(1) as batches:  # from step 1: samples 16..47, across shards
-      for _ in range(2):
-        state, metrics = step(state, None if run.offline else run.teacher_params, next(batches))
-        res.append(jax.device_get(metrics))
-    return res
-
-  online = step_metrics(**{'distill.teacher_input': 'masked'})
-  offline = step_metrics(**{'teacher.cache': out})
+  # from step 1: samples 16..47, across shards
+  online = _step_metrics(root, {**over, 'distill.teacher_input': 'masked'}, start_step=1)
+  offline = _step_metrics(root, {**over, 'teacher.cache': out}, start_step=1)
   for a, b in zip(online, offline):  # float rounding: loss_ce ~3e-3 here differs by ~1e-7
     for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_cos', 'grad_norm'):
       np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-7, err_msg=k)
