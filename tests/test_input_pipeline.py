@@ -281,6 +281,26 @@ def test_multi_process_concatenates_to_single_process():
     h.close()
 
 
+def test_row_features_hook_reads_only_this_hosts_rows():
+  """The hook (cached teacher targets) is asked for this host's rows and sample indices only."""
+  packed, calls = make_packed(30), []
+
+  def hook(rows, samples):
+    calls.append((rows.copy(), samples.copy()))
+    return {'row_id': rows[:, None].astype(np.int32)}
+
+  single = iterator(packed, global_batch_size=12, prefetch=0)
+  host = iterator(packed, global_batch_size=12, process_index=2, process_count=4, prefetch=0,
+                  row_features=hook, mlm_probability=0.0)  # unmasked: token 1 names the row
+  for step in (0, 5):
+    batch = host.batch_for_step(step)
+    rows, samples = calls[-1]
+    np.testing.assert_array_equal(rows, single.rows(step)[6:9])
+    np.testing.assert_array_equal(samples, step * 12 + np.arange(6, 9))
+    np.testing.assert_array_equal(batch['row_id'][:, 0], batch['input_ids'][:, 1] - 5)
+  assert len(calls) == 2
+
+
 def test_prefetch_thread_close_and_errors(monkeypatch):
   packed = make_packed(20)
   before = threading.active_count()
