@@ -6,12 +6,16 @@ microbatches and hosts; `evaluate` sums them on the host.
 
 import math
 
+from absl import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flaxdistil import glue
 from flaxdistil import losses
+from flaxdistil import metric_writers
+from flaxdistil import sharding
 from flaxdistil import train_step
 
 
@@ -119,3 +123,51 @@ def make_eval_steps(run, max_predictions_per_seq: int = 0, with_teacher: bool = 
             if with_teacher and run.teacher_config is not None and has_head(run.teacher_config)
             else None)
   return s_eval, t_eval
+
+
+def _public(res: dict) -> dict:
+  return {k: v for k, v in res.items() if not k.startswith('_')}
+
+
+class Evaluator:
+  """Held-out evaluation during training: the student at each call, the teacher once.
+
+  Args:
+    run: the `setup.Run` (models, eval batches, mesh).
+    max_predictions_per_seq: as the train step (MLM heads on masked positions only).
+    teacher_params: device params of the teacher, or None (no teacher metrics).
+    shard_batch: host-local batch -> global `jax.Array` batch.
+    writer: `metric_writers.MetricWriter` ('eval' and, once, 'eval_teacher' records).
+
+  `run.eval_batches()` gives global batches; each host feeds its own rows. Calling it returns the
+  student's metrics (`loss`, `perplexity`, `accuracy`, `num_tokens`, `agreement` with the
+  teacher's top-1; task metrics for classification), `{}` when nothing can be scored.
+  """
+
+  def __init__(self, run, max_predictions_per_seq: int, teacher_params, shard_batch, writer):
+    self.s_eval, self.t_eval = make_eval_steps(run, max_predictions_per_seq,
+                                               with_teacher=teacher_params is not None)
+    p_i, p_n = jax.process_index(), jax.process_count()
+    self.batches = [shard_batch({k: v[p_i * (len(v) // p_n):(p_i + 1) * (len(v) // p_n)]
+                                 for k, v in b.items()}) for b in run.eval_batches()]
+    self.run, self.t_params, self.writer = run, teacher_params, writer
+    self.teacher = None  # the teacher's metrics (with its top-1), computed on first use
+
+  @property
+  def teacher_metrics(self) -> dict:
+    return _public(self.teacher or {})
+
+  def __call__(self, step: int, student_params) -> dict:
+    if self.s_eval is None or not self.batches:
+      return {}
+    with sharding.mesh_context(self.run.mesh, self.run.rules):
+      if self.t_eval is not None and self.teacher is None:
+        self.teacher = evaluate(self.t_eval, self.t_params, self.batches)
+        self.writer.write(step, self.teacher_metrics, 'eval_teacher')
+      res = _public(evaluate(self.s_eval, student_params, self.batches,
+                             reference_top1=self.teacher['_top1'] if self.teacher else None))
+    self.writer.write(step, res, 'eval')
+    teacher = self.teacher_metrics
+    logging.info('eval step %d: student %s%s', step, metric_writers.fmt(res),
+                 f' | teacher {metric_writers.fmt(teacher)}' if teacher else '')
+    return res

@@ -10,7 +10,9 @@ remaining functions format the console lines a run starts and ends with.
 import json
 import math
 import os
+import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +142,53 @@ class IntervalMeans:
 
 
 # ----------------------------------------------------------------------------- console
+
+class TrainLog:
+  """The train loop's log steps: interval means, throughput, metrics.jsonl and the console line.
+
+  `add` every step, `log` at log steps; `exclude(seconds)` keeps eval time out of tokens/s. The
+  first interval (compilation) is labelled on the console and left out of `tokens_per_sec`.
+  """
+
+  def __init__(self, writer: MetricWriter, interval: IntervalMeans, num_steps: int):
+    self.writer, self.interval, self.num_steps = writer, interval, num_steps
+    self.t_log, self.tokens, self.steps = time.time(), 0.0, 0
+    self.measured_tokens, self.measured_seconds, self.first = 0.0, 0.0, True
+
+  def add(self, metrics: dict, tokens: float) -> None:
+    """One step's device metrics and its non-padding tokens (all hosts)."""
+    self.interval.add(metrics)
+    self.tokens, self.steps = self.tokens + tokens, self.steps + 1
+
+  def exclude(self, seconds: float) -> None:
+    self.t_log += seconds
+
+  def log(self, step: int, lr: float) -> dict:
+    """Writes and prints the interval ending at `step`; returns its scalars (interval means,
+    `lr`, `tokens_per_sec`, `steps_per_sec`, `nonfinite_steps`, `num_skipped`, ...)."""
+    dt = time.time() - self.t_log
+    if not self.first:
+      self.measured_tokens += self.tokens
+      self.measured_seconds += dt
+    scalars = self.interval.pop()
+    scalars.update(lr=lr, tokens_per_sec=self.tokens / max(dt, 1e-9),
+                   steps_per_sec=self.steps / max(dt, 1e-9))
+    self.writer.write(step, scalars)
+    eta = (self.num_steps - step) / scalars['steps_per_sec']
+    console = {k: v for k, v in scalars.items()
+               if k not in ('num_steps', 'tokens', 'nonfinite_steps', 'num_skipped')}
+    logging.info('step %d/%d %s%s | ETA %s', step, self.num_steps, fmt(console),
+                 ' (first interval: includes compilation, tokens/s is not steady-state)'
+                 if self.first else '', time.strftime('%H:%M:%S', time.gmtime(eta)))
+    self.first = False
+    self.t_log, self.tokens, self.steps = time.time(), 0.0, 0
+    return scalars
+
+  @property
+  def tokens_per_sec(self) -> float | None:
+    """Train tokens/s over the logged intervals after the first (None before the second log)."""
+    return self.measured_tokens / self.measured_seconds if self.measured_seconds else None
+
 
 def fmt(d: dict) -> str:
   """`k=v` pairs, floats to 4 significant digits."""

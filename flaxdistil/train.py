@@ -132,32 +132,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_t_params = None if run.offline else t_params  # offline: the step never reads the teacher
   p_train_step = train_step.jit_train_step(step_fn, state_shard,
                                            None if step_t_params is None else t_shard)
-  s_eval, t_eval = evaluation.make_eval_steps(run, max_pred, with_teacher=t_params is not None)
   shard_batch = lambda b: sharding.make_global_batch(
       b, b_shard, b['input_ids'].shape[0] * jax.process_count())
-  # eval_batches() gives global batches; each host feeds its own rows.
-  p_i, p_n = jax.process_index(), jax.process_count()
-  eval_batches = [shard_batch({k: v[p_i * (len(v) // p_n):(p_i + 1) * (len(v) // p_n)]
-                               for k, v in b.items()}) for b in run.eval_batches()]
   writer = metric_writers.MetricWriter(workdir)
-  public = lambda res: {k: v for k, v in res.items() if not k.startswith('_')}
-  teacher_eval = None
-
-  def run_eval(step):
-    nonlocal teacher_eval
-    if s_eval is None or not eval_batches:
-      return {}
-    with sharding.mesh_context(mesh, rules):
-      if t_eval is not None and teacher_eval is None:
-        teacher_eval = evaluation.evaluate(t_eval, t_params, eval_batches)
-        writer.write(step, public(teacher_eval), 'eval_teacher')
-      res = public(evaluation.evaluate(
-          s_eval, state['params'], eval_batches,
-          reference_top1=teacher_eval['_top1'] if teacher_eval else None))
-    writer.write(step, res, 'eval')
-    logging.info('eval step %d: student %s%s', step, metric_writers.fmt(res),
-                 f' | teacher {metric_writers.fmt(public(teacher_eval))}' if teacher_eval else '')
-    return res
+  run_eval = evaluation.Evaluator(run, max_pred, t_params, shard_batch, writer)
 
   start_step = int(state['step'])
   stop_step = (min(num_steps, start_step + config.steps_per_run) if config.steps_per_run
@@ -168,44 +146,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
                start_step + 1, stop_step, num_steps, config.log_every_steps)
   interval = metric_writers.IntervalMeans()
   interval.load(saved.get('log_interval', {}), state_shard['step'])  # resumed mid-interval
+  log = metric_writers.TrainLog(writer, interval, num_steps)
   batches = run.train_batches(start_step)
   preempt = _Preemption()
   last_eval = {}
-  t_start = t_log = time.time()
-  tokens_since, steps_since, meas_tokens, meas_seconds, first_interval = 0.0, 0, 0.0, 0.0, True
+  t_start = time.time()
   step, in_flight = start_step, None
   try:
     with sharding.mesh_context(mesh, rules):
       while step < stop_step:
         host_batch = next(batches)
-        tokens_since += float(host_batch['attention_mask'].sum()) * jax.process_count()
         state, metrics = p_train_step(state, step_t_params, shard_batch(host_batch))
-        interval.add(metrics)
+        log.add(metrics, float(host_batch['attention_mask'].sum()) * jax.process_count())
         # Dispatch is asynchronous: unchecked, the loop runs up to log_every_steps ahead of the
         # device, and a SIGTERM then waits for all of those steps before its checkpoint. Waiting
         # for the previous step keeps one step queued behind the running one.
         if in_flight is not None:
           jax.block_until_ready(in_flight)
         in_flight = metrics['loss']
-        step, steps_since = step + 1, steps_since + 1
+        step += 1
         log_now = step % config.log_every_steps == 0 or step == num_steps
         ckpt_now = step % config.checkpoint_every_steps == 0 or step == stop_step
         stop_now = preempt.should_stop(sync_point=log_now or ckpt_now)
         if log_now:
-          dt = time.time() - t_log
-          if not first_interval:  # the first interval includes compilation
-            meas_tokens, meas_seconds = meas_tokens + tokens_since, meas_seconds + dt
-          scalars = interval.pop()
-          scalars.update(lr=float(schedule(step - 1)), tokens_per_sec=tokens_since / max(dt, 1e-9),
-                         steps_per_sec=steps_since / max(dt, 1e-9))
-          writer.write(step, scalars)
-          eta = (num_steps - step) / scalars['steps_per_sec']
-          console = {k: v for k, v in scalars.items()
-                     if k not in ('num_steps', 'tokens', 'nonfinite_steps', 'num_skipped')}
-          logging.info('step %d/%d %s%s | ETA %s', step, num_steps, metric_writers.fmt(console),
-                       ' (first interval: includes compilation, tokens/s is not steady-state)'
-                       if first_interval else '', time.strftime('%H:%M:%S', time.gmtime(eta)))
-          first_interval = False
+          scalars = log.log(step, float(schedule(step - 1)))
           if scalars['nonfinite_steps']:
             logging.warning('%d non-finite loss/gradient step(s) up to step %d: updates skipped '
                             '(%d skipped so far).', scalars['nonfinite_steps'], step,
@@ -214,11 +178,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
               raise FloatingPointError(
                   f'Non-finite loss or gradient up to step {step}; stopped with the last good '
                   f'checkpoint in {manager.directory} (optim.on_nonfinite="stop").')
-          t_log, tokens_since, steps_since = time.time(), 0.0, 0
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
           t_eval_start = time.time()
-          last_eval = run_eval(step)
-          t_log += time.time() - t_eval_start  # keep eval out of tokens/s
+          last_eval = run_eval(step, state['params'])
+          log.exclude(time.time() - t_eval_start)  # keep eval out of tokens/s
         if (step < num_steps and ckpt_now) or stop_now:
           checkpointing.save(manager, step, state, meta(step, last_eval, interval.state()))
         if stop_now:
@@ -228,7 +191,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           logging.info('%s', metric_writers.output_locations(workdir, manager.directory))
           return {'step': step, 'preempted': True}
     if step == num_steps:
-      last_eval = run_eval(step)
+      last_eval = run_eval(step, state['params'])
       checkpointing.save(manager, step, state, meta(step, last_eval, {}))
   finally:
     batches.close()
@@ -237,8 +200,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
 
   summary = {'step': step, 'done': step == num_steps, 'student': last_eval,
-             'teacher': public(teacher_eval or {}),
-             'train_tokens_per_sec': meas_tokens / meas_seconds if meas_seconds else None,
+             'teacher': run_eval.teacher_metrics,
+             'train_tokens_per_sec': log.tokens_per_sec,
              'train_seconds': time.time() - t_start, 'num_skipped': int(state['num_skipped'])}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
