@@ -158,6 +158,11 @@ class CachedTeacherOutput(NamedTuple):
   values: tuple | None = None
 
 
+def cached_layer_key(field: str, index: int) -> str:
+  """Batch key of a cached intermediate teacher output, e.g. `teacher_hidden_states_2`."""
+  return f'teacher_{field}_{index}'
+
+
 def cached_teacher_output(batch: Mapping[str, jax.Array],
                           num_teacher_layers: int) -> CachedTeacherOutput:
   """The `CachedTeacherOutput` of a batch carrying `teacher.cache` targets.
@@ -168,12 +173,9 @@ def cached_teacher_output(batch: Mapping[str, jax.Array],
     num_teacher_layers: L, so that negative layer indices (MiniLM's last layer) resolve as online.
   """
   n = num_teacher_layers
-  fields = {'hidden_states': [None] * (n + 1), 'attentions': [None] * n,
-            'attention_scores': [None] * n, 'values': [None] * n}
-  for key, x in batch.items():
-    for f, entries in fields.items():
-      if key.startswith(f'teacher_{f}_'):
-        entries[int(key[len(f) + 9:])] = x
+  sizes = {'hidden_states': n + 1, 'attentions': n, 'attention_scores': n, 'values': n}
+  fields = {f: [batch.get(cached_layer_key(f, i)) for i in range(size)]
+            for f, size in sizes.items()}
   if 'teacher_hidden' in batch:
     fields['hidden_states'][n] = batch['teacher_hidden']
   return CachedTeacherOutput(

@@ -177,6 +177,9 @@ def validate(config) -> None:
   if dist.teacher_input not in objective_lib.TEACHER_INPUTS:
     raise ConfigError(f'distill.teacher_input={dist.teacher_input!r}: use "masked" or '
                       '"original".')
+  if t.cache_teacher_input not in objective_lib.TEACHER_INPUTS:  # read by cache_teacher's build
+    raise ConfigError(f'teacher.cache_teacher_input={t.cache_teacher_input!r}: use '
+                      '"original" or "masked".')
   try:
     losses.check_logits_restriction(obj.weights, obj.max_predictions_per_seq)
   except ValueError as e:
@@ -190,9 +193,6 @@ def validate(config) -> None:
     if dist.alpha_mse:
       raise ConfigError('teacher.cache stores top-k logits, not the full logits distill.alpha_mse '
                         'compares: set distill.alpha_mse=0 (or train online without teacher.cache).')
-    if config.teacher.cache_teacher_input not in ('original', 'masked'):
-      raise ConfigError(f'teacher.cache_teacher_input={config.teacher.cache_teacher_input!r}: use '
-                        '"original" or "masked".')
 
   # Batch layout.
   gbs = d.global_batch_size

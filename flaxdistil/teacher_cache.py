@@ -50,6 +50,8 @@ import ml_dtypes
 import numpy as np
 import pyarrow as pa
 
+from flaxdistil import losses
+
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
 _DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16, 'float32': np.float32}
@@ -258,7 +260,7 @@ class TeacherCache:
       if col != 'hidden':
         shapes[col] = _layer_shape(f, m['teacher_config'], t)
         dtypes[col] = _dtype(m['hidden_dtype'])
-    self._layer_names = [(stored[key], f'teacher_{key[0]}_{key[1]}') for key in want]
+    self._layer_names = [(stored[key], losses.cached_layer_key(*key)) for key in want]
     self._hidden, self._logz = hidden, logz
     self.directory, self.rows_per_shard = directory, m['rows_per_shard']
     self._shards = []
@@ -313,10 +315,10 @@ class TeacherCache:
       names.append(('hidden', 'teacher_hidden'))
     names += self._layer_names
     shard, off = pos // self.rows_per_shard, pos % self.rows_per_shard
-    out = {}
+    out, read = {}, {}
     for key, name in names:
-      if key == 'hidden' and name != 'teacher_hidden' and 'teacher_hidden' in out:
-        out[name] = out['teacher_hidden']  # the last hidden state serves alpha_cos and a layer term
+      if key in read:  # one column under two names (the last hidden state: alpha_cos and a layer)
+        out[name] = read[key]
         continue
       first = self._shards[0][key]
       cut = (slice(None), slice(None), slice(0, self.top_k)) if key.startswith('topk') else ()
@@ -325,7 +327,7 @@ class TeacherCache:
       for s in np.unique(shard):
         sel = shard == s
         arr[sel] = self._shards[s][key][off[sel]][cut]
-      out[name] = arr
+      out[name] = read[key] = arr
     return out
 
 
@@ -462,9 +464,6 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
     layers['hidden_states'].remove(n_layers)  # it is the `hidden` column
     layers = {f: v for f, v in layers.items() if v}
   packed, gbs = run.train_packed, int(config.data.global_batch_size)
-  if tc.cache_teacher_input not in ('original', 'masked'):
-    raise setup.ConfigError(f'teacher.cache_teacher_input={tc.cache_teacher_input!r}: use '
-                            '"original" or "masked".')
   masked = tc.cache_teacher_input == 'masked'
   it = run.train_batches(0)
   it.close()  # only its pure (seed, step) functions are used: no prefetching
