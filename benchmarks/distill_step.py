@@ -3,9 +3,10 @@ r"""Throughput of one distillation step: flaxdistil (JAX) vs. HF distiller.py-st
 A step = teacher forward (no grad) + student forward/backward + global-norm
 clipping + AdamW update, for bert-base-uncased (12 x 768, vocab 30522) ->
 6-layer DistilBERT shapes with random weights. The JAX side is the project's
-real step (`train_step.make_train_step` / `make_optimizer` / `state_layout` /
-`jit_train_step`, the train loop's jit wiring; `models.MaskedLM`, a data-parallel
-`sharding` mesh over all local devices, hyper-parameters of `configs/distilbert.py`). The PyTorch side is written the
+real step (`benchmarks/common.py`: `train_step.make_train_step` / `optimizer.make_optimizer` /
+`train_state.state_layout` / `train_step.jit_train_step`, the train loop's jit wiring;
+`bert.MaskedLM`, a data-parallel `sharding` mesh over all local devices, the objective and
+optimizer of `configs/distilbert.py`). The PyTorch side is written the
 way HF `examples/research_projects/distillation/distiller.py` does it:
 transformers `BertForMaskedLM` teacher (eval, no_grad), `DistilBertForMaskedLM`
 student, KLDivLoss(batchmean) * T^2 over non-pad tokens + CE on masked tokens +
@@ -30,7 +31,6 @@ or, on CPU, a measured matmul. Accounting, memory sources and fairness notes
 """
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -41,12 +41,13 @@ import time
 # Let PyTorch and JAX share one GPU; peak_bytes_in_use is exact either way.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
+import common  # the sibling module: this file's directory is sys.path[0]
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
 from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
-from flaxdistil import losses, models, sharding, train_step  # pylint: disable=wrong-import-position
+from flaxdistil.model import bert
 
 # Dense peak TFLOP/s by device_kind substring: (bfloat16, float32). float32 on GPU = TF32
 # tensor cores (JAX's default matmul precision there); TPUs run float32 dots as bf16 passes.
@@ -96,21 +97,6 @@ def parse_args(argv=None):
   return a
 
 
-def model_flops(a) -> dict:
-  """Analytic model FLOPs of one step (matmuls only; see module docstring)."""
-  h, v, t = a.hidden_size, a.vocab_size, a.seq_len
-  per_layer = 4 * h * h + 2 * h * (4 * h)          # q, k, v, o + FFN in/out
-  head = h * h + h * v                             # MLM transform + tied vocab projection
-  n_t, n_s = a.teacher_layers * per_layer + head, a.student_layers * per_layer + head
-  attn = 4 * t * h                                 # QK^T and PV per token per layer (fwd)
-  tokens = a.batch_size * t
-  teacher = tokens * (2 * n_t + a.teacher_layers * attn)
-  student = tokens * 3 * (2 * n_s + a.student_layers * attn)
-  return {'teacher_matmul_params': n_t, 'student_matmul_params': n_s, 'tokens_per_step': tokens,
-          'teacher_fwd_flops': teacher, 'student_fwd_bwd_flops': student,
-          'flops_per_step': teacher + student}
-
-
 def peak_flops(a, device) -> tuple[float, str]:
   """(peak FLOP/s, where it came from) for MFU."""
   if a.peak_tflops > 0:
@@ -127,19 +113,6 @@ def peak_flops(a, device) -> tuple[float, str]:
   mm(x, x).block_until_ready()
   best = min(_timed(lambda: mm(x, x).block_until_ready()) for _ in range(3))
   return 2 * n ** 3 / best, f'measured {n}x{n} {a.dtype} matmul on {device.device_kind}'
-
-
-def make_batch(a) -> dict:
-  """Packed-looking MLM batch: no padding, [CLS] ... [SEP], 15% of tokens predicted."""
-  rng = np.random.default_rng(0)
-  low = min(1000, a.vocab_size // 2)  # skip [unused]/special ids of the bert vocab
-  ids = rng.integers(low, a.vocab_size, size=(a.batch_size, a.seq_len), dtype=np.int32)
-  ids[:, 0], ids[:, -1] = 101 % a.vocab_size, 102 % a.vocab_size
-  chosen = rng.random(ids.shape) < 0.15
-  chosen[:, 0] = chosen[:, -1] = False
-  labels = np.where(chosen, ids, losses.IGNORE_INDEX).astype(np.int32)
-  return {'input_ids': np.where(chosen, 103 % a.vocab_size, ids).astype(np.int32),
-          'attention_mask': np.ones_like(ids), 'labels': labels}
 
 
 def _timed(fn) -> float:
@@ -171,38 +144,12 @@ def _summarise(times: list[float]) -> dict:
 
 
 def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
-  cfg = distilbert_config.get_config()
-  dtype = getattr(jnp, a.dtype)
-  tcfg = models.ModelConfig(
-      model_type='bert', vocab_size=a.vocab_size, hidden_size=a.hidden_size, dtype=dtype,
-      num_hidden_layers=a.teacher_layers, num_attention_heads=a.hidden_size // 64,
-      intermediate_size=4 * a.hidden_size)
-  scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=a.student_layers)
-  weights = losses.DistillWeights(**{k: cfg.distill[k] for k in losses.DistillWeights._fields
-                                     if k in cfg.distill})
-
-  # Pure data parallelism over this host's devices (mesh (-1, 1, 1) of the recipe).
-  mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
-  rules = sharding.rules_tuple(cfg.mesh.logical_axis_rules)
-  sharding.check_batch_divisibility(a.batch_size, a.num_microbatches, mesh, rules)
-  tx, _ = train_step.make_optimizer(cfg.optim, cfg.num_train_steps)
-  state_shard, _ = train_step.state_layout(scfg, tx, mesh, rules)
-  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, rules)
-  b_shard = sharding.batch_sharding(mesh, rules)
-
-  t_params = jax.device_put(models.init_params(tcfg, jax.random.PRNGKey(0)), t_shard)
-  state = train_step.init_state(models.init_params(scfg, jax.random.PRNGKey(1)), tx,
-                                jax.random.PRNGKey(2), state_shard)
-  batch = sharding.make_global_batch(host_batch, b_shard, a.batch_size)
-
-  step_fn = train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx,
-                                       weights, a.num_microbatches,
-                                       vocab_chunk_size=vocab_chunk_size)
-  t0 = time.perf_counter()
-  with sharding.mesh_context(mesh, rules):  # logical constraints apply while tracing
-    compiled = train_step.jit_train_step(step_fn, state_shard, t_shard).lower(
-        state, t_params, batch).compile()
-  compile_s = time.perf_counter() - t0
+  bench = common.step_setup(a)
+  t_params = bench.teacher_params()
+  state = bench.fresh_state()
+  batch = bench.global_batch(host_batch, a.batch_size)
+  compiled, compile_s = bench.compile(common.recipe_objective(vocab_chunk_size=vocab_chunk_size),
+                                      a.num_microbatches, state, t_params, batch)
   ma = compiled.memory_analysis()
   if a.memory_only:
     return {'vocab_chunk_size': vocab_chunk_size, 'compile_s': compile_s,
@@ -221,8 +168,8 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
 
   out = {**_summarise(_windows(a, steps)), 'compile_s': compile_s,
          'vocab_chunk_size': vocab_chunk_size, 'loss': float(metrics['loss']),
-         'finite': bool(metrics['finite']), 'teacher_params': models.count_params(t_params),
-         'student_params': models.count_params(state['params'])}
+         'finite': bool(metrics['finite']), 'teacher_params': bert.count_params(t_params),
+         'student_params': bert.count_params(state['params'])}
   stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
   if all('peak_bytes_in_use' in s for s in stats):
     out['peak_memory_bytes'] = max(s['peak_bytes_in_use'] for s in stats)
@@ -277,8 +224,8 @@ def run_torch(a, host_batch) -> dict:
   skip = lambda n: any(nd in n for nd in no_decay)
   groups = [{'params': [p for n, p in named if not skip(n)], 'weight_decay': o.weight_decay},
             {'params': [p for n, p in named if skip(n)], 'weight_decay': 0.0}]
-  optimizer = torch.optim.AdamW(groups, lr=o.learning_rate, eps=o.eps, betas=(o.b1, o.b2))
-  scheduler = transformers.get_linear_schedule_with_warmup(optimizer, o.warmup_steps,
+  torch_opt = torch.optim.AdamW(groups, lr=o.learning_rate, eps=o.eps, betas=(o.b1, o.b2))
+  scheduler = transformers.get_linear_schedule_with_warmup(torch_opt, o.warmup_steps,
                                                            cfg.num_train_steps)
   ce_loss_fct, lm_loss_fct = nn.KLDivLoss(reduction='batchmean'), nn.CrossEntropyLoss(ignore_index=-100)
   cosine_loss_fct, temp = nn.CosineEmbeddingLoss(reduction='mean'), d.temperature
@@ -315,8 +262,8 @@ def run_torch(a, host_batch) -> dict:
       (loss / a.num_microbatches).backward()
       total += loss.item() / a.num_microbatches  # distiller logs loss.item() every iteration
     nn.utils.clip_grad_norm_(student.parameters(), o.grad_clip_norm)
-    optimizer.step()
-    optimizer.zero_grad()
+    torch_opt.step()
+    torch_opt.zero_grad()
     scheduler.step()
     return total
 
@@ -343,7 +290,7 @@ def run_torch(a, host_batch) -> dict:
   out.update(device=str(torch.cuda.get_device_name() if cuda else 'cpu'),
              num_threads=torch.get_num_threads(), version=torch.__version__,
              transformers_version=transformers.__version__)
-  del teacher, student, optimizer, micro, full
+  del teacher, student, torch_opt, micro, full
   gc.collect()
   if cuda:
     torch.cuda.empty_cache()  # hand the memory back before JAX runs
@@ -355,8 +302,8 @@ def run_torch(a, host_batch) -> dict:
 def main(argv=None):
   a = parse_args(argv)
   device = jax.local_devices()[0]
-  flops = model_flops(a)
-  host_batch = make_batch(a)
+  flops = common.model_flops(a)
+  host_batch = common.make_batch(a)
   load0 = os.getloadavg()
   mb = a.batch_size // a.num_microbatches
   logits_bytes = mb * a.seq_len * a.vocab_size * jnp.dtype(a.dtype).itemsize * 2

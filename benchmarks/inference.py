@@ -4,7 +4,7 @@ For every model: parameters, MB on disk (safetensors fp32, ONNX fp32, ONNX int8)
 batch-1 latency (p50 / p95 ms over --latency_runs calls after --warmup) and
 batch-32 throughput (sequences/s over --throughput_batches batches) at seq 128,
 in transformers torch fp32 eager (`torch.inference_mode`, all cores), onnxruntime
-fp32 and onnxruntime int8 (`flaxdistil.onnx_export`: `torch.onnx.export(dynamo=True)`
+fp32 and onnxruntime int8 (`flaxdistil.export.onnx_export`: `torch.onnx.export(dynamo=True)`
 + `quantize_dynamic`). Inputs are random token ids, every position real (no padding).
 
 `--random_shapes bert-base,distilbert-6` adds random-weight models with the
@@ -23,7 +23,7 @@ ratio and speedup per backend.
       --latency_runs 3 --throughput_batches 1 --warmup 1
 
 A model directory's ONNX files are read from `<dir>/onnx/` when present
-(`python -m flaxdistil.onnx_export --hf DIR`), else exported into --work_dir.
+(`python -m flaxdistil.export.onnx_export --hf DIR`), else exported into --work_dir.
 """
 
 import argparse
@@ -32,7 +32,6 @@ import os
 import time
 
 import numpy as np
-
 
 # name -> (transformers config class name, kwargs); vocab 30522 and 512 positions for both.
 RANDOM_SHAPES = {
@@ -86,7 +85,7 @@ def make_random_model(name: str, root: str) -> str:
 
 def onnx_paths(hf_dir: str, work_dir: str) -> tuple[str, str]:
   """(fp32, int8) ONNX files of `hf_dir`: `<hf_dir>/onnx/` if there, else exported to work_dir."""
-  from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
+  from flaxdistil.export import onnx_export  # pylint: disable=g-import-not-at-top
   cached = os.path.join(work_dir, 'onnx-' + os.path.abspath(hf_dir).strip('/').replace('/', '_'))
   for d in (os.path.join(hf_dir, 'onnx'), cached):
     fp32, int8 = os.path.join(d, onnx_export.ONNX_FILE), os.path.join(d, onnx_export.INT8_FILE)
@@ -100,7 +99,8 @@ def onnx_paths(hf_dir: str, work_dir: str) -> tuple[str, str]:
 def bench_model(name: str, hf_dir: str, args) -> dict:
   """One row: params, sizes and per-backend b=1 latency / b=32 throughput."""
   import torch  # pylint: disable=g-import-not-at-top
-  from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
+
+  from flaxdistil.export import onnx_export  # pylint: disable=g-import-not-at-top
   model, output = onnx_export.load_torch_model(hf_dir)
   fp32, int8 = onnx_paths(hf_dir, args.work_dir)
   names = onnx_export.input_names(model.config)
@@ -185,9 +185,9 @@ def main(argv=None):
                   help='random-shape models and ONNX exports of dirs without onnx/ (reused)')
   ap.add_argument('--json_out', default='')
   args = ap.parse_args(argv)
+  import onnxruntime  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  import onnxruntime  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   os.makedirs(args.work_dir, exist_ok=True)
   models = [(n, make_random_model(n, args.work_dir))

@@ -40,7 +40,10 @@ def _rss_mb(who) -> float:
 def _child(args) -> None:
   """Runs one measurement in this (fresh) process; prints one JSON object."""
   import numpy as np
-  from flaxdistil import corpus, input_pipeline as ip, tokenization
+
+  from flaxdistil.data import corpus
+  from flaxdistil.data import input_pipeline as ip
+  from flaxdistil.data import tokenization
   tok = tokenization.load_tokenizer(args.tokenizer)
   out = {}
   if args.child == 'build':

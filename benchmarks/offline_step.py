@@ -3,7 +3,7 @@ r"""Student step throughput: cached teacher targets (offline) vs the online teac
 Same shapes and step as `distill_step.py` (bert-base-shaped random teacher 12 x 768, vocab 30522
 -> 6-layer DistilBERT student, seq 128, the DistilBERT recipe's loss: T=2, alpha_ce=5,
 alpha_mlm=2, alpha_cos=1, KL over every non-padding token), timed three ways with the project's
-real `train_step.make_train_step`:
+real `train_step.make_train_step` (`benchmarks/common.py`):
   online    teacher forward + student forward/backward + AdamW (today's step)
   offline k the teacher's top-k logits (bfloat16) + ids (int32) + last hidden state (bfloat16) come
             with the batch (random tensors of the shapes `teacher.cache` serves); sparse KL
@@ -20,19 +20,14 @@ reading of a real cache is excluded (it runs in the prefetch thread, overlapped 
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import time
 
-
+import common  # the sibling module: this file's directory is sys.path[0]
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
-
-import distill_step  # the sibling script: this file's directory is sys.path[0]
-from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
-from flaxdistil import losses, models, sharding, train_step  # pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None):
@@ -47,13 +42,8 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _time_step(step_fn, state, teacher_params, batch, a, mesh, rules, shardings):
-  state_shard, t_shard = shardings
-  with sharding.mesh_context(mesh, rules):
-    t0 = time.perf_counter()
-    compiled = train_step.jit_train_step(step_fn, state_shard, t_shard).lower(
-        state, teacher_params, batch).compile()
-    compile_s = time.perf_counter() - t0
+def _time_step(bench, objective, state, teacher_params, batch, a):
+  compiled, compile_s = bench.compile(objective, 1, state, teacher_params, batch)
   for _ in range(a.warmup):
     state, m = compiled(state, teacher_params, batch)
   jax.block_until_ready(state)
@@ -68,23 +58,10 @@ def _time_step(step_fn, state, teacher_params, batch, a, mesh, rules, shardings)
 
 def main(argv=None):
   a = parse_args(argv)
-  cfg = distilbert_config.get_config()
-  tcfg = models.ModelConfig(
-      model_type='bert', vocab_size=a.vocab_size, hidden_size=a.hidden_size,
-      dtype=getattr(jnp, a.dtype), num_hidden_layers=a.teacher_layers,
-      num_attention_heads=max(1, a.hidden_size // 64), intermediate_size=4 * a.hidden_size)
-  scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=a.student_layers)
-  weights = losses.DistillWeights(**{k: cfg.distill[k] for k in losses.DistillWeights._fields
-                                     if k in cfg.distill})
-  mesh = sharding.create_mesh((-1, 1, 1), ('data', 'fsdp', 'tensor'), devices=jax.local_devices())
-  rules = sharding.rules_tuple(cfg.mesh.logical_axis_rules)
-  tx, _ = train_step.make_optimizer(cfg.optim, cfg.num_train_steps)
-  state_shard, _ = train_step.state_layout(scfg, tx, mesh, rules)
-  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, rules)
-  b_shard = sharding.batch_sharding(mesh, rules)
-  s_params = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(1)))  # donated per run
-  host = distill_step.make_batch(a)
-  flops = distill_step.model_flops(a)
+  bench = common.step_setup(a)
+  dense = dict(vocab_chunk_size=0, max_predictions_per_seq=0)  # the sparse KL needs full logits
+  host = common.make_batch(a)
+  flops = common.model_flops(a)
   share = flops['teacher_fwd_flops'] / flops['flops_per_step']
   print(f'devices: {jax.local_device_count()} x {jax.local_devices()[0].device_kind}; batch '
         f'{a.batch_size} x {a.seq_len}, {a.dtype}, teacher {a.teacher_layers}x{a.hidden_size} -> '
@@ -92,13 +69,8 @@ def main(argv=None):
 
   results = {}
   print('timing online (teacher forward in the step) ...', flush=True)
-  t_params = jax.device_put(models.init_params(tcfg, jax.random.PRNGKey(0)), t_shard)
-  state = train_step.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
-  step = train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, weights, 1)
-  batch = sharding.make_global_batch(host, b_shard, a.batch_size)
-  results['online'] = _time_step(step, state, t_params, batch, a, mesh, rules,
-                                 (state_shard, t_shard))
-  del t_params
+  results['online'] = _time_step(bench, common.recipe_objective(**dense), bench.fresh_state(),
+                                 bench.teacher_params(), bench.global_batch(host, a.batch_size), a)
   rng = np.random.default_rng(0)
   for k in [int(x) for x in a.top_k.split(',')]:
     print(f'timing offline k={k} (cached targets in the batch) ...', flush=True)
@@ -108,11 +80,9 @@ def main(argv=None):
                   teacher_topk_ids=rng.integers(0, a.vocab_size, shape, dtype=np.int32),
                   teacher_hidden=rng.normal(size=(a.batch_size, a.seq_len, a.hidden_size)).astype(
                       jnp.bfloat16))
-    state = train_step.init_state(s_params, tx, jax.random.PRNGKey(2), state_shard)
-    step = train_step.make_train_step(models.MaskedLM(scfg), None, tx, weights, 1, offline=True)
-    batch = sharding.make_global_batch(cached, b_shard, a.batch_size)
-    results[f'offline_k{k}'] = _time_step(step, state, None, batch, a, mesh, rules,
-                                          (state_shard, None))
+    results[f'offline_k{k}'] = _time_step(
+        bench, common.recipe_objective(offline=True, **dense), bench.fresh_state(), None,
+        bench.global_batch(cached, a.batch_size), a)
 
   base = results['online']['tokens_per_s']
   print('\n| step | step time (ms) | tokens/s | vs online |\n|---|---|---|---|')

@@ -14,7 +14,7 @@ score; on a held-out masked-token set its accuracy approaches the teacher's.
 
 import ml_collections
 
-from flaxdistil import sharding
+from flaxdistil.training import sharding
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher.intermediate_size = 3072
   c.teacher.max_position_embeddings = 512
   c.teacher.logical_axis_rules = ()     # () = shard like the student (mesh.logical_axis_rules)
-  # Offline distillation (flaxdistil/teacher_cache.py): build with
+  # Offline distillation (flaxdistil/data/teacher_cache.py): build with
   # `python -m flaxdistil.cache_teacher --config ... --out DIR`, train with teacher.cache=DIR.
   c.teacher.cache = ''                  # cache dir: use stored teacher targets, no teacher forward
   c.teacher.cache_top_k = 64            # k stored at build; at training: k used (<= stored k);
@@ -80,10 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
                                       # the 'original' tokens (what a teacher.cache stores)
   c.distill.restrict_ce_to_mask = False  # KL over masked tokens only (else all non-pad)
   c.distill.max_predictions_per_seq = 0  # >0: MLM heads only on <= this many masked positions
-  c.distill.vocab_chunk_size = 0    # >0: vocab terms this many positions at a time, no [B, T, V] logits
-                                    # (same values; dense anyway with teacher.cache: its KL is sparse)
                                          # per sequence (needs restrict_ce_to_mask; ~3x faster
                                          # for small models whose vocab projection dominates)
+  c.distill.vocab_chunk_size = 0    # >0: vocab terms this many positions at a time, no [B, T, V] logits
+                                    # (same values; dense anyway with teacher.cache: its KL is sparse)
   # TinyBERT (Jiao et al., 2020) / MiniLM (Wang et al., 2020) intermediate-layer terms:
   c.distill.alpha_emb = 0.0         # MSE of embedding outputs (through a projection if narrower)
   c.distill.alpha_hidden = 0.0      # MSE of hidden states of mapped layer pairs
@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ('data', 'fsdp', 'tensor')
   c.mesh.shape = (-1, 1, 1)         # -1 = the rest; (1,-1,1) FSDP; (1,1,-1) tensor parallel
-  # Logical axis -> mesh axes (MaxText/t5x style), defined once in flaxdistil/sharding.py.
+  # Logical axis -> mesh axes (MaxText/t5x style), defined once in flaxdistil/training/sharding.py.
   c.mesh.logical_axis_rules = sharding.DEFAULT_LOGICAL_AXIS_RULES
 
   c.checkpoint = ml_collections.ConfigDict()

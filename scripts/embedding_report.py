@@ -39,6 +39,8 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from flaxdistil.training import checkpointing
+
 _BUCKET = 8         # pad lengths up to a multiple of this: few shapes (<= 16), little padding
 _MAX_LEN = 128      # the students' training length
 _SENT_SPLIT = re.compile(r'(?<=[.!?])\s+(?=["\'(\[]?[A-Z0-9])')
@@ -60,7 +62,7 @@ def wiki_sentences(path: str, n: int, min_words: int = 5, max_words: int = 60) -
 
 def read_sst2(path: str) -> tuple[list[str], np.ndarray]:
   """GLUE SST-2 tsv (header `sentence\tlabel`) -> (sentences, int labels [N])."""
-  from flaxdistil import glue  # pylint: disable=g-import-not-at-top
+  from flaxdistil.data import glue  # pylint: disable=g-import-not-at-top
   sentences, _, labels = glue.read_tsv(path, glue.TASKS['sst2'])
   return sentences, labels
 
@@ -102,8 +104,9 @@ def make_encoder(cfg, params):
   closure, so they are not baked into every compiled shape as constants.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxdistil import models  # pylint: disable=g-import-not-at-top
-  model = models.MaskedLM(dataclasses.replace(cfg, with_mlm_head=False, num_labels=0))
+
+  from flaxdistil.model import bert  # pylint: disable=g-import-not-at-top
+  model = bert.MaskedLM(dataclasses.replace(cfg, with_mlm_head=False, num_labels=0))
   params = {k: v for k, v in params.items() if k in ('embeddings', 'encoder')}
 
   @jax.jit
@@ -128,14 +131,13 @@ def embed(encoder, ids: list[list[int]], batch_size: int, pad_id: int) -> np.nda
 
 def load_run(workdir: str):
   """Newest checkpoint of a run -> (ModelConfig, params, proj or None, step), on one device."""
-  from flaxdistil import export  # pylint: disable=g-import-not-at-top
-  scfg, params, proj, _, step = export.load_student_with_projection(workdir)
+  scfg, params, proj, _, step = checkpointing.load_student_with_projection(workdir)
   return scfg, params, proj, step
 
 
 def project(pooled: np.ndarray, proj_hidden, teacher_hidden: int) -> np.ndarray:
   """[N, Hs] -> [N, Ht] through W_h (affine, so it commutes with mean pooling)."""
-  from flaxdistil import intermediate  # pylint: disable=g-import-not-at-top
+  from flaxdistil.objectives import intermediate  # pylint: disable=g-import-not-at-top
   return np.asarray(intermediate.HiddenProjection(teacher_hidden).apply(
       {'params': proj_hidden}, pooled), np.float32)
 
@@ -183,7 +185,10 @@ def main():
   ap.add_argument('--json_out', default='')
   args = ap.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
-  from flaxdistil import hf_conversion, models, tokenization  # pylint: disable=g-import-not-at-top
+
+  from flaxdistil.data import tokenization
+  from flaxdistil.model import bert
+  from flaxdistil.model import hf_conversion  # pylint: disable=g-import-not-at-top
 
   t_start = time.perf_counter()
   tok = tokenization.load_tokenizer(args.teacher)
@@ -204,7 +209,7 @@ def main():
     runs.append((os.path.normpath(wd), scfg, params, proj, step))
   students = [r[1] for r in runs[1:]]
   ucfg = next((c for c in students if c.hidden_size == tcfg.hidden_size), students[0])
-  runs.append(('untrained (random init)', ucfg, models.init_params(ucfg, jax.random.PRNGKey(0)),
+  runs.append(('untrained (random init)', ucfg, bert.init_params(ucfg, jax.random.PRNGKey(0)),
                None, 0))
 
   rows, t_wiki = [], None
@@ -221,7 +226,7 @@ def main():
                          embed(enc, dev_ids, args.batch_size, pad), dev_y)
     sps = throughput(enc, dev_ids, args.batch_size, pad)
     rows.append({'model': name, 'step': step, 'layers': cfg.num_hidden_layers,
-                 'hidden': cfg.hidden_size, 'params': models.count_params(params),
+                 'hidden': cfg.hidden_size, 'params': bert.count_params(params),
                  'projection': proj is not None, 'cos': cos, 'sst2_probe_acc': acc,
                  'sent_per_s': sps, 'seconds': time.perf_counter() - t0})
     print(f'{name}: cos={cos:.4f} sst2={acc:.4f} {sps:.0f} sent/s '

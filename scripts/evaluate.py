@@ -14,6 +14,8 @@ import json
 import math
 import os
 
+from flaxdistil.training import checkpointing
+
 
 def main():
   ap = argparse.ArgumentParser()
@@ -29,7 +31,12 @@ def main():
                   '~/.cache/flaxdistil)')
   args = ap.parse_args()
   import jax
-  from flaxdistil import evaluation, export, hf_conversion, input_pipeline, models, tokenization
+
+  from flaxdistil.data import input_pipeline
+  from flaxdistil.data import tokenization
+  from flaxdistil.model import bert
+  from flaxdistil.model import hf_conversion
+  from flaxdistil.training import evaluation
 
   tok = tokenization.load_tokenizer(args.tokenizer or args.teacher)
   packed = input_pipeline.load_packed(args.files, tok, args.max_seq_length,
@@ -40,12 +47,12 @@ def main():
       special_token_ids=sorted(set(tok.all_special_ids)))
   tcfg, tparams = hf_conversion.load_hf_model(args.teacher)
   score = lambda cfg, params, ref=None: evaluation.evaluate(
-      jax.jit(evaluation.make_eval_step(models.MaskedLM(cfg), 4 * args.max_seq_length // 10)),
+      jax.jit(evaluation.make_eval_step(bert.MaskedLM(cfg), 4 * args.max_seq_length // 10)),
       params, batches, ref)
   teacher = score(tcfg, tparams)
   rows = [('teacher', teacher)]
   for wd in args.workdirs:
-    scfg, params, _, step = export.load_student(wd)
+    scfg, params, _, step = checkpointing.load_student(wd)
     rows.append((f'{os.path.basename(wd.rstrip("/"))} (step {step})',
                  score(scfg, params, teacher['_top1'])))
   print(f'{len(packed) if not args.num_sequences else args.num_sequences} sequences of '

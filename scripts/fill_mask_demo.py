@@ -9,6 +9,7 @@ student's top-5 (restored from the same checkpoint) is identical.
 
 import argparse
 
+from flaxdistil.training import checkpointing
 
 SENTENCES = (
     'The capital of France is [MASK].',
@@ -27,16 +28,17 @@ def main():
   import jax.numpy as jnp
   import numpy as np
   import transformers
-  from flaxdistil import export, models
+
+  from flaxdistil.model import bert
 
   fill = transformers.pipeline('fill-mask', model=args.hf, top_k=5, device='cpu')
-  scfg, params, _, step = export.load_student(args.workdir)
+  scfg, params, _, step = checkpointing.load_student(args.workdir)
   tok = fill.tokenizer
   print(f'student step {step}; transformers {type(fill.model).__name__} from {args.hf}')
   for text in SENTENCES:
     preds = fill(text)
     enc = tok(text, return_tensors='np')
-    logits = models.MaskedLM(scfg).apply({'params': params}, jnp.asarray(enc['input_ids']),
+    logits = bert.MaskedLM(scfg).apply({'params': params}, jnp.asarray(enc['input_ids']),
                                          jnp.asarray(enc['attention_mask'])).logits
     pos = int(np.where(enc['input_ids'][0] == tok.mask_token_id)[0][0])
     flax_top5 = [int(i) for i in np.argsort(-np.asarray(logits[0, pos]))[:5]]

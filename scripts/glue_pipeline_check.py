@@ -17,18 +17,18 @@ import sys
 import jax
 import numpy as np
 
-from flaxdistil import export
-from flaxdistil import glue
-from flaxdistil import models
-from flaxdistil import tokenization
+from flaxdistil.data import glue
+from flaxdistil.data import tokenization
+from flaxdistil.model import bert
+from flaxdistil.training import checkpointing
 
 
 def flax_probs(workdir: str, tokenizer, texts_a, texts_b, batch_size: int = 128):
   """`[N, num_labels]` float32 softmax probabilities of the Flax model in `workdir`."""
-  cfg, params, meta, _ = export.load_student(workdir)
+  cfg, params, meta, _ = checkpointing.load_student(workdir)
   seq_len = meta['fingerprint']['max_seq_length']
   enc = glue.encode(tokenizer, texts_a, texts_b, seq_len)
-  model = models.MaskedLM(cfg)
+  model = bert.MaskedLM(cfg)
   fn = jax.jit(lambda p, b: jax.nn.softmax(model.apply(
       {'params': p}, b['input_ids'], b['attention_mask'], b['token_type_ids']).class_logits))
   batches = glue.eval_batches(dict(enc, labels=np.zeros(len(texts_a), np.int32)), batch_size)

@@ -9,7 +9,7 @@ r"""Quality of an exported model in fp32 and int8: torch, onnxruntime, onnxrunti
 
 Scores the same inputs with four forms of one exported model: transformers torch fp32 (the
 reference; `export_hf` verified it against Flax), onnxruntime fp32 and int8
-(`--onnx_dir`, default `<hf>/onnx/`, written by `python -m flaxdistil.onnx_export --hf DIR` if missing) and torch
+(`--onnx_dir`, default `<hf>/onnx/`, written by `python -m flaxdistil.export.onnx_export --hf DIR` if missing) and torch
 dynamic int8 (`torch.ao.quantization.quantize_dynamic` on every `nn.Linear`, qint8 weights).
 MLM: masked-token accuracy, loss, perplexity (the data and fixed masking of
 `scripts/evaluate.py`); GLUE: accuracy and F1 of label 1. Both: top-1 agreement with torch
@@ -33,7 +33,7 @@ def torch_int8(model):
 
 def mlm_batches(args, tokenizer):
   """`scripts/evaluate.py`'s fixed masked batches, `{input_ids, attention_mask, labels}` int32."""
-  from flaxdistil import input_pipeline  # pylint: disable=g-import-not-at-top
+  from flaxdistil.data import input_pipeline  # pylint: disable=g-import-not-at-top
   packed = input_pipeline.load_packed_dataset(args.files, tokenizer, args.max_seq_length,
                                               cache_dir=args.cache_dir)
   return input_pipeline.eval_batches(
@@ -44,7 +44,7 @@ def mlm_batches(args, tokenizer):
 
 def glue_batches(args, tokenizer):
   """Dev-set batches `{input_ids, attention_mask, token_type_ids, labels}` (labels -100 = fill)."""
-  from flaxdistil import glue  # pylint: disable=g-import-not-at-top
+  from flaxdistil.data import glue  # pylint: disable=g-import-not-at-top
   split = glue.load_split(args.tsv, glue.get_task(args.task), tokenizer, args.max_seq_length)
   return glue.eval_batches(split, args.batch_size)
 
@@ -55,7 +55,7 @@ def mlm_sums(logits: np.ndarray, batch: dict, reference: np.ndarray) -> np.ndarr
   `logits: [B, T, vocab] float32`; NLL and accuracy are `losses.mlm_cross_entropy` /
   `losses.accuracy`; agreement compares the top-1 with `reference: [B, T]` (fp32 top-1).
   """
-  from flaxdistil import losses  # pylint: disable=g-import-not-at-top
+  from flaxdistil.objectives import losses  # pylint: disable=g-import-not-at-top
   masked = batch['labels'] != losses.IGNORE_INDEX
   logits, labels = logits[masked], batch['labels'][masked]  # [N, vocab], [N]: ~15% of tokens
   nll, count = losses.mlm_cross_entropy(logits, labels)
@@ -76,7 +76,7 @@ def glue_sums(logits: np.ndarray, batch: dict, reference: np.ndarray) -> np.ndar
 
   `logits: [B, num_labels] float32`, `reference: [B]` fp32 predictions; F1 is of label 1.
   """
-  from flaxdistil import glue  # pylint: disable=g-import-not-at-top
+  from flaxdistil.data import glue  # pylint: disable=g-import-not-at-top
   keep = batch['labels'] != glue.IGNORE_INDEX
   pred, ref, labels = logits.argmax(-1)[keep], reference[keep], batch['labels'][keep]
   return np.array([np.sum(pred == labels), np.sum((pred == 1) & (labels == 1)),
@@ -86,7 +86,7 @@ def glue_sums(logits: np.ndarray, batch: dict, reference: np.ndarray) -> np.ndar
 
 def glue_metrics(sums: np.ndarray) -> dict:
   """Accuracy, F1 of label 1 (`glue.f1_from_counts`), agreement from summed `glue_sums`."""
-  from flaxdistil import glue  # pylint: disable=g-import-not-at-top
+  from flaxdistil.data import glue  # pylint: disable=g-import-not-at-top
   correct, tp, fp, fn, agree, count = sums
   return {'accuracy': correct / count, 'f1': glue.f1_from_counts(tp, fp, fn),
           'agreement': agree / count, 'num_examples': int(count)}
@@ -108,8 +108,8 @@ def main():
   args = ap.parse_args()
   if (args.task == 'mlm') != bool(args.files) or (args.task != 'mlm') != bool(args.tsv):
     ap.error('--task mlm needs --files; --task sst2/mrpc needs --tsv.')
-  from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
-  from flaxdistil import tokenization  # pylint: disable=g-import-not-at-top
+  from flaxdistil.data import tokenization  # pylint: disable=g-import-not-at-top
+  from flaxdistil.export import onnx_export  # pylint: disable=g-import-not-at-top
 
   model, output = onnx_export.load_torch_model(args.hf)
   onnx_dir = args.onnx_dir or os.path.join(args.hf, 'onnx')

@@ -19,20 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxdistil import corpus
-from flaxdistil import glue
-from flaxdistil import hf_conversion
-from flaxdistil import input_pipeline
-from flaxdistil import intermediate
-from flaxdistil import losses
-from flaxdistil import models
-from flaxdistil import objective as objective_lib
-from flaxdistil import sharding
-from flaxdistil import student_init
-from flaxdistil import synthetic
-from flaxdistil import teacher_cache
-from flaxdistil import tokenization
-from flaxdistil.objective import Objective, Projection
+from flaxdistil.data import corpus
+from flaxdistil.data import glue
+from flaxdistil.data import input_pipeline
+from flaxdistil.data import synthetic
+from flaxdistil.data import teacher_cache
+from flaxdistil.data import tokenization
+from flaxdistil.model import bert
+from flaxdistil.model import hf_conversion
+from flaxdistil.model import student_init
+from flaxdistil.objectives import intermediate
+from flaxdistil.objectives import losses
+from flaxdistil.objectives import objective as objective_lib
+from flaxdistil.objectives.objective import Objective
+from flaxdistil.objectives.objective import Projection
+from flaxdistil.storage import hub
+from flaxdistil.training import sharding
 
 
 class ConfigError(ValueError):
@@ -44,12 +46,14 @@ class Run:
   """Everything `train.train_and_evaluate` needs; params are host numpy trees.
 
   Immutable (`dataclasses.FrozenInstanceError` on assignment); the loop drops the host copies of
-  the params with `dataclasses.replace(run, student_params=None, ...)`.
+  the params with `dataclasses.replace(run, student_params=None, ...)`. `objective` is the one
+  `Objective` of the run (layer map resolved), read by the step, the evaluator and the cache
+  builder; `mesh` the one mesh over all devices.
   """
-  student_config: models.ModelConfig
+  student_config: bert.ModelConfig
   student_model: Any
   student_params: Any
-  teacher_config: models.ModelConfig | None
+  teacher_config: bert.ModelConfig | None
   teacher_model: Any
   teacher_params: Any
   mesh: Any
@@ -63,21 +67,6 @@ class Run:
   projection: Projection | None = None  # TinyBERT projections of a narrower student, or None
   proj_params: Any = None               # their initial values (host)
   train_packed: Any = None              # packed training rows [N, T] (MLM, not streaming)
-
-  @property
-  def weights(self) -> losses.DistillWeights:
-    """`objective.weights`."""
-    return self.objective.weights
-
-  @property
-  def inter(self) -> objective_lib.LayerTerms | None:
-    """`objective.inter`: `(IntermediateWeights, layer_map)` or None."""
-    return self.objective.inter
-
-  @property
-  def offline(self) -> bool:
-    """`objective.offline`: teacher targets come from `teacher.cache` (no forward)."""
-    return self.objective.offline
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -100,12 +89,54 @@ def _dtype(name: str):
     raise ConfigError(f'dtype={name!r}: use "float32" or "bfloat16".') from None
 
 
-def _teacher_loaded(config) -> bool:
+def distill_weights(config) -> losses.DistillWeights:
+  """The config's logit/hidden-state coefficients (`distill.*`, `teacher.cache_tail_bucket`)."""
+  d = config.distill
+  return losses.DistillWeights(
+      temperature=d.temperature, alpha_ce=d.alpha_ce, alpha_mlm=d.alpha_mlm,
+      alpha_cos=d.alpha_cos, alpha_mse=d.alpha_mse, restrict_ce_to_mask=d.restrict_ce_to_mask,
+      alpha_task=d.alpha_task, tail_bucket=config.teacher.cache_tail_bucket)
+
+
+def intermediate_weights(d) -> intermediate.IntermediateWeights:
+  """The `distill` group's TinyBERT/MiniLM coefficients (`alpha_emb`, ...)."""
+  return intermediate.IntermediateWeights(
+      alpha_emb=d.alpha_emb, alpha_hidden=d.alpha_hidden, alpha_attn_score=d.alpha_attn_score,
+      alpha_attn_kl=d.alpha_attn_kl, alpha_value_kl=d.alpha_value_kl,
+      num_relation_heads=d.num_relation_heads or None,
+      relation_teacher_layer=d.relation_teacher_layer)
+
+
+def objective_from_config(config) -> Objective:
+  """The `Objective` `config` describes, its layer map not yet resolved.
+
+  The layer map needs both models' layer counts; `build_run` resolves it with
+  `Objective.with_layer_map` once they are loaded. Before that, every question
+  that depends on the alphas alone (`uses_teacher`, `needs_teacher_forward`)
+  is answered already.
+
+  Raises:
+    ConfigError: an unknown `distill.teacher_input`, or logits restricted to
+      masked positions with a term over all tokens.
+  """
+  d = config.distill
+  iw = intermediate_weights(d)
+  try:
+    return Objective(
+        weights=distill_weights(config),
+        inter=objective_lib.LayerTerms(iw, ()) if objective_lib.has_intermediate_terms(iw) else None,
+        offline=bool(config.teacher.cache), teacher_input=d.teacher_input,
+        vocab_chunk_size=d.vocab_chunk_size, max_predictions_per_seq=d.max_predictions_per_seq,
+        task=bool(config.data.task))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def _teacher_loaded(config, obj: Objective) -> bool:
   # A teacher given by path is always loaded: it defines the student's default shape (so an
   # MLM-only baseline has the same architecture as the distilled student) and is evaluated
   # as the reference, even when no loss term uses it.
-  return (Objective.from_config(config).uses_teacher or config.student.init == 'teacher' or
-          bool(config.teacher.path))
+  return obj.uses_teacher or config.student.init == 'teacher' or bool(config.teacher.path)
 
 
 _NEEDS_TEACHER = ('The objective needs a teacher (alpha_ce/alpha_cos/alpha_mse > 0 or '
@@ -113,13 +144,16 @@ _NEEDS_TEACHER = ('The objective needs a teacher (alpha_ce/alpha_cos/alpha_mse >
                   'or set those alphas to 0 and student.init="random" for plain MLM.')
 
 
-def validate(config) -> None:
+def validate(config) -> Objective:
   """Checks everything `config` alone decides, before any file is read or model loaded.
 
   Pure: reads no path (a nonexistent teacher.path or data file is found by
   `build_run`), only the number of devices and processes. What needs a loaded
   model or tokenizer (vocabulary sizes, max_position_embeddings, heads, layer
   counts, cache identity) is checked by `build_run` right after loading.
+
+  Returns:
+    The run's `Objective` (`objective_from_config`; layer map not yet resolved).
 
   Raises:
     ConfigError: naming the key and the fix, e.g. an unknown dtype, task or
@@ -129,7 +163,7 @@ def validate(config) -> None:
       global batch not divisible by hosts, microbatches and batch shards.
   """
   d, dist, t, s = config.data, config.distill, config.teacher, config.student
-  obj = Objective.from_config(config)
+  obj = objective_from_config(config)
   _dtype(config.dtype)
 
   # Data source.
@@ -170,24 +204,17 @@ def validate(config) -> None:
     raise ConfigError(f'student.init={s.init!r}: use "teacher", "random" or "pretrained".')
   if s.init == 'pretrained' and not s.path:
     raise ConfigError('student.init="pretrained" needs student.path (a HF BERT/DistilBERT dir).')
-  if _teacher_loaded(config) and not t.path and not t.random_init:
+  if _teacher_loaded(config, obj) and not t.path and not t.random_init:
     raise ConfigError(_NEEDS_TEACHER)
 
   # Objective.
-  if dist.teacher_input not in objective_lib.TEACHER_INPUTS:
-    raise ConfigError(f'distill.teacher_input={dist.teacher_input!r}: use "masked" or '
-                      '"original".')
   if t.cache_teacher_input not in objective_lib.TEACHER_INPUTS:  # read by cache_teacher's build
     raise ConfigError(f'teacher.cache_teacher_input={t.cache_teacher_input!r}: use '
                       '"original" or "masked".')
-  try:
-    losses.check_logits_restriction(obj.weights, obj.max_predictions_per_seq)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   if obj.offline:
     if d.streaming or d.task:
       raise ConfigError('teacher.cache needs packed MLM data (data.streaming=False, no data.task).')
-    if not _teacher_loaded(config):
+    if not _teacher_loaded(config, obj):
       raise ConfigError('teacher.cache needs the teacher it was built from (teacher.path) to check '
                         'its identity and to evaluate it.')
     if dist.alpha_mse:
@@ -201,14 +228,16 @@ def validate(config) -> None:
     raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {hosts} hosts; use a '
                       f'multiple of {hosts}.')
   try:
-    mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
-    sharding.check_batch_divisibility(gbs, config.optim.num_microbatches, mesh,
+    mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, config.mesh.axes,
+                                             jax.device_count())
+    sharding.check_batch_divisibility(gbs, config.optim.num_microbatches, mesh_shape,
                                       sharding.rules_tuple(config.mesh.logical_axis_rules))
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  return obj
 
 
-def load_teacher(config, vocab_size: int, num_labels: int = 0):
+def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0):
   """`(ModelConfig, numpy params)` of the teacher, or `(None, None)` if none is needed.
 
   `num_labels > 0` (a GLUE task): logit terms need a teacher fine-tuned on the
@@ -219,10 +248,10 @@ def load_teacher(config, vocab_size: int, num_labels: int = 0):
       objective reads.
   """
   t, dist = config.teacher, config.distill
-  if not _teacher_loaded(config):
+  if not _teacher_loaded(config, obj):
     return None, None
   if t.path:
-    if not os.path.isdir(t.path) and hf_conversion.looks_like_local_path(t.path):
+    if not os.path.isdir(t.path) and hub.looks_like_local_path(t.path):
       raise ConfigError(f'teacher.path {t.path!r} does not exist; pass a Hugging Face BERT directory '
                         '(config.json + model.safetensors or pytorch_model.bin) or a hub name.')
     try:
@@ -230,11 +259,11 @@ def load_teacher(config, vocab_size: int, num_labels: int = 0):
     except (FileNotFoundError, ValueError, OSError) as e:
       raise ConfigError(f'Cannot load teacher from {t.path!r}: {e}') from e
   elif t.random_init:
-    tcfg = models.ModelConfig(
+    tcfg = bert.ModelConfig(
         model_type='bert', vocab_size=vocab_size, hidden_size=t.hidden_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
         intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings)
-    tparams = jax.device_get(models.init_params(tcfg, jax.random.PRNGKey(config.seed + 1)))
+    tparams = jax.device_get(bert.init_params(tcfg, jax.random.PRNGKey(config.seed + 1)))
   else:
     raise ConfigError(_NEEDS_TEACHER)
   if num_labels:
@@ -249,9 +278,9 @@ def load_teacher(config, vocab_size: int, num_labels: int = 0):
   return tcfg, tparams
 
 
-def student_config(config, tcfg: models.ModelConfig | None, vocab_size: int,
-                   num_labels: int = 0, pretrained: models.ModelConfig | None = None
-                   ) -> models.ModelConfig:
+def student_config(config, tcfg: bert.ModelConfig | None, vocab_size: int,
+                   num_labels: int = 0, pretrained: bert.ModelConfig | None = None
+                   ) -> bert.ModelConfig:
   """The student's shape: 0 in a field means "the teacher's value".
 
   With `student.init='pretrained'` the pretrained checkpoint's shape is the
@@ -261,7 +290,7 @@ def student_config(config, tcfg: models.ModelConfig | None, vocab_size: int,
   s = config.student
   ref = pretrained or tcfg
   pick = lambda v, attr, default: v if v else (getattr(ref, attr) if ref else default)
-  return models.ModelConfig(
+  return bert.ModelConfig(
       model_type=s.model_type,
       vocab_size=ref.vocab_size if ref else vocab_size,
       type_vocab_size=ref.type_vocab_size if ref and ref.type_vocab_size else 2,
@@ -459,9 +488,8 @@ def _check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg) -> None:
                       f'student {scfg.hidden_size}); set distill.alpha_cos=0.')
 
 
-def _resolve_objective(config, scfg, tcfg) -> tuple[Objective, Projection | None]:
-  """The objective with its layer map resolved for these depths, and the projection shape."""
-  obj = Objective.from_config(config)
+def _resolve_objective(config, obj: Objective, scfg, tcfg) -> tuple[Objective, Projection | None]:
+  """`obj` with its layer map resolved for these depths, and the projection shape."""
   if obj.inter is None:
     return obj, None
   try:
@@ -473,7 +501,7 @@ def _resolve_objective(config, scfg, tcfg) -> tuple[Objective, Projection | None
   projection = None
   if (iw.alpha_emb or iw.alpha_hidden) and scfg.hidden_size != tcfg.hidden_size:
     projection = Projection(scfg.hidden_size, tcfg.hidden_size)
-  return Objective.from_config(config, layer_map), projection
+  return obj.with_layer_map(layer_map), projection
 
 
 def build_run(config, workdir: str) -> Run:
@@ -488,7 +516,7 @@ def build_run(config, workdir: str) -> Run:
       paths, vocab mismatch, max_seq_length above max_position_embeddings,
       teacher without MLM head, empty dataset, a teacher.cache of another run...).
   """
-  validate(config)
+  obj = validate(config)
   d = config.data
   train_files, eval_files, tok_path = list(d.train_files), list(d.eval_files), d.tokenizer
   if d.synthetic:
@@ -503,13 +531,13 @@ def build_run(config, workdir: str) -> Run:
 
   task = glue.get_task(d.task) if d.task else None
   num_labels = len(task.label_names) if task else 0
-  tcfg, tparams = load_teacher(config, vocab_size, num_labels)
+  tcfg, tparams = load_teacher(config, obj, vocab_size, num_labels)
   if tcfg is not None:
     tcfg = dataclasses.replace(tcfg, dtype=_dtype(config.dtype), remat=config.remat)
   pcfg, pparams = load_pretrained_student(config, num_labels)
   scfg = student_config(config, tcfg, vocab_size, num_labels, pcfg)
   _check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg)
-  obj, projection = _resolve_objective(config, scfg, tcfg)
+  obj, projection = _resolve_objective(config, obj, scfg, tcfg)
   sparams = init_student(config, scfg, tcfg, tparams, (pcfg, pparams))
   proj_params = None
   if projection is not None:
@@ -551,8 +579,8 @@ def build_run(config, workdir: str) -> Run:
       'teacher_targets': targets,
   }
   return Run(
-      student_config=scfg, student_model=models.MaskedLM(scfg), student_params=sparams,
-      teacher_config=tcfg, teacher_model=models.MaskedLM(tcfg) if tcfg else None,
+      student_config=scfg, student_model=bert.MaskedLM(scfg), student_params=sparams,
+      teacher_config=tcfg, teacher_model=bert.MaskedLM(tcfg) if tcfg else None,
       teacher_params=tparams, mesh=mesh, rules=rules, teacher_rules=t_rules, objective=obj,
       fingerprint=fingerprint, train_batches=train_batches, eval_batches=eval_batches,
       projection=projection, proj_params=proj_params, train_packed=packed,

@@ -7,6 +7,9 @@ Saved per step under `<workdir>/checkpoints/<step>/`:
          position and the last eval metrics.
 The teacher is never saved: it is an input of the run, not part of its state.
 
+`load_student` restores the student alone (params and step) onto one device, whatever the mesh
+and optimizer of the run that wrote it: what export and the scripts read.
+
 Atomicity is Orbax's: a step is written into a temporary directory and renamed
 when complete, so a run killed while saving leaves the previous checkpoint as
 the latest readable one. Restoring also falls back to older steps if the
@@ -18,8 +21,14 @@ import os
 from typing import Any, Mapping
 
 from absl import logging
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from flaxdistil.model import bert
+from flaxdistil.objectives import intermediate
+from flaxdistil.training import sharding
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -51,19 +60,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
       force=True)
 
 
-def abstract_like(state: Any, shardings: Any) -> Any:
-  """`ShapeDtypeStruct` tree (with target shardings) to restore into."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-
-
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    step: int | None = None, partial: bool = False):
   """Restores step `step` (default: the newest readable one).
 
   Args:
     manager: from `make_manager`.
-    abstract_state: `abstract_like(...)` of the state; arrays come back with
+    abstract_state: `sharding.abstract_like(...)` of the state; arrays come back with
       its shardings (so a checkpoint of a sharded run restores onto one CPU).
     step: a specific step, or None.
     partial: restore only the entries of `abstract_state` (e.g. `{'params',
@@ -119,6 +122,58 @@ def read_meta(workdir: str, step: int | None = None) -> dict | None:
       with open(path) as f:
         return json.load(f)
   return None
+
+
+# ----------------------------------------------------------------------------- the student alone
+
+def _restore_student(workdir: str, step: int | None, with_projection: bool):
+  """`(ModelConfig, {'params', 'step'[, 'proj']}, meta)` restored onto one device."""
+  meta = read_meta(workdir, step)
+  if meta is None:
+    root = checkpoint_dir(workdir)
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    raise FileNotFoundError(f'no checkpoint{"" if step is None else f" for step {step}"} in {root}; '
+                            f'available steps: {steps}.')
+  scfg = bert.ModelConfig(**meta['fingerprint']['student_config'])
+  mesh, rules = sharding.single_device_mesh(), sharding.DEFAULT_LOGICAL_AXIS_RULES
+  p_shard, params = sharding.model_param_layout(scfg, mesh, rules)
+  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  item = {'params': sharding.abstract_like(params, p_shard),
+          'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=one)}
+  projection = meta['fingerprint'].get('projection')
+  if with_projection and projection:
+    boxed_proj = intermediate.abstract_projection_params(*projection)
+    item['proj'] = sharding.abstract_like(nn.meta.unbox(boxed_proj),
+                                          sharding.param_shardings(boxed_proj, mesh, rules))
+  manager = make_manager(workdir, read_only=True, async_save=False)
+  restored = restore_latest(manager, item, step=step, partial=True)
+  if restored is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}.')
+  state, meta = restored
+  return scfg, jax.device_get(state), meta
+
+
+def load_student(workdir: str, step: int | None = None):
+  """Restores `(ModelConfig, params, meta, step)` of the student onto one device.
+
+  Only the student's params (and the step) are read, so this works whatever
+  the optimizer state or mesh of the run that wrote the checkpoint.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `workdir`, or `step` absent.
+  """
+  scfg, state, meta = _restore_student(workdir, step, with_projection=False)
+  return scfg, state['params'], meta, int(state['step'])
+
+
+def load_student_with_projection(workdir: str, step: int | None = None):
+  """`load_student` plus the TinyBERT projections: `(ModelConfig, params, proj, meta, step)`.
+
+  `proj` is `{'embedding': W_e, 'hidden': W_h}` (`intermediate.init_projection_params`
+  layout) for a run that trained a student narrower than its teacher, else None.
+  """
+  scfg, state, meta = _restore_student(workdir, step, with_projection=True)
+  return scfg, state['params'], state.get('proj'), meta, int(state['step'])
 
 
 # Fields whose change between runs would silently corrupt a resumed run.

@@ -1,9 +1,9 @@
 r"""Exported transformers directory -> verified ONNX model (+ int8 dynamic quantization).
 
-  python -m flaxdistil.onnx_export --hf exported/b_mlm [--out DIR] [--no_int8] [--overwrite]
+  python -m flaxdistil.export.onnx_export --hf exported/b_mlm [--out DIR] [--no_int8] [--overwrite]
   # after the HF export of a run:
   python -m flaxdistil.export --workdir runs/wiki_b --out exported/b_mlm && \
-      python -m flaxdistil.onnx_export --hf exported/b_mlm
+      python -m flaxdistil.export.onnx_export --hf exported/b_mlm
 
 Reads a directory written by `export.export_hf` (or any HF BERT / DistilBERT
 `*ForMaskedLM`, `*ForSequenceClassification` or bare encoder directory), exports
@@ -30,11 +30,15 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 import torch
+
+from flaxdistil.export.torch_models import load_torch_model
+from flaxdistil.model import bert
+from flaxdistil.model import hf_conversion
+from flaxdistil.storage import atomic
 
 ONNX_FILE = 'model.onnx'
 INT8_FILE = 'model_quantized.onnx'
@@ -48,44 +52,6 @@ def weights_bytes(hf_dir: str) -> int:
   """Bytes of the safetensors / pytorch_model.bin weight files in `hf_dir`."""
   return sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)
              if f.endswith('.safetensors') or f == 'pytorch_model.bin')
-
-
-def load_torch_model(hf_dir: str):
-  """`(model, output_name)`: the float32 eval-mode transformers model in `hf_dir`.
-
-  The auto class follows `config.architectures`: `*ForSequenceClassification`
-  (output `logits: [B, num_labels]`), `*ForMaskedLM` (`logits: [B, T, vocab]`),
-  else the bare encoder (`last_hidden_state: [B, T, hidden]`).
-
-  Raises:
-    FileNotFoundError: `hf_dir` or its config.json is missing.
-    ValueError: config.json is not a BERT / DistilBERT config, or the weights do
-      not load cleanly (missing / unexpected tensors).
-  """
-  import transformers  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(hf_dir):
-    raise FileNotFoundError(f'{hf_dir}: no such directory; pass a directory written by '
-                            '`python -m flaxdistil.export` (or any HF BERT/DistilBERT dir).')
-  if not os.path.isfile(os.path.join(hf_dir, 'config.json')):
-    raise FileNotFoundError(f'{hf_dir} has no config.json, so it is not a Hugging Face model '
-                            'directory; export the run first with `python -m flaxdistil.export`.')
-  config = transformers.AutoConfig.from_pretrained(hf_dir)
-  if config.model_type not in ('bert', 'distilbert'):
-    raise ValueError(f'{hf_dir}: model_type {config.model_type!r}; only BERT and DistilBERT '
-                     'exports are supported.')
-  arch = ' '.join(config.architectures or ())
-  if 'ForSequenceClassification' in arch:
-    auto, output = transformers.AutoModelForSequenceClassification, 'logits'
-  elif 'ForMaskedLM' in arch:
-    auto, output = transformers.AutoModelForMaskedLM, 'logits'
-  else:
-    auto, output = transformers.AutoModel, 'last_hidden_state'
-  model, info = auto.from_pretrained(hf_dir, output_loading_info=True, dtype=torch.float32)
-  problems = {k: sorted(v) for k, v in info.items() if v}
-  if problems:
-    raise ValueError(f'{hf_dir}: transformers reported loading problems {problems}; the '
-                     'weights do not match config.json.')
-  return model.eval(), output
 
 
 def input_names(config) -> tuple[str, ...]:
@@ -186,10 +152,8 @@ def flax_outputs(hf_dir: str, output: str, feeds: dict) -> np.ndarray:
   `logits` is `[B, num_labels]` for a classifier and `[B, T, vocab]` for a masked LM;
   `last_hidden_state` is `[B, T, hidden]`.
   """
-  from flaxdistil import hf_conversion  # pylint: disable=g-import-not-at-top
-  from flaxdistil import models  # pylint: disable=g-import-not-at-top
   config, params = hf_conversion.load_hf_model(hf_dir)
-  out = models.MaskedLM(config).apply({'params': params}, feeds['input_ids'],
+  out = bert.MaskedLM(config).apply({'params': params}, feeds['input_ids'],
                                       feeds['attention_mask'], feeds.get('token_type_ids'))
   if output == 'last_hidden_state':
     return np.asarray(out.hidden_states[-1], np.float32)
@@ -233,17 +197,10 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
     ValueError: unsupported model, or onnxruntime output differs from torch
       by more than `atol` (nothing is written).
   """
-  from flaxdistil import export as hf_export  # pylint: disable=g-import-not-at-top
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
-  out = os.path.abspath(os.path.expanduser(out or os.path.join(hf_dir, 'onnx')))
-  if os.path.exists(out) and (not overwrite or not os.path.isdir(out)):
-    raise FileExistsError(f'{out} already exists; pass overwrite=True (--overwrite) or choose '
-                          'another --out.')
+  out = atomic.check_writable_target(out or os.path.join(hf_dir, 'onnx'), overwrite)
   model, output = load_torch_model(hf_dir)
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.tmp-', dir=parent)
-  try:
+  with atomic.atomic_directory(out, overwrite) as tmp:  # files 0644, directories 0755
     fp32 = os.path.join(tmp, ONNX_FILE)
     _export_fp32(model, output, fp32, opset)
     feeds = verification_batch(model.config)
@@ -276,10 +233,6 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
       for name in _SIDE_FILES:
         if os.path.isfile(os.path.join(hf_dir, name)):
           shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
-    hf_export.move_into_place(tmp, out, overwrite)  # files 0644, directories 0755
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return report
 
 

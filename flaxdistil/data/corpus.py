@@ -35,6 +35,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from flaxdistil.storage import atomic
+
 _CACHE_VERSION = 2    # bump when the shard layout or document splitting changes
 _BUILDERS = {'.txt': 'text', '.text': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
 _TOKENIZE_BATCH = 1000  # documents per encode_batch call
@@ -289,29 +291,8 @@ def wrap_windows(flat: np.ndarray, max_seq_length: int, cls_id: int, sep_id: int
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp_', suffix='.npy')
-  try:
-    with os.fdopen(fd, 'wb') as fh:
-      np.save(fh, array)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared between users/jobs
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
-def _atomic_json(path: str, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp_', suffix='.json')
-  try:
-    with os.fdopen(fd, 'w') as fh:
-      json.dump(obj, fh, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_file(path) as fh:
+    np.save(fh, array)
 
 
 _WORKER: dict = {}
@@ -374,7 +355,7 @@ def _build_shard(out_dir: str, index: int, unit: Unit, sep_id: int, vocab_size: 
   meta = {'file': name + '.npy', 'unit': dataclasses.asdict(unit), 'num_documents': num_docs,
           'num_tokens': int(len(tokens)), 'sha256': hashlib.sha256(tokens.tobytes()).hexdigest(),
           'peak_rss_mb': _peak_rss_mb()}
-  _atomic_json(os.path.join(out_dir, name + '.json'), meta)
+  atomic.write_json(os.path.join(out_dir, name + '.json'), meta)
   return meta
 
 
@@ -431,7 +412,7 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
       for f in os.listdir(out_dir):  # another unit split: earlier shards do not line up
         if f.startswith('shard-'):
           os.remove(os.path.join(out_dir, f))
-      _atomic_json(plan_path, plan)
+      atomic.write_json(plan_path, plan)
     done = {}
     for i in range(len(units)):
       meta_path = os.path.join(out_dir, f'shard-{i:05d}.json')
@@ -487,7 +468,7 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
                 'num_documents': sum(s['num_documents'] for s in shards), 'num_tokens': total,
                 'tokens_sha256': data_hash, 'build_seconds': round(time.time() - start, 2),
                 'num_proc': num_proc}
-    _atomic_json(manifest_path, manifest)
+    atomic.write_json(manifest_path, manifest)
     log.info('Tokenised %d documents (%d tokens) into %d shards with %d processes in %.1fs: %s',
              manifest['num_documents'], total, len(shards), num_proc, time.time() - start, out_dir)
   return out_dir

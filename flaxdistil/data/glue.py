@@ -20,8 +20,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from flaxdistil import input_pipeline
-from flaxdistil.input_pipeline import IGNORE_INDEX  # label of padding rows in eval batches
+from flaxdistil.data import input_pipeline
+from flaxdistil.objectives import IGNORE_INDEX  # label of padding rows in eval batches
 
 
 class GlueTask(NamedTuple):
@@ -167,6 +167,16 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[st
     ValueError: `batch_size <= 0`.
   """
   return input_pipeline.padded_batches(arrays, batch_size, {'labels': IGNORE_INDEX})
+
+
+def positive_class_outcomes(pred, labels) -> dict:
+  """Boolean `tp`, `fp`, `fn` arrays of label 1 (the positive class of MRPC's F1).
+
+  Works on numpy and jax arrays alike; `pred` and `labels` have the same shape.
+  Sum each (over real rows) and pass the sums to `f1_from_counts`.
+  """
+  return {'tp': (pred == 1) & (labels == 1), 'fp': (pred == 1) & (labels != 1),
+          'fn': (pred != 1) & (labels == 1)}
 
 
 def f1_from_counts(tp: float, fp: float, fn: float) -> float:

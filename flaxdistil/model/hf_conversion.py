@@ -1,4 +1,4 @@
-"""Hugging Face (torch) BERT/DistilBERT checkpoints <-> Flax ``models.MaskedLM``.
+"""Hugging Face (torch) BERT/DistilBERT checkpoints <-> Flax ``bert.MaskedLM``.
 
 Config mapping (``BertConfig``/``DistilBertConfig`` <-> ``ModelConfig``), tensor
 renaming (torch Linear ``weight [out, in]`` <-> Flax ``kernel [in, out]``) and
@@ -6,7 +6,7 @@ loading a checkpoint directory. DistilBERT student initialisation from
 teacher layers is ``student_init``; the verified export to a transformers
 directory is ``export.export_hf``.
 Params are nested dicts of float32 arrays laid out as documented in
-``models.py``; state dicts are ``dict[str, np.ndarray]``.
+``bert.py``; state dicts are ``dict[str, np.ndarray]``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from flaxdistil import models
-from flaxdistil.models import ModelConfig
+from flaxdistil.model import bert
+from flaxdistil.model.bert import ModelConfig
+from flaxdistil.storage import hub
 
 _SUPPORTED = ('bert', 'distilbert')
 # Tensors present in common checkpoints that have no counterpart in our model:
@@ -298,7 +299,7 @@ def params_from_hf_state_dict(state_dict, config: ModelConfig):
     raise ValueError(' '.join(msg))
 
   params, bad_shapes = {}, []
-  abstract = models.unbox(models.abstract_params(config))
+  abstract = bert.unbox(bert.abstract_params(config))
   for hf_name, path, transpose, _ in entries:
     x = _to_numpy(sd[hf_name]).astype(np.float32)
     x = x.T if transpose else x
@@ -322,7 +323,7 @@ def params_to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray
   Raises:
     ValueError: a parameter the config requires is missing from ``params``.
   """
-  params = models.unbox(params)
+  params = bert.unbox(params)
   out = {}
   for hf_name, path, transpose, _ in _name_map(config):
     try:
@@ -346,13 +347,6 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def looks_like_local_path(s: str) -> bool:
-  """True for what can only be a filesystem path (absolute, ./, ~, or more than one '/'), not a
-  hub name such as 'bert-base-uncased' or 'google-bert/bert-base-uncased'."""
-  return (os.path.isabs(s) or s.startswith(('.', '~')) or s.count('/') > 1
-          or os.sep != '/' and os.sep in s)
-
-
 def _resolve_model_dir(path_or_name: str) -> str:
   path = os.path.expanduser(path_or_name)
   if os.path.isdir(path):
@@ -360,7 +354,7 @@ def _resolve_model_dir(path_or_name: str) -> str:
   if os.path.exists(path):
     raise ValueError(f'{path_or_name!r} is a file; pass the directory that '
                      f'contains config.json and model.safetensors.')
-  if looks_like_local_path(path_or_name):
+  if hub.looks_like_local_path(path_or_name):
     raise FileNotFoundError(
         f'Model directory {path_or_name!r} does not exist. Pass a directory '
         f'with config.json and model.safetensors (or pytorch_model.bin), or a '
@@ -372,13 +366,10 @@ def _resolve_model_dir(path_or_name: str) -> str:
         allow_patterns=['config.json', '*.safetensors', '*.safetensors.index.json',
                         'pytorch_model.bin', 'pytorch_model.bin.index.json'])
   except Exception as e:  # pylint: disable=broad-except
-    offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
     # LocalEntryNotFoundError / OfflineModeIsEnabled: the name was never checked online, so
     # "check the name" would mislead; the fix is a local directory.
-    unreachable = offline or isinstance(e, ConnectionError) or type(e).__name__ in (
-        'LocalEntryNotFoundError', 'OfflineModeIsEnabled')
-    if unreachable:
-      why = 'offline (HF_HUB_OFFLINE=1)' if offline else 'unreachable'
+    if hub.hub_offline() or hub.hub_unreachable(e):
+      why = hub.unreachable_reason()
       raise FileNotFoundError(
           f'{path_or_name!r} is not a local directory and could not be fetched from the '
           f'Hugging Face Hub: the hub is {why} and the name is not in the local hub cache '

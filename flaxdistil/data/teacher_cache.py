@@ -1,6 +1,7 @@
 """Offline distillation: the teacher's targets computed once, stored, and read back per batch.
 
-`build(config, out)` runs the teacher over packed training rows and stores, for every position of
+The builder (`flaxdistil/cache_teacher.py`, `python -m flaxdistil.cache_teacher`) runs the teacher
+over packed training rows and stores, for every position of
 each row, its top-k logits (values in bfloat16/float16/float32 + int32 ids, sorted descending),
 `logsumexp_V(t/T)` (float32, for the optional tail bucket), optionally the last hidden state, and
 the intermediate outputs the config's TinyBERT/MiniLM terms read (`needed_layers`).
@@ -39,25 +40,22 @@ rerun with the same command skips finished shards and gives a bit-identical cach
 import hashlib
 import json
 import os
-import tempfile
-import time
 from typing import Any
 
-from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pyarrow as pa
 
-from flaxdistil import losses
+from flaxdistil.objectives import cached_teacher
+from flaxdistil.storage import atomic
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
 _DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16, 'float32': np.float32}
 # Fields that must match for a cache to serve a run (or for a build to resume into a directory).
 IDENTITY_KEYS = ('data_fingerprint', 'teacher_fingerprint', 'tokenizer', 'max_seq_length')
-# Intermediate `models.ModelOutput` fields a cache can hold, by teacher index.
+# Intermediate `bert.ModelOutput` fields a cache can hold, by teacher index.
 LAYER_FIELDS = ('hidden_states', 'attentions', 'attention_scores', 'values')
 
 
@@ -65,7 +63,8 @@ def needed_layers(inter, num_teacher_layers: int, extra_hidden=()) -> dict[str, 
   """`ModelOutput` field -> sorted teacher indices an intermediate objective reads.
 
   Args:
-    inter: `(intermediate.IntermediateWeights, layer_map)` or None (`setup.Run.inter`).
+    inter: `objective.LayerTerms` (`(IntermediateWeights, layer_map)`) or None
+      (`Objective.inter`).
     num_teacher_layers: L.
     extra_hidden: more `hidden_states` indices to store (e.g. all of them for sweeps over
       student depth / layer maps); negative counts from the end.
@@ -136,7 +135,8 @@ def params_fingerprint(params) -> str:
 
 # ----------------------------------------------------------------------------- shard files
 
-def _dtype(name: str):
+def storage_dtype(name: str):
+  """The numpy dtype of a cache dtype name (`bfloat16`, `float16`, `float32`); ValueError otherwise."""
   if name not in _DTYPES:
     raise ValueError(f'cache dtype {name!r}: use one of {sorted(_DTYPES)}.')
   return _DTYPES[name]
@@ -153,7 +153,7 @@ def _list_column(x: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def write_shard(path: str, arrays: dict[str, np.ndarray]) -> int:
-  """Atomically writes one shard (tmp file + os.replace); returns its size in bytes.
+  """Atomically writes one shard (`storage.atomic.atomic_file`); returns its size in bytes.
 
   Args:
     arrays: `row [R]` int64 and per-row arrays `[R, ...]` (`topk_values`, `topk_ids`, `logz`,
@@ -161,17 +161,8 @@ def write_shard(path: str, arrays: dict[str, np.ndarray]) -> int:
   """
   cols = {k: pa.array(v) if v.ndim == 1 else _list_column(v) for k, v in arrays.items()}
   table = pa.table(cols)
-  d = os.path.dirname(path) or '.'
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp_', suffix='.arrow')
-  try:
-    with os.fdopen(fd, 'wb') as f, pa.ipc.new_file(f, table.schema) as w:
-      w.write_table(table)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as w:
+    w.write_table(table)
   return os.path.getsize(path)
 
 
@@ -184,14 +175,6 @@ def read_shard(path: str, shapes: dict[str, tuple], dtypes: dict[str, Any]) -> d
     flat = col.flatten().to_numpy(zero_copy_only=False)
     out[k] = flat.view(dtypes[k]).reshape((len(col),) + tuple(shape))
   return out
-
-
-def _write_json(path: str, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix='.tmp_', suffix='.json')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, path)
 
 
 def shard_name(s: int) -> str:
@@ -240,9 +223,9 @@ class TeacherCache:
                        'teacher.cache_hidden_dtype="bfloat16" or set distill.alpha_cos=0.')
     t, k, h = m['max_seq_length'], m['top_k'], m['hidden_size']
     shapes = {'topk_values': (t, k), 'topk_ids': (t, k), 'logz': (t,)}
-    dtypes = {'topk_values': _dtype(m['values_dtype']), 'topk_ids': np.int32, 'logz': np.float32}
+    dtypes = {'topk_values': storage_dtype(m['values_dtype']), 'topk_ids': np.int32, 'logz': np.float32}
     if m['hidden_dtype']:
-      shapes['hidden'], dtypes['hidden'] = (t, h), _dtype(m['hidden_dtype'])
+      shapes['hidden'], dtypes['hidden'] = (t, h), storage_dtype(m['hidden_dtype'])
     n_layers = m['teacher_config']['num_hidden_layers']
     stored = _layer_columns(m.get('layers') or {}, n_layers, bool(m['hidden_dtype']))
     if m['hidden_dtype']:
@@ -259,8 +242,8 @@ class TeacherCache:
     for (f, i), col in stored.items():
       if col != 'hidden':
         shapes[col] = _layer_shape(f, m['teacher_config'], t)
-        dtypes[col] = _dtype(m['hidden_dtype'])
-    self._layer_names = [(stored[key], losses.cached_layer_key(*key)) for key in want]
+        dtypes[col] = storage_dtype(m['hidden_dtype'])
+    self._layer_names = [(stored[key], cached_teacher.cached_layer_key(*key)) for key in want]
     self._hidden, self._logz = hidden, logz
     self.directory, self.rows_per_shard = directory, m['rows_per_shard']
     self._shards = []
@@ -331,63 +314,13 @@ class TeacherCache:
     return out
 
 
-# ----------------------------------------------------------------------------- builder
+# ----------------------------------------------------------------------------- identity
 
 def identity(teacher_params, packed, tokenizer_fp: str, max_seq_length: int) -> dict:
   """The `IDENTITY_KEYS` of a run: what a cache must have been built for."""
   return {'data_fingerprint': data_fingerprint(packed),
           'teacher_fingerprint': params_fingerprint(teacher_params),
           'tokenizer': tokenizer_fp, 'max_seq_length': int(max_seq_length)}
-
-
-def plan_rows(row_fn, num_steps: int, global_batch_size: int, num_packed: int,
-              num_rows: int = 0) -> np.ndarray:
-  """The packed rows a run reads, in reading order, without repeats: `[R]` int64.
-
-  Args:
-    row_fn: `step -> [global_batch_size]` rows (`BatchIterator.rows`).
-    num_rows: rows to cache; 0 = those of steps `[0, num_steps)`. Capped at `num_packed`.
-  """
-  target = min(num_rows or num_steps * global_batch_size, num_packed)
-  seen, out, step = np.zeros(num_packed, bool), [], 0
-  total = 0
-  while total < target:
-    r = row_fn(step)
-    r = r[~seen[r]]
-    r = r[np.sort(np.unique(r, return_index=True)[1])]  # a batch straddling epochs may repeat rows
-    seen[r] = True
-    out.append(r)
-    total += len(r)
-    step += 1
-  return np.concatenate(out)[:target] if out else np.zeros((0,), np.int64)
-
-
-def make_targets_fn(model, top_k: int, temperature: float, values_dtype, hidden_dtype,
-                    layers: dict | None = None):
-  """`fn(params, input_ids [B, T], attention_mask [B, T]) -> dict` of the teacher's targets:
-  `topk_values [B, T, k]` (values_dtype), `topk_ids [B, T, k]` int32, `logz [B, T]` float32
-  (`logsumexp_V(t/T)`), if `hidden_dtype` `hidden [B, T, H]`, and for each `layers` entry
-  `{field}_{i}` in hidden_dtype (`ModelOutput.{field}[i]`, batch first)."""
-  layers = layers or {}
-  flags = {'output_attentions': 'attentions' in layers,
-           'output_attention_scores': 'attention_scores' in layers,
-           'output_values': 'values' in layers}
-
-  def fn(params, input_ids, attention_mask):
-    out = model.apply({'params': params}, input_ids, attention_mask, None, deterministic=True,
-                      **flags)
-    logits = out.logits.astype(jnp.float32)                    # [B, T, V]
-    values, ids = jax.lax.top_k(logits, top_k)                 # sorted descending
-    res = {'topk_values': values.astype(values_dtype), 'topk_ids': ids.astype(jnp.int32),
-           'logz': jax.nn.logsumexp(logits / temperature, axis=-1)}
-    if hidden_dtype is not None:
-      res['hidden'] = out.hidden_states[-1].astype(hidden_dtype)
-    for field, idx in layers.items():
-      for i in idx:
-        res[f'{field}_{i}'] = getattr(out, field)[i].astype(hidden_dtype)
-    return res
-
-  return fn
 
 
 def masking_identity(config, first_input_ids: np.ndarray) -> dict:
@@ -398,155 +331,3 @@ def masking_identity(config, first_input_ids: np.ndarray) -> dict:
           'mlm_probability': float(d.mlm_probability), 'mlm_smoothing': float(d.mlm_smoothing),
           'first_batch_sha256': hashlib.sha256(
               np.ascontiguousarray(first_input_ids, np.int32).tobytes()).hexdigest()[:32]}
-
-
-def _teacher_inputs(idx: np.ndarray, packed, it, gbs: int, masked: bool, memo: dict):
-  """`(input_ids, attention_mask) [n, T]` the teacher sees for cache indices `idx [n]`; `memo`
-  keeps the last step's masked batch, which spans several teacher batches."""
-  if not masked:
-    ids = packed[idx]
-    return ids, ids != 0  # pad id 0, as BatchIterator's default pad_token_id
-  steps = idx // gbs
-  ids, mask = np.empty((len(idx), packed.shape[1]), np.int32), np.empty((len(idx), packed.shape[1]),
-                                                                         np.int32)
-  for st in np.unique(steps):
-    if int(st) not in memo:
-      memo.clear()
-      memo[int(st)] = it.global_batch(int(st))
-    b, sel = memo[int(st)], steps == st
-    ids[sel], mask[sel] = b['input_ids'][idx[sel] % gbs], b['attention_mask'][idx[sel] % gbs]
-  return ids, mask
-
-
-def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int = 1024,
-          batch_size: int = 0) -> dict:
-  """Builds (or resumes) the cache of `config`'s teacher over its packed training rows.
-
-  Args:
-    config: a training config (configs/*.py); `teacher.cache_top_k`,
-      `teacher.cache_values_dtype`, `teacher.cache_hidden_dtype` and `distill.temperature`
-      (of the stored logsumexp) set what is stored; the intermediate outputs its TinyBERT/MiniLM
-      alphas and layer map read (`needed_layers`) plus `teacher.cache_hidden_layers` are stored
-      too; `dtype='bfloat16'` runs the teacher in bf16.
-    out: the cache directory (created; an unfinished build there is resumed).
-    workdir: scratch directory for `setup.build_run` (synthetic corpus, tokenisation cache).
-    num_rows: rows to cache (0 = the rows the configured run reads in `num_train_steps`).
-    rows_per_shard: rows per shard file (the unit of resumption).
-    batch_size: rows per teacher forward (0 = `data.eval_batch_size`).
-  Returns:
-    The manifest (with `bytes`, `bytes_per_token`, `build_seconds`).
-  Raises:
-    setup.ConfigError: streaming data, a task config, no teacher with an MLM head, or `out`
-      holding a cache (or unfinished build) for another run.
-  """
-  from flaxdistil import setup  # pylint: disable=g-import-not-at-top
-  from flaxdistil import models, sharding  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  if config.data.streaming or config.data.task:
-    raise setup.ConfigError('cache_teacher needs packed MLM data: data.streaming=False, no data.task.')
-  run = setup.build_run(config, workdir)
-  if run.teacher_params is None or not run.teacher_config.with_mlm_head:
-    raise setup.ConfigError('cache_teacher needs a teacher with an MLM head (teacher.path or '
-                            'teacher.random_init).')
-  tc = config.teacher
-  k = int(tc.cache_top_k) or run.teacher_config.vocab_size  # 0: k = V, the dense targets
-  if not 0 < k <= run.teacher_config.vocab_size:
-    raise setup.ConfigError(f'teacher.cache_top_k={k} must be in [0, vocab_size='
-                            f'{run.teacher_config.vocab_size}] (0 = vocab_size).')
-  values_dtype, hidden_dtype = _dtype(tc.cache_values_dtype), (
-      _dtype(tc.cache_hidden_dtype) if tc.cache_hidden_dtype else None)
-  n_layers = run.teacher_config.num_hidden_layers
-  layers = needed_layers(run.inter, n_layers, tuple(tc.cache_hidden_layers))
-  if layers and hidden_dtype is None:
-    raise setup.ConfigError(f'the intermediate terms need teacher {layers} stored, in '
-                            'teacher.cache_hidden_dtype, which is empty; set it to "bfloat16".')
-  if hidden_dtype is not None and n_layers in layers.get('hidden_states', ()):
-    layers['hidden_states'].remove(n_layers)  # it is the `hidden` column
-    layers = {f: v for f, v in layers.items() if v}
-  packed, gbs = run.train_packed, int(config.data.global_batch_size)
-  masked = tc.cache_teacher_input == 'masked'
-  it = run.train_batches(0)
-  it.close()  # only its pure (seed, step) functions are used: no prefetching
-  if masked:  # cache index = sample = step * B + i of the run's masked stream
-    rows = np.arange(num_rows or config.num_train_steps * gbs, dtype=np.int64)
-  else:
-    rows = plan_rows(it.rows, config.num_train_steps, gbs, len(packed), num_rows)
-  t = int(config.data.max_seq_length)
-  plan = {
-      'format_version': FORMAT_VERSION, 'complete': False,
-      **identity(run.teacher_params, packed, run.fingerprint['tokenizer_vocab'], t),
-      'data_shape': list(packed.shape), 'teacher': run.info['teacher'],
-      'teacher_config': run.fingerprint['teacher_config'], 'teacher_dtype': config.dtype,
-      'top_k': k, 'values_dtype': tc.cache_values_dtype, 'ids_dtype': 'int32',
-      'hidden_dtype': tc.cache_hidden_dtype or None, 'hidden_size': run.teacher_config.hidden_size,
-      'layers': layers,
-      'temperature': float(config.distill.temperature),
-      'teacher_input': tc.cache_teacher_input, 'index': 'sample' if masked else 'row',
-      'masking': masking_identity(config, it.global_batch(0)['input_ids']) if masked else None,
-      'rows_per_shard': int(rows_per_shard), 'num_shards': -(-len(rows) // rows_per_shard),
-      'batch_size': 0, 'seed': config.seed, 'rows': rows.tolist(),
-  }
-  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, devices=jax.local_devices())
-  rules = run.teacher_rules
-  shards_n = sharding.num_batch_shards(mesh, rules)
-  bs = batch_size or config.data.eval_batch_size
-  plan['batch_size'] = bs = max(shards_n, bs - bs % shards_n)
-  os.makedirs(out, exist_ok=True)
-  mpath = os.path.join(out, MANIFEST)
-  if os.path.exists(mpath):
-    with open(mpath) as f:
-      old = json.load(f)
-    same = {k_: v for k_, v in old.items() if k_ in plan and k_ != 'complete'} == {
-        k_: v for k_, v in plan.items() if k_ != 'complete'}
-    if not same:
-      diff = sorted(k_ for k_ in plan if k_ != 'complete' and old.get(k_) != plan[k_])
-      raise setup.ConfigError(f'--out {out!r} holds a cache for another config (differs in '
-                              f'{diff}); choose a new --out or delete it.')
-    if old.get('complete'):
-      logging.info('%s is already complete.', out)
-      return old
-  elif jax.process_index() == 0:
-    _write_json(mpath, plan)
-
-  t_shard = sharding.param_shardings(models.abstract_params(run.teacher_config), mesh, rules)
-  b_shard = sharding.batch_sharding(mesh, rules)
-  fn = make_targets_fn(run.teacher_model, k, float(config.distill.temperature),
-                       values_dtype, hidden_dtype, layers)
-  with sharding.mesh_context(mesh, rules):
-    jfn = jax.jit(fn, in_shardings=(t_shard, b_shard, b_shard))
-    params = jax.device_put(run.teacher_params, t_shard)
-    done, memo = 0, {}
-    for s in range(plan['num_shards']):
-      path = os.path.join(out, shard_name(s))
-      if s % jax.process_count() != jax.process_index() or os.path.exists(path):
-        continue
-      srows = rows[s * rows_per_shard:(s + 1) * rows_per_shard]
-      parts = []
-      for i in range(0, len(srows), bs):
-        ids, mask = _teacher_inputs(srows[i:i + bs], packed, it, gbs, masked, memo)
-        n = len(ids)
-        pad = np.zeros((bs - n, t), ids.dtype)  # pad rows, dropped below
-        ids, mask = np.concatenate([ids, pad]), np.concatenate([mask, pad]).astype(np.int32)
-        res = jax.device_get(jfn(params, *jax.device_put((ids, mask), b_shard)))
-        parts.append({k_: np.asarray(v)[:n] for k_, v in res.items()})
-      arrays = {'row': srows, **{k_: np.concatenate([p[k_] for p in parts]) for k_ in parts[0]}}
-      write_shard(path, arrays)
-      done += 1
-      logging.info('shard %d/%d written (%d rows, %.0f s)', s + 1, plan['num_shards'], len(srows),
-                   time.time() - t0)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('flaxdistil_teacher_cache_done')
-  sizes = [os.path.getsize(os.path.join(out, shard_name(s))) for s in range(plan['num_shards'])]
-  packed_rows = rows
-  if masked:  # the packed row behind each sample
-    steps = rows // gbs
-    packed_rows = np.concatenate([it.rows(int(st))[rows[steps == st] % gbs]
-                                  for st in np.unique(steps)])
-  tokens = int((packed[packed_rows] != 0).sum())
-  manifest = dict(plan, complete=True, bytes=int(sum(sizes)), num_tokens=tokens,
-                  bytes_per_token=round(sum(sizes) / max(tokens, 1), 2),
-                  build_seconds=round(time.time() - t0, 1), shards_built_this_run=done)
-  if jax.process_index() == 0:
-    _write_json(mpath, manifest)
-  return manifest

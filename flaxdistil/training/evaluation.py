@@ -7,16 +7,16 @@ microbatches and hosts; `evaluate` sums them on the host.
 import math
 
 from absl import logging
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxdistil import glue
-from flaxdistil import losses
-from flaxdistil import metric_writers
-from flaxdistil import sharding
-from flaxdistil import train_step
+from flaxdistil.data import glue
+from flaxdistil.objectives import IGNORE_INDEX
+from flaxdistil.objectives import losses
+from flaxdistil.objectives import positions
+from flaxdistil.training import metric_writers
+from flaxdistil.training import sharding
 
 
 def make_task_eval_step(model: nn.Module):
@@ -31,13 +31,12 @@ def make_task_eval_step(model: nn.Module):
     out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                       batch.get('token_type_ids'), deterministic=True)
     labels, top1 = batch['labels'], jnp.argmax(out.class_logits, -1)
-    valid = (labels != losses.IGNORE_INDEX).astype(jnp.float32)
+    valid = (labels != IGNORE_INDEX).astype(jnp.float32)
     n = jnp.sum(valid)
     count = lambda x: (jnp.sum(x.astype(jnp.float32) * valid), n)
     pairs = {'nll': losses.mlm_cross_entropy(out.class_logits, labels),
              'acc': losses.accuracy(out.class_logits, labels),
-             'tp': count((top1 == 1) & (labels == 1)), 'fp': count((top1 == 1) & (labels != 1)),
-             'fn': count((top1 != 1) & (labels == 1))}
+             **{k: count(v) for k, v in glue.positive_class_outcomes(top1, labels).items()}}
     if reference_top1 is not None:
       pairs['agree'] = count(top1 == reference_top1)
     return pairs, top1
@@ -54,14 +53,14 @@ def make_eval_step(model: nn.Module, max_predictions_per_seq: int = 0):
   """
 
   def eval_step(params, batch, reference_top1=None):
-    batch = train_step.restrict_to_masked(batch, max_predictions_per_seq)
+    batch = positions.restrict_to_masked(batch, max_predictions_per_seq)
     out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                       deterministic=True, logits_positions=batch.get('logits_positions'))
     top1 = jnp.argmax(out.logits, -1)
     pairs = {'nll': losses.mlm_cross_entropy(out.logits, batch['labels']),
              'acc': losses.accuracy(out.logits, batch['labels'])}
     if reference_top1 is not None:
-      valid = (batch['labels'] != losses.IGNORE_INDEX).astype(jnp.float32)
+      valid = (batch['labels'] != IGNORE_INDEX).astype(jnp.float32)
       pairs['agree'] = (jnp.sum((top1 == reference_top1) * valid), jnp.sum(valid))
     return pairs, top1
 
@@ -103,7 +102,7 @@ def evaluate(eval_fn, params, batches, reference_top1=None) -> dict:
   return out
 
 
-def make_eval_steps(run, max_predictions_per_seq: int = 0, with_teacher: bool = True):
+def make_eval_steps(run, with_teacher: bool = True):
   """Jitted `(student_eval, teacher_eval)` steps for a `setup.Run`; None where not scored.
 
   Classification students (`num_labels`) get `make_task_eval_step`, the
@@ -116,7 +115,8 @@ def make_eval_steps(run, max_predictions_per_seq: int = 0, with_teacher: bool = 
     make = make_task_eval_step
     has_head = lambda cfg: cfg.num_labels == run.student_config.num_labels
   else:
-    make = lambda m: make_eval_step(m, max_predictions_per_seq=max_predictions_per_seq)
+    max_pred = run.objective.max_predictions_per_seq  # MLM heads on masked positions, as training
+    make = lambda m: make_eval_step(m, max_predictions_per_seq=max_pred)
     has_head = lambda cfg: cfg.with_mlm_head
   s_eval = jax.jit(make(run.student_model)) if has_head(run.student_config) else None
   t_eval = (jax.jit(make(run.teacher_model))
@@ -133,8 +133,7 @@ class Evaluator:
   """Held-out evaluation during training: the student at each call, the teacher once.
 
   Args:
-    run: the `setup.Run` (models, eval batches, mesh).
-    max_predictions_per_seq: as the train step (MLM heads on masked positions only).
+    run: the `setup.Run` (models, objective, eval batches, mesh).
     teacher_params: device params of the teacher, or None (no teacher metrics).
     shard_batch: host-local batch -> global `jax.Array` batch.
     writer: `metric_writers.MetricWriter` ('eval' and, once, 'eval_teacher' records).
@@ -144,9 +143,8 @@ class Evaluator:
   teacher's top-1; task metrics for classification), `{}` when nothing can be scored.
   """
 
-  def __init__(self, run, max_predictions_per_seq: int, teacher_params, shard_batch, writer):
-    self.s_eval, self.t_eval = make_eval_steps(run, max_predictions_per_seq,
-                                               with_teacher=teacher_params is not None)
+  def __init__(self, run, teacher_params, shard_batch, writer):
+    self.s_eval, self.t_eval = make_eval_steps(run, with_teacher=teacher_params is not None)
     p_i, p_n = jax.process_index(), jax.process_count()
     self.batches = [shard_batch({k: v[p_i * (len(v) // p_n):(p_i + 1) * (len(v) // p_n)]
                                  for k, v in b.items()}) for b in run.eval_batches()]

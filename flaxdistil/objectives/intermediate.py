@@ -51,7 +51,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxdistil.losses import Pair, as_f32, weighted_sum, weighted_total
+from flaxdistil.objectives.losses import Pair
+from flaxdistil.objectives.losses import as_f32
+from flaxdistil.objectives.losses import weighted_sum
+from flaxdistil.objectives.losses import weighted_total
 
 TERM_NAMES = ('emb', 'hidden', 'attn_score', 'attn_kl', 'value_kl')
 # Floor for log of probabilities given as probabilities (not logits): keeps

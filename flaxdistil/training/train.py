@@ -23,13 +23,14 @@ from absl import logging
 import jax
 import numpy as np
 
-from flaxdistil import checkpointing
-from flaxdistil import evaluation
-from flaxdistil import metric_writers
-from flaxdistil import models
-from flaxdistil import setup
-from flaxdistil import sharding
-from flaxdistil import train_step
+from flaxdistil.training import checkpointing
+from flaxdistil.training import evaluation
+from flaxdistil.training import metric_writers
+from flaxdistil.training import optimizer
+from flaxdistil.training import setup
+from flaxdistil.training import sharding
+from flaxdistil.training import train_state
+from flaxdistil.training import train_step
 
 
 class _Preemption:
@@ -98,15 +99,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:  # export and resumes read the run's config from here
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
-  mesh, rules = run.mesh, run.rules
-  tx, schedule = train_step.make_optimizer(config.optim, num_steps)
-  state_shard, abstract_state = train_step.state_layout(run.student_config, tx, mesh, rules,
-                                                        run.projection)
+  mesh, rules, objective = run.mesh, run.rules, run.objective
+  tx, schedule = optimizer.make_optimizer(config.optim, num_steps)
+  state_shard, abstract_state = train_state.state_layout(run.student_config, tx, mesh, rules,
+                                                         run.projection)
   b_shard = sharding.batch_sharding(mesh, rules)
   t_params = t_shard = None
   if run.teacher_params is not None:
-    t_shard = sharding.param_shardings(models.abstract_params(run.teacher_config), mesh,
-                                       run.teacher_rules)
+    t_shard, _ = sharding.model_param_layout(run.teacher_config, mesh, run.teacher_rules)
     t_params = jax.device_put(run.teacher_params, t_shard)
 
   meta = lambda step, ev, interval: {'fingerprint': run.fingerprint, 'data_position': step,
@@ -117,31 +117,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointing.check_compatible(saved.get('fingerprint', {}), run.fingerprint)
     logging.info('Resumed from %s at step %d.', manager.directory, int(state['step']))
   else:
-    state, saved = train_step.init_state(
+    state, saved = train_state.init_state(
         run.student_params, tx, jax.random.PRNGKey(config.seed), state_shard,
         proj=run.proj_params), {}
   # the host copies are on devices now: drop them (the old Run is the only other reference)
   run = dataclasses.replace(run, student_params=None, teacher_params=None, proj_params=None)
 
-  max_pred = config.distill.max_predictions_per_seq
   step_fn = train_step.make_train_step(
-      run.student_model, run.teacher_model if t_params is not None else None, tx, run.weights,
-      config.optim.num_microbatches, max_predictions_per_seq=max_pred, inter=run.inter,
-      vocab_chunk_size=config.distill.vocab_chunk_size, offline=run.offline,
-      teacher_input=config.distill.teacher_input, task=bool(config.data.task))
-  step_t_params = None if run.offline else t_params  # offline: the step never reads the teacher
+      run.student_model, run.teacher_model if t_params is not None else None, tx, objective,
+      config.optim.num_microbatches)
+  step_t_params = None if objective.offline else t_params  # offline: the step never reads it
   p_train_step = train_step.jit_train_step(step_fn, state_shard,
                                            None if step_t_params is None else t_shard)
   shard_batch = lambda b: sharding.make_global_batch(
       b, b_shard, b['input_ids'].shape[0] * jax.process_count())
   writer = metric_writers.MetricWriter(workdir)
-  run_eval = evaluation.Evaluator(run, max_pred, t_params, shard_batch, writer)
+  run_eval = evaluation.Evaluator(run, t_params, shard_batch, writer)
 
   start_step = int(state['step'])
   stop_step = (min(num_steps, start_step + config.steps_per_run) if config.steps_per_run
                else num_steps)
-  logging.info('%s', metric_writers.loss_coefficients(run.weights,
-                                                      run.inter[0] if run.inter else None))
+  logging.info('%s', objective.describe())
   logging.info('Training steps %d..%d of %d; logs every %d steps (means over the interval).',
                start_step + 1, stop_step, num_steps, config.log_every_steps)
   interval = metric_writers.IntervalMeans()

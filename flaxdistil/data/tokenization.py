@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from flaxdistil.storage import hub
+
 
 def load_tokenizer(path_or_name: str):
   """Loads a fast (Rust `tokenizers`-backed) tokenizer with [CLS]/[SEP]/[PAD]/[MASK] defined.
@@ -18,9 +20,8 @@ def load_tokenizer(path_or_name: str):
   lacks one of the special tokens.
   """
   import transformers  # lazy: the .npy cache-hit path of training never needs it
-  looks_local = path_or_name.startswith(('/', './', '../', '~')) or os.path.exists(path_or_name)
   path = os.path.expanduser(path_or_name)
-  if looks_local and not os.path.isdir(path):
+  if hub.looks_like_local_path(path_or_name) and not os.path.isdir(path):
     what = 'is a file, not a directory' if os.path.exists(path) else 'does not exist'
     raise FileNotFoundError(f'Tokenizer path {path_or_name!r} {what}; pass the directory that holds '
                             'tokenizer.json or vocab.txt (e.g. the teacher model directory).')

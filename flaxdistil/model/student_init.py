@@ -5,7 +5,7 @@ extract_distilbert.py`: embeddings, evenly spread teacher layers
 (`select_teacher_layers`) and the MLM head are copied into the student.
 `init_student` picks the source for `student.init` and adds a fresh
 classification head where the source has no matching one. Params are nested
-dicts of float32 host numpy arrays laid out as documented in `models.py`.
+dicts of float32 host numpy arrays laid out as documented in `bert.py`.
 Errors are `ValueError`s whose message names the config key and the fix
 (`setup` re-raises them as `ConfigError`).
 """
@@ -17,9 +17,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from flaxdistil import hf_conversion
-from flaxdistil import models
-from flaxdistil.models import ModelConfig
+from flaxdistil.model import bert
+from flaxdistil.model import hf_conversion
+from flaxdistil.model.bert import ModelConfig
 
 INITS = ('teacher', 'random', 'pretrained')
 
@@ -57,7 +57,7 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
 
   Returns:
     Student params (nested dict of float32 numpy arrays, copies), same
-    structure as ``models.init_params(student_config, ...)``.
+    structure as ``bert.init_params(student_config, ...)``.
 
   Raises:
     ValueError: width mismatch (hidden_size / num_attention_heads /
@@ -89,7 +89,7 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
   if s.with_mlm_head and 'mlm_head' not in teacher_params:
     raise ValueError('The student has an MLM head but the teacher params have '
                      'none; load the teacher with its MLM head.')
-  tp = models.unbox(teacher_params)
+  tp = bert.unbox(teacher_params)
   # Host numpy copies (like load_hf_model): the caller places/shards them.
   copy = lambda tree: jax.tree_util.tree_map(
       lambda x: np.array(x, dtype=np.float32), tree)
@@ -135,11 +135,11 @@ def with_head(params, scfg: ModelConfig, seed: int):
   """
   if not scfg.num_labels:
     return params
-  want = models.unbox(models.abstract_params(scfg))['classifier_head']
+  want = bert.unbox(bert.abstract_params(scfg))['classifier_head']
   head = params.get('classifier_head')
   shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
   if head is None or shapes(head) != shapes(want):
-    fresh = jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 4)))
+    fresh = jax.device_get(bert.init_params(scfg, jax.random.PRNGKey(seed + 4)))
     params = dict(params, classifier_head=fresh['classifier_head'])
   return params
 
@@ -165,7 +165,7 @@ def load_pretrained_student(path: str, student_model_type: str, num_labels: int)
 
 def init_student(init: str, scfg: ModelConfig, seed: int, *, teacher=(None, None),
                  pretrained=(None, None), layers=None):
-  """Student params (float32 host numpy tree shaped like `models.init_params(scfg)`).
+  """Student params (float32 host numpy tree shaped like `bert.init_params(scfg)`).
 
   Args:
     init: 'teacher' (DistilBERT-style, from `teacher`), 'pretrained' (from
@@ -203,5 +203,5 @@ def init_student(init: str, scfg: ModelConfig, seed: int, *, teacher=(None, None
       params.pop('classifier_head', None)
     return with_head(params, scfg, seed)
   if init == 'random':
-    return jax.device_get(models.init_params(scfg, jax.random.PRNGKey(seed + 2)))
+    return jax.device_get(bert.init_params(scfg, jax.random.PRNGKey(seed + 2)))
   raise ValueError(f'student.init={init!r}: use "teacher", "random" or "pretrained".')

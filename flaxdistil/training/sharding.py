@@ -3,7 +3,7 @@
 One code path for every topology: `jax.jit` with `NamedSharding`s over a
 `jax.sharding.Mesh` (what `pjit` became; `pmap` is in maintenance mode in
 current JAX and is not used). Parameters and activations carry logical axis
-names (`vocab`, `embed`, `heads`, `mlp`, `act_batch`, ...; see `models.py`),
+names (`vocab`, `embed`, `heads`, `mlp`, `act_batch`, ...; see `model/bert.py`),
 and `logical_axis_rules` from the config map them onto mesh axes, as in
 MaxText/t5x:
 
@@ -18,9 +18,13 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxdistil.model import bert
 
 # Default rules (t5x/MaxText style). A mesh axis of size 1 makes its rule a no-op,
 # so the same rules serve every mesh shape.
@@ -37,6 +41,34 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 )
 
 
+DEFAULT_MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
+                       num_devices: int) -> dict[str, int]:
+  """`{axis: size}` of `mesh_shape` over `num_devices` devices, its -1 resolved.
+
+  Raises:
+    ValueError: lengths differ, more than one -1, or the product does not
+      equal the number of devices.
+  """
+  shape = list(mesh_shape)
+  if len(shape) != len(mesh_axes):
+    raise ValueError(f'mesh.shape {tuple(shape)} and mesh.axes {tuple(mesh_axes)} differ in length.')
+  if shape.count(-1) > 1:
+    raise ValueError(f'mesh.shape {tuple(shape)} may contain at most one -1.')
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+      raise ValueError(f'mesh.shape {tuple(shape)}: {num_devices} devices are not divisible by {known}.')
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(
+        f'mesh.shape {tuple(shape)} needs {math.prod(shape)} devices but {num_devices} are '
+        f'available; use -1 for one axis to take the rest.')
+  return dict(zip(mesh_axes, shape))
+
+
 def create_mesh(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
                 devices: Sequence[Any] | None = None) -> Mesh:
   """Builds a `Mesh` over all (global) devices.
@@ -47,24 +79,10 @@ def create_mesh(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
     devices: defaults to `jax.devices()` (all hosts).
 
   Raises:
-    ValueError: lengths differ, more than one -1, or the product does not
-      equal the number of devices.
+    ValueError: as `resolve_mesh_shape`.
   """
   devices = list(jax.devices() if devices is None else devices)
-  shape = list(mesh_shape)
-  if len(shape) != len(mesh_axes):
-    raise ValueError(f'mesh.shape {tuple(shape)} and mesh.axes {tuple(mesh_axes)} differ in length.')
-  if shape.count(-1) > 1:
-    raise ValueError(f'mesh.shape {tuple(shape)} may contain at most one -1.')
-  if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f'mesh.shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}.')
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(
-        f'mesh.shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are '
-        f'available; use -1 for one axis to take the rest.')
+  shape = list(resolve_mesh_shape(mesh_shape, mesh_axes, len(devices)).values())
   try:
     from jax.experimental import mesh_utils  # topology-aware device order on TPU
     dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
@@ -75,6 +93,12 @@ def create_mesh(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
     # Auto axes = classic GSPMD propagation; newer JAX defaults to Explicit.
     kwargs['axis_types'] = (jax.sharding.AxisType.Auto,) * len(shape)
   return Mesh(dev_array, tuple(mesh_axes), **kwargs)
+
+
+def single_device_mesh(device=None) -> Mesh:
+  """A (1, 1, 1) mesh over `device` (default: the first local one), for restore and export."""
+  return create_mesh((1, 1, 1), DEFAULT_MESH_AXES,
+                     devices=[device if device is not None else jax.local_devices()[0]])
 
 
 def rules_tuple(rules) -> tuple:
@@ -114,6 +138,22 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules) -> Any:
   return jax.tree.map(lambda sh, x: _fit(sh, x.shape), shardings, shapes)
 
 
+def model_param_layout(model_config, mesh: Mesh, rules) -> tuple[Any, Any]:
+  """`(shardings, abstract params)` of a `bert.MaskedLM` of `model_config` on `mesh`.
+
+  No memory is allocated: the abstract params are `ShapeDtypeStruct`s (unboxed).
+  """
+  boxed = bert.abstract_params(model_config)
+  return param_shardings(boxed, mesh, rules), nn.meta.unbox(boxed)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """`ShapeDtypeStruct` tree of `tree`'s shapes and dtypes carrying `shardings` (to restore into,
+  or to lower a step for a mesh without allocating it)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def _fit(named: NamedSharding, shape) -> NamedSharding:
   """Replicates any dimension its mesh axes do not divide evenly.
 
@@ -148,14 +188,19 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
-def num_batch_shards(mesh: Mesh, rules) -> int:
-  """How many ways the batch dimension is split (a batch must divide by it)."""
-  spec = batch_sharding(mesh, rules).spec
+def num_batch_shards(mesh_or_shape: Mesh | Mapping[str, int], rules) -> int:
+  """How many ways the batch dimension is split (a batch must divide by it).
+
+  Args:
+    mesh_or_shape: a `Mesh`, or its `{axis: size}` shape.
+  """
+  shape = dict(getattr(mesh_or_shape, 'shape', mesh_or_shape))
+  spec = nn.logical_to_mesh_axes(('act_batch', 'act_len'), rules_tuple(rules))
   axes = spec[0] if len(spec) else None
   if axes is None:
     return 1
   axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(shape[a] for a in axes)
 
 
 def make_global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedSharding,
@@ -177,10 +222,15 @@ def make_global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedShard
   return out
 
 
-def check_batch_divisibility(global_batch_size: int, num_microbatches: int, mesh: Mesh,
-                             rules) -> None:
-  """Raises ValueError unless every microbatch splits evenly over the batch shards."""
-  shards = num_batch_shards(mesh, rules)
+def check_batch_divisibility(global_batch_size: int, num_microbatches: int,
+                             mesh_or_shape: Mesh | Mapping[str, int], rules) -> None:
+  """Raises ValueError unless every microbatch splits evenly over the batch shards.
+
+  Args:
+    mesh_or_shape: a `Mesh`, or its `{axis: size}` shape (`resolve_mesh_shape`).
+  """
+  mesh_shape = dict(getattr(mesh_or_shape, 'shape', mesh_or_shape))
+  shards = num_batch_shards(mesh_shape, rules)
   if global_batch_size % num_microbatches:
     raise ValueError(
         f'data.global_batch_size={global_batch_size} is not divisible by '
@@ -190,5 +240,5 @@ def check_batch_divisibility(global_batch_size: int, num_microbatches: int, mesh
     raise ValueError(
         f'microbatch of {micro} sequences (global_batch_size={global_batch_size} / '
         f'num_microbatches={num_microbatches}) is not divisible by the {shards} batch shards of '
-        f'mesh {dict(mesh.shape)}; choose global_batch_size as a multiple of '
+        f'mesh {dict(mesh_shape)}; choose global_batch_size as a multiple of '
         f'{shards * num_microbatches}.')

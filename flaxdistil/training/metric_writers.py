@@ -17,9 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxdistil import intermediate
-from flaxdistil import losses
-
 
 class MetricWriter:
   """metrics.jsonl + TensorBoard events in the workdir; only process 0 writes.
@@ -193,24 +190,6 @@ class TrainLog:
 def fmt(d: dict) -> str:
   """`k=v` pairs, floats to 4 significant digits."""
   return ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in d.items())
-
-
-def loss_coefficients(weights: losses.DistillWeights,
-                      inter: intermediate.IntermediateWeights | None = None) -> str:
-  """The objective as a line, `loss = 5*ce(T=2) + 2*mlm + 1*cos`, nonzero terms only.
-
-  The logged `loss` is this sum of the logged `loss_<term>` values (exactly per
-  step; over an interval up to the different token weights of the terms).
-  """
-  w = weights
-  masked = ', masked only' if w.restrict_ce_to_mask else ''
-  parts = [(w.alpha_ce, f'ce(T={w.temperature:g}{masked})'),
-           (w.alpha_mlm, 'mlm'), (w.alpha_cos, 'cos'), (w.alpha_mse, 'mse'),
-           (w.alpha_task, 'task')]
-  if inter is not None:
-    parts += [(a, k) for k, a in intermediate.term_alphas(inter).items()]
-  terms = [f'{a:g}*{name}' for a, name in parts if a]
-  return 'loss = ' + (' + '.join(terms) if terms else '0 (every alpha is 0)')
 
 
 def output_locations(workdir: str, checkpoint_dir: str) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import tempfile
 import threading
@@ -27,11 +26,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from flaxdistil import corpus
+from flaxdistil.data import corpus
+from flaxdistil.objectives import IGNORE_INDEX
 
-# Label of positions (MLM) or rows (classification, eval padding) without a target: torch
-# CrossEntropyLoss's default ignore_index. The one definition; losses and glue import it.
-IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 
 
