@@ -317,7 +317,7 @@ def main(argv=None):
     print('timing PyTorch (HF distiller.py-style step) ...', flush=True)
     torch_res = run_torch(a, host_batch)
   if a.memory_only:
-    print(f'| vocab_chunk_size | XLA temp buffers (GiB) | arguments (GiB) | compile (s) |\n|---|---|---|---|')
+    print('| vocab_chunk_size | XLA temp buffers (GiB) | arguments (GiB) | compile (s) |\n|---|---|---|---|')
     for chunk in a.vocab_chunk_sizes:
       r = run_jax(a, host_batch, chunk)
       m = r['memory_analysis']

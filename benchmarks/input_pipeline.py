@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from flaxdistil.data import documents
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 OLD_COMMIT = 'dac76e0'  # last commit with the in-memory packing (one .npy per corpus)
@@ -48,7 +50,7 @@ def _child(args) -> None:
   out = {}
   if args.child == 'build':
     t0 = time.perf_counter()
-    units = corpus.file_units([args.corpus])
+    units = documents.file_units([args.corpus])
     directory = corpus.build_token_shards(units, tok, args.cache, num_proc=args.num_proc)
     out['wall_s'] = time.perf_counter() - t0
     manifest = json.load(open(os.path.join(directory, 'manifest.json')))

@@ -38,11 +38,18 @@ FLAGS = flags.FLAGS
 
 def plan_rows(row_fn, num_steps: int, global_batch_size: int, num_packed: int,
               num_rows: int = 0) -> np.ndarray:
-  """The packed rows a run reads, in reading order, without repeats: `[R]` int64.
+  """The packed rows a run reads, in reading order, without repeats.
 
   Args:
-    row_fn: `step -> [global_batch_size]` rows (`BatchIterator.rows`).
+    row_fn: `step -> [global_batch_size]` int64 row indices (`BatchIterator.rows`).
+    num_steps: the run's steps (`num_train_steps`).
+    global_batch_size: rows per step.
+    num_packed: rows of the packed corpus (no more distinct rows exist).
     num_rows: rows to cache; 0 = those of steps `[0, num_steps)`. Capped at `num_packed`.
+
+  Returns:
+    `[R]` row indices, R = min(num_rows or num_steps * global_batch_size, num_packed): each
+    row at its first read.
   """
   target = min(num_rows or num_steps * global_batch_size, num_packed)
   seen, out, step = np.zeros(num_packed, bool), [], 0
@@ -60,16 +67,33 @@ def plan_rows(row_fn, num_steps: int, global_batch_size: int, num_packed: int,
 
 def make_targets_fn(model, top_k: int, temperature: float, values_dtype, hidden_dtype,
                     layers: dict | None = None):
-  """`fn(params, input_ids [B, T], attention_mask [B, T]) -> dict` of the teacher's targets:
-  `topk_values [B, T, k]` (values_dtype), `topk_ids [B, T, k]` int32, `logz [B, T]` float32
-  (`logsumexp_V(t/T)`), if `hidden_dtype` `hidden [B, T, H]`, and for each `layers` entry
-  `{field}_{i}` in hidden_dtype (`ModelOutput.{field}[i]`, batch first)."""
+  """The function computing what the cache stores for one batch of teacher inputs (to jit).
+
+  Args:
+    model: the teacher's `bert.MaskedLM` (with its MLM head).
+    top_k: k, the logits kept per position.
+    temperature: T of the stored log-partition `logz`.
+    values_dtype: storage dtype of the top-k values (`teacher_cache.storage_dtype`).
+    hidden_dtype: storage dtype of the last hidden state and of the `layers` outputs; None
+      stores no hidden state (`layers` must then be empty).
+    layers: `{field: [layer index, ...]}` of `ModelOutput` fields to store (`hidden_states`,
+      `attentions`, `attention_scores`, `values`; `teacher_cache.needed_layers`); None = none.
+
+  Returns:
+    `fn(params, input_ids [B, T] int32, attention_mask [B, T] int32) -> dict`:
+    `topk_values [B, T, k]` in values_dtype (the float32 logits, not divided by T, sorted
+    descending), `topk_ids [B, T, k]` int32, `logz [B, T]` float32 (`logsumexp_V(logits / T)`,
+    nats), with `hidden_dtype` also `hidden [B, T, H]` (last hidden state), and per `layers`
+    entry `{field}_{i}` in hidden_dtype (`ModelOutput.{field}[i]`: `[B, T, H]` hidden states,
+    `[B, heads, T, T]` attentions / attention scores, `[B, heads, T, head_dim]` values).
+  """
   layers = layers or {}
   flags = {'output_attentions': 'attentions' in layers,
            'output_attention_scores': 'attention_scores' in layers,
            'output_values': 'values' in layers}
 
   def fn(params, input_ids, attention_mask):
+    """The targets of one batch (see `make_targets_fn`)."""
     out = model.apply({'params': params}, input_ids, attention_mask, None, deterministic=True,
                       **flags)
     logits = out.logits.astype(jnp.float32)                    # [B, T, V]
@@ -115,15 +139,23 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
       alphas and layer map read (`needed_layers`) plus `teacher.cache_hidden_layers` are stored
       too; `dtype='bfloat16'` runs the teacher in bf16.
     out: the cache directory (created; an unfinished build there is resumed).
-    workdir: scratch directory for `setup.build_run` (synthetic corpus, tokenisation cache).
+    workdir: scratch directory for `setup.build_run` (the synthetic corpus of
+      `data.synthetic`; the token cache is under `data.cache_dir`, as for training).
     num_rows: rows to cache (0 = the rows the configured run reads in `num_train_steps`).
     rows_per_shard: rows per shard file (the unit of resumption).
     batch_size: rows per teacher forward (0 = `data.eval_batch_size`).
   Returns:
-    The manifest (with `bytes`, `bytes_per_token`, `build_seconds`).
+    The manifest written to `out/manifest.json`: the plan (identity, shapes, k, dtypes, T,
+    `rows`, shards) with `complete=True`, `bytes` (all shards), `num_tokens` (non-padding tokens
+    of the cached rows), `bytes_per_token`, `build_seconds`, `shards_built_this_run`. For a cache
+    that is already complete, its manifest as it is.
+
   Raises:
-    setup.ConfigError: streaming data, a task config, no teacher with an MLM head, or `out`
-      holding a cache (or unfinished build) for another run.
+    ConfigError: (`training/errors.py`, raised as its alias `setup.ConfigError`) streaming data
+      or a task config, no teacher with an MLM head, `teacher.cache_top_k` above vocab_size,
+      intermediate terms with an empty `teacher.cache_hidden_dtype`, `out` holding a cache (or
+      unfinished build) for another config, or any problem `setup.build_run` finds.
+    ValueError: an unknown `teacher.cache_values_dtype` / `cache_hidden_dtype`.
   """
   t0 = time.time()
   if config.data.streaming or config.data.task:
@@ -253,6 +285,15 @@ def _define_flags():
 
 
 def main(argv):
+  """Builds the cache of `--config` in `--out`, then prints a JSON summary line (`app.run`).
+
+  Args:
+    argv: the command line left after absl parsed its flags; only the program name is allowed.
+
+  Raises:
+    app.UsageError: positional arguments beyond the program name.
+    SystemExit: code 2 after a `ConfigError` (`cli.exit_on_config_error`).
+  """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   console.quiet_libraries()

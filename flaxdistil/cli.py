@@ -18,11 +18,11 @@ from absl import flags
 import jax
 
 from flaxdistil.storage import hub
+from flaxdistil.training.errors import ConfigError
 
-# Environment variables that mean "this process is one of several" (JAX's own auto-detection
-# covers TPU VMs, SLURM and Open MPI once initialize() is called).
-_MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'SLURM_NTASKS',
-                  'OMPI_COMM_WORLD_SIZE')
+# Process counts of cluster launchers (JAX's own auto-detection covers TPU VMs, SLURM and Open MPI
+# once initialize() is called): more than one process means a multi-process job.
+_PROCESS_COUNT_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 
 
 def define_multihost_flags() -> None:
@@ -35,13 +35,31 @@ def define_multihost_flags() -> None:
 
 
 def multihost_detected(environ=None) -> bool:
-  """True when the environment says this is one process of a multi-host job.
+  """True when the environment says this is one process of a multi-process job.
 
-  A single-host TPU VM sets `TPU_WORKER_HOSTNAMES=localhost`; that is not multi-host.
+  Signals: `JAX_COORDINATOR_ADDRESS`; `TPU_WORKER_HOSTNAMES` listing more than one worker (a
+  single-host TPU VM sets `localhost`, or nothing); `SLURM_NTASKS` / `OMPI_COMM_WORLD_SIZE` > 1
+  (a value that is not an integer is ignored).
+
+  Args:
+    environ: the environment variables to read (a mapping); None reads `os.environ`.
+
+  Returns:
+    True for a multi-process job, False otherwise.
   """
   environ = os.environ if environ is None else environ
-  return any(environ.get(k) for k in _MULTIHOST_ENV) and environ.get(
-      'TPU_WORKER_HOSTNAMES', 'x') not in ('', 'localhost')
+  if environ.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  workers = [w for w in environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if w.strip()]
+  if len(workers) > 1:
+    return True
+  for key in _PROCESS_COUNT_ENV:
+    try:
+      if int(environ.get(key, '1') or '1') > 1:
+        return True
+    except ValueError:
+      pass
+  return False
 
 
 def initialize_distributed(multihost: bool | None = None, coordinator_address: str | None = None,
@@ -49,9 +67,13 @@ def initialize_distributed(multihost: bool | None = None, coordinator_address: s
   """`jax.distributed.initialize()` when this is one process of several.
 
   Args:
-    multihost: True forces it, False skips it, None auto-detects (`multihost_detected`).
-    coordinator_address / num_processes / process_id: an explicit cluster (CPU hosts, or any
-      cluster JAX cannot detect); given an address, the others are passed on as they are.
+    multihost: True forces it, False skips it, None auto-detects (`multihost_detected`). Ignored
+      when `coordinator_address` is given.
+    coordinator_address: `host:port` of process 0, for an explicit cluster (CPU hosts, or any
+      cluster JAX cannot detect); given an address, `num_processes` and `process_id` are passed
+      on to `jax.distributed.initialize` as they are.
+    num_processes: number of processes of the explicit cluster (None: JAX's default).
+    process_id: this process's index in the explicit cluster (None: JAX's default).
   """
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -72,8 +94,19 @@ _HUB_KEYS = {'teacher.path': 'config.json and weights (model.safetensors or pyto
 
 
 def hub_hint(config, error: BaseException) -> str:
-  """The fix for a hub name (teacher.path, data.tokenizer, student.path) that the offline or
-  unreachable Hub cannot serve, or '' when `error` is about something else."""
+  """The fix for a hub name (teacher.path, data.tokenizer, student.path) the Hub cannot serve.
+
+  Args:
+    config: the run's ConfigDict (its `teacher`, `student` and `data` groups are read).
+    error: the exception to explain; it counts as a Hub problem when `hub.hub_unreachable` says
+      so, or when `HF_HUB_OFFLINE` is set and its message says a path does not exist / cannot
+      be loaded.
+
+  Returns:
+    One line naming the config key, its hub-name value and the `--config.KEY` to set to a local
+    directory; '' when `error` is about something else, names no such value, or already names
+    the fix.
+  """
   text = str(error)
   # Offline, setup refuses an 'org/name' it takes for a missing directory before any hub call.
   missing = any(w in text.lower() for w in ('does not exist', 'cannot load', 'could not load'))
@@ -92,14 +125,20 @@ def hub_hint(config, error: BaseException) -> str:
 
 @contextlib.contextmanager
 def exit_on_config_error(config=None) -> Iterator[None]:
-  """Turns a `setup.ConfigError` into `error: ...` (+ `fix: ...`) on stderr and exit code 2.
+  """Turns a `ConfigError` (`training/errors.py`) into `error: ...` on stderr and exit code 2.
 
-  Printed once, without a log prefix (logging it as well would show it twice on stderr).
+  Printed once, without a log prefix (logging it as well would show it twice on stderr); a
+  `fix: ...` line follows when `hub_hint` has one. Other exceptions pass through unchanged.
+
+  Args:
+    config: the run's ConfigDict, for `hub_hint`; None prints no `fix:` line.
+
+  Raises:
+    SystemExit: code 2, after a `ConfigError` inside the block.
   """
-  from flaxdistil.training import setup  # pylint: disable=g-import-not-at-top
   try:
     yield
-  except setup.ConfigError as e:
+  except ConfigError as e:
     hint = hub_hint(config, e) if config is not None else ''
     print(f'error: {e}' + (f'\nfix: {hint}' if hint else ''), file=sys.stderr)
     sys.exit(2)

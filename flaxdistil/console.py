@@ -1,4 +1,4 @@
-"""Console hygiene shared by the command lines (`main`, `export`): library chatter filtered out.
+"""Console hygiene of the command lines (`main`, `cache_teacher`, `export`): chatter filtered out.
 
 A filter on absl's handler (through which Python `logging` records reach stderr
 once `absl.app.run` starts) rather than log levels on library loggers, so that
@@ -26,6 +26,7 @@ class QuietLibraries(logging.Filter):
   _QUIET_INFO_PATHS = ('/orbax/', '/onnxscript/', '/onnx_ir/', '/onnxruntime/quantization/')
 
   def filter(self, record: logging.LogRecord) -> bool:
+    """True to emit `record`, False to drop it (the rules of the class docstring)."""
     if record.levelno >= logging.ERROR:
       return True
     msg = str(record.msg)

@@ -42,6 +42,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
+  """Trains (or resumes) the run of `--config` in `--workdir`; run through `absl.app.run`.
+
+  Args:
+    argv: the command line left after absl parsed its flags; only the program name is allowed.
+
+  Raises:
+    app.UsageError: positional arguments beyond the program name.
+    SystemExit: code 2 after a `ConfigError` (`cli.exit_on_config_error`), code 3 after a
+      non-finite step with `optim.on_nonfinite='stop'` (both printed as `error: ...`).
+  """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   console.quiet_libraries()  # orbax / JAX-platform-probe chatter

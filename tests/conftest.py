@@ -1,8 +1,16 @@
-"""8 host CPU devices for sharding tests (set before jax is imported); shared fixtures."""
+"""8 host CPU devices for sharding tests (set before jax is imported); shared helpers and fixtures.
+
+Helpers are plain names, imported as `from conftest import ROOT` (pytest puts tests/ on sys.path):
+`ROOT` (the repository), `subprocess_env(devices)` (the environment of a command-line test),
+`tiny_config(**overrides)` (configs/tiny.py with flattened overrides), `cache_config(**overrides)`
+(its teacher-cache variant), `assert_trees_close`, `fake_batch` (packed-looking rows) and `MASK_KW`. Fixtures: `tok` (a tiny WordPiece tokenizer)
+and `built_cache` (a teacher cache of the tiny run, built once per session).
+"""
 
 import os
 import tempfile
 
+import numpy as np
 import pytest
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -10,6 +18,8 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 # Runs' token cache (default ~/.cache/flaxdistil) goes to a per-session temp dir; subprocesses inherit it.
 os.environ.setdefault('FLAXDISTIL_CACHE', tempfile.mkdtemp(prefix='flaxdistil_cache_'))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The word-level vocabulary of `tok` (test_corpus, test_input_pipeline): ids 0-4 are SPECIALS,
 # then WORDS in order ('##s' is a WordPiece suffix, 'café' checks unicode handling).
@@ -19,10 +29,77 @@ SPECIALS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
 PAD, UNK, CLS, SEP, MASK = range(5)
 
 
+def subprocess_env(devices: int, **extra: str) -> dict:
+  """This process's environment for a child process with `devices` host CPU devices.
+
+  The tests' own 8 devices (above) are too many for a command line on a 2-core machine; each
+  caller says how many it needs (1 for a command that only starts, 2 for a sharded run).
+  """
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **extra)
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py with `{'group.key': value}` overrides (`update_from_flattened_dict`)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS above)
+  c = tiny.get_config()
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+# A 3-step tiny run that logs every step and caches in float32 (exact offline == online checks).
+CACHE_RUN = {'log_every_steps': 1, 'num_train_steps': 3, 'eval_every_steps': 0,
+             'data.eval_num_sequences': 16, 'teacher.cache_values_dtype': 'float32',
+             'teacher.cache_hidden_dtype': 'float32'}
+
+
+def cache_config(**overrides):
+  """`tiny_config` of the teacher-cache tests: `CACHE_RUN`, then `overrides`."""
+  return tiny_config(**{**CACHE_RUN, **overrides})
+
+
+def build_cache(out, workdir, **kw):
+  """`(manifest, config)` of `cache_teacher.build` at k = V over the `cache_config` run."""
+  from flaxdistil import cache_teacher  # pylint: disable=g-import-not-at-top
+  c = cache_config(**{'teacher.cache_top_k': 0})  # k = V
+  return cache_teacher.build(c, out, workdir, rows_per_shard=16, batch_size=8, **kw), c
+
+
+@pytest.fixture(scope='session')
+def built_cache(tmp_path_factory):
+  """`(root, manifest, config)`: a complete k = V cache in `root/cache`, its run's `root/work`."""
+  root = tmp_path_factory.mktemp('cache')
+  m, c = build_cache(str(root / 'cache'), str(root / 'work'))
+  return root, m, c
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  """Leaf by leaf (the failing one named by its path); rtol=atol=0 for bit-exact."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b), (len(leaves_a), len(leaves_b))
+  for (path, x), y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.fixture(scope='session')
 def tok(tmp_path_factory):
   """A fast BERT WordPiece tokenizer over SPECIALS + WORDS, from a bare vocab.txt directory."""
-  from flaxdistil import tokenization  # pylint: disable=g-import-not-at-top
+  from flaxdistil.data import tokenization  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp('tok')
   (d / 'vocab.txt').write_text('\n'.join(SPECIALS + WORDS) + '\n')
   return tokenization.load_tokenizer(str(d))
+
+
+def fake_batch(n, t, vocab, rng):
+  """Rows like packed data: [CLS] ... [SEP] with a padded tail on some rows."""
+  x = rng.integers(5, vocab, size=(n, t)).astype(np.int32)
+  x[:, 0], x[:, -1] = CLS, SEP
+  lengths = rng.integers(t // 2, t + 1, size=n)
+  for i, l in enumerate(lengths):
+    if l < t:
+      x[i, l - 1], x[i, l:] = SEP, PAD
+  return x
+
+
+# BERT masking arguments for the `tok` vocabulary (flaxdistil.data.masking.mask_tokens).
+MASK_KW = dict(mask_token_id=MASK, special_token_ids=[PAD, UNK, CLS, SEP, MASK])

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                  if not p.endswith('__init__.py'))
 # Variants passed as `--config configs/NAME.py:VARIANT`.
@@ -64,7 +65,7 @@ def test_distilbert_recipe_defaults():
 @pytest.mark.parametrize('name, variant', CASES)
 def test_axis_rules_come_from_sharding(name, variant):
   """One definition: every config's mesh rules are sharding.DEFAULT_LOGICAL_AXIS_RULES."""
-  from flaxdistil import sharding  # pylint: disable=g-import-not-at-top
+  from flaxdistil.training import sharding  # pylint: disable=g-import-not-at-top
   module = importlib.import_module(f'configs.{name}')
   c = module.get_config() if variant is None else module.get_config(variant)
   assert sharding.rules_tuple(c.mesh.logical_axis_rules) == sharding.DEFAULT_LOGICAL_AXIS_RULES

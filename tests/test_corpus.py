@@ -1,4 +1,4 @@
-"""Tests for flaxdistil.corpus: sharded parallel tokenisation == single-process packing, cache, reads."""
+"""flaxdistil.data.corpus: sharded parallel tokenisation == single-process packing, cache, reads."""
 import os
 import threading
 
@@ -6,23 +6,23 @@ import datasets
 import numpy as np
 import pytest
 
-from configs import tiny
-from conftest import CLS, MASK, PAD, SEP, UNK, WORDS  # the `tok` fixture's vocabulary
-from flaxdistil import corpus
-from flaxdistil import input_pipeline as ip
-from flaxdistil import setup
-from flaxdistil import synthetic
-from flaxdistil import tokenization
+from flaxdistil.data import corpus
+from flaxdistil.data import documents
+from flaxdistil.data import input_pipeline as ip
+from flaxdistil.data import masking
+from flaxdistil.data import synthetic
+from flaxdistil.data import tokenization
+from flaxdistil.training import setup
 
-def messy_text(rng, n_docs):
-  """Paragraphs separated by runs of 2-5 newlines, some CRLF, whitespace-only and unicode lines."""
-  out = []
-  for i in range(n_docs):
-    lines = [' '.join(rng.choice(WORDS[:20] + ['café'], size=rng.integers(1, 40)))
-             for _ in range(rng.integers(1, 4))]
-    out.append('\n'.join(lines))
-    out.append(['\n\n', '\n\n\n', '\n\n\n\n', '\n\n\n\n\n', '\r\n\r\n', '\n  \n\n'][i % 6])
-  return ''.join(out)
+# the `tok` fixture's vocabulary and the shared helpers (tests/conftest.py)
+from conftest import CLS
+from conftest import MASK
+from conftest import PAD
+from conftest import SEP
+from conftest import UNK
+from conftest import WORDS
+from conftest import tiny_config
+from test_documents import messy_text
 
 
 def reference_rows(files, tok, max_seq_length):
@@ -36,30 +36,13 @@ def reference_rows(files, tok, max_seq_length):
   return corpus.wrap_windows(flat, max_seq_length, CLS, SEP, PAD)
 
 
-def test_cuts_never_change_the_paragraphs(tmp_path):
-  rng = np.random.default_rng(0)
-  for trial in range(4):
-    text = messy_text(rng, 60) + '\n' * trial
-    path = tmp_path / f'm{trial}.txt'
-    path.write_bytes(text.encode())
-    whole = [p for p in text.replace('\r\n', '\n').split('\n\n') if p]
-    for unit_bytes in (1, 37, 200, 10 ** 6):
-      units = corpus.file_units([str(path)], unit_bytes=unit_bytes)
-      assert units[0].start == 0 and units[-1].end == len(text.encode())
-      assert all(a.end == b.start for a, b in zip(units, units[1:]))
-      got = [d for u in units for batch in corpus.unit_documents(u) for d in batch]
-      assert got == whole, (trial, unit_bytes)
-      if unit_bytes == 37:
-        assert len(units) > 30  # really split, including at odd and even newline runs
-
-
 def test_parallel_shards_equal_single_process_packing(tok, tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   files = []
   for i in range(2):
     (tmp_path / f'c{i}.txt').write_bytes(messy_text(rng, 80).encode())
     files.append(str(tmp_path / f'c{i}.txt'))
-  units = corpus.file_units(files, unit_bytes=500)
+  units = documents.file_units(files, unit_bytes=500)
   assert len(units) > 10
   serial = corpus.open_packed(units, tok, 13, cache_dir=str(tmp_path / 's'), num_proc=1)
   parallel = corpus.open_packed(units, tok, 13, cache_dir=str(tmp_path / 'p'), num_proc=2)
@@ -68,22 +51,22 @@ def test_parallel_shards_equal_single_process_packing(tok, tmp_path, monkeypatch
   np.testing.assert_array_equal(np.asarray(serial), expected)
   np.testing.assert_array_equal(np.asarray(parallel), expected)
   assert serial.fingerprint == parallel.fingerprint
-  whole = corpus.open_packed(corpus.file_units(files), tok, 13, cache_dir=str(tmp_path / 'w'))
+  whole = corpus.open_packed(documents.file_units(files), tok, 13, cache_dir=str(tmp_path / 'w'))
   np.testing.assert_array_equal(np.asarray(whole), expected)  # one unit per file: same rows
   assert whole.fingerprint == serial.fingerprint  # a content id: independent of the unit split
-  assert corpus.cache_key(units, tok) != corpus.cache_key(corpus.file_units(files[::-1]), tok)
+  assert corpus.cache_key(units, tok) != corpus.cache_key(documents.file_units(files[::-1]), tok)
   bad = tmp_path / 'latin1.txt'
   bad.write_bytes('the caf\xe9 sat\n'.encode('latin-1'))
   calls = []
   real = corpus.tokenize_documents
   monkeypatch.setattr(corpus, 'tokenize_documents', lambda t, b: calls.append(1) or real(t, b))
   with pytest.raises(ValueError, match=r'latin1\.txt is not valid UTF-8.*offset 7'):
-    corpus.open_packed(units + corpus.file_units([str(bad)]), tok, 13, cache_dir=str(tmp_path / 'b'))
+    corpus.open_packed(units + documents.file_units([str(bad)]), tok, 13, cache_dir=str(tmp_path / 'b'))
   assert not calls  # checked before any tokenisation
   nocol = tmp_path / 'nocol.jsonl'
   nocol.write_text('{"body": "the cat"}\n')
   with pytest.raises(ValueError, match='nocol.jsonl has no "text" column'):
-    corpus.open_packed(units + corpus.file_units([str(nocol)]), tok, 13,
+    corpus.open_packed(units + documents.file_units([str(nocol)]), tok, 13,
                        cache_dir=str(tmp_path / 'b'), num_proc=2)  # raised in a worker
   # Shards hold uint16 ids (vocab < 65536); counts are those of the stream.
   stream = np.concatenate([np.load(os.path.join(parallel.directory, s['file']))
@@ -95,7 +78,7 @@ def test_parallel_shards_equal_single_process_packing(tok, tmp_path, monkeypatch
 def test_packed_dataset_indexing_and_fingerprint(tok, tmp_path):
   f = tmp_path / 'a.txt'
   f.write_text(messy_text(np.random.default_rng(2), 50))
-  units = corpus.file_units([str(f)], unit_bytes=300)  # windows straddle shard boundaries
+  units = documents.file_units([str(f)], unit_bytes=300)  # windows straddle shard boundaries
   p = corpus.open_packed(units, tok, 10, cache_dir=str(tmp_path))
   ref = reference_rows([str(f)], tok, 10)
   assert p.shape == ref.shape and len(p) == len(ref) and p.ndim == 2 and p.dtype == np.int32
@@ -115,7 +98,7 @@ def test_packed_dataset_indexing_and_fingerprint(tok, tmp_path):
 def test_interrupted_build_resumes_from_finished_shards(tok, tmp_path, monkeypatch):
   f = tmp_path / 'r.txt'
   f.write_text(messy_text(np.random.default_rng(3), 40))
-  units = corpus.file_units([str(f)], unit_bytes=400)
+  units = documents.file_units([str(f)], unit_bytes=400)
   calls = []
   real = corpus.tokenize_documents
   monkeypatch.setattr(corpus, 'tokenize_documents', lambda t, b: calls.append(1) or real(t, b))
@@ -138,7 +121,7 @@ def test_interrupted_build_resumes_from_finished_shards(tok, tmp_path, monkeypat
 def test_concurrent_builders_share_one_build(tok, tmp_path, monkeypatch):
   f = tmp_path / 'k.txt'
   f.write_text(messy_text(np.random.default_rng(4), 30))
-  units = corpus.file_units([str(f)], unit_bytes=300)
+  units = documents.file_units([str(f)], unit_bytes=300)
   calls = []
   real = corpus.tokenize_documents
   monkeypatch.setattr(corpus, 'tokenize_documents', lambda t, b: calls.append(1) or real(t, b))
@@ -213,8 +196,8 @@ def test_batches_from_disk_equal_in_memory_and_hosts_read_only_their_rows(tok, t
   f.write_text(messy_text(np.random.default_rng(6), 60))
   packed = ip.load_packed([str(f)], tok, 16, cache_dir=str(tmp_path))
   memory = np.asarray(packed)
-  probs = ip.token_probabilities(packed, len(WORDS) + 5, 0.7, [PAD, UNK, CLS, SEP, MASK])
-  np.testing.assert_allclose(probs, ip.token_probabilities(memory, len(WORDS) + 5, 0.7,
+  probs = masking.token_probabilities(packed, len(WORDS) + 5, 0.7, [PAD, UNK, CLS, SEP, MASK])
+  np.testing.assert_allclose(probs, masking.token_probabilities(memory, len(WORDS) + 5, 0.7,
                                                            [PAD, UNK, CLS, SEP, MASK]))
   for extra in ({}, {'token_probs': probs}):
     disk, ram = _iterator(packed, **extra), _iterator(memory, **extra)
@@ -245,10 +228,9 @@ def test_run_reads_a_hub_dataset_into_the_shared_cache(tmp_path, monkeypatch):
   repo = _hub_repo(tmp_path / 'repo', docs[:len(docs) * 9 // 10], docs[len(docs) * 9 // 10:],
                    column='text')
   monkeypatch.setenv('FLAXDISTIL_CACHE', str(tmp_path / 'shared_cache'))
-  cfg = tiny.get_config()
-  cfg.update_from_flattened_dict({'data.synthetic': False, 'data.tokenizer': syn['tokenizer'],
-                                  'data.dataset': repo, 'data.dataset_eval_split': 'validation',
-                                  'data.num_proc': 1})  # the 2-process path is tested above
+  cfg = tiny_config(**{'data.synthetic': False, 'data.tokenizer': syn['tokenizer'],
+                       'data.dataset': repo, 'data.dataset_eval_split': 'validation',
+                       'data.num_proc': 1})  # the 2-process path is tested above
   run = setup.build_run(cfg, str(tmp_path / 'w1'))
   tokenizer = tokenization.load_tokenizer(syn['tokenizer'])
   def no_tokenizing(*_):

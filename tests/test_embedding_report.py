@@ -7,15 +7,16 @@ import sys
 import jax
 import numpy as np
 
-from flaxdistil import checkpointing
-from flaxdistil import intermediate
-from flaxdistil import models
+from flaxdistil.model import bert
+from flaxdistil.objectives import intermediate
+from flaxdistil.training import checkpointing
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'scripts'))
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import embedding_report as er  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-CFG = models.ModelConfig(model_type='distilbert', vocab_size=64, hidden_size=16,
+CFG = bert.ModelConfig(model_type='distilbert', vocab_size=64, hidden_size=16,
                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                          max_position_embeddings=64, with_mlm_head=False)
 
@@ -25,7 +26,7 @@ def _random_ids(n, rng):
 
 
 def test_mean_pool_ignores_padding_and_batching_keeps_row_order():
-  enc = er.make_encoder(CFG, models.init_params(CFG, jax.random.PRNGKey(1)))
+  enc = er.make_encoder(CFG, bert.init_params(CFG, jax.random.PRNGKey(1)))
   ids = _random_ids(11, np.random.default_rng(0))
   one_by_one = np.stack([np.asarray(enc(np.array([x], np.int32), np.ones((1, len(x)), np.int32)))[0]
                          for x in ids])                          # [N, H], no padding at all
@@ -36,7 +37,7 @@ def test_mean_pool_ignores_padding_and_batching_keeps_row_order():
 
 def test_load_run_restores_params_and_projection(tmp_path):
   scfg = CFG
-  params = models.init_params(scfg, jax.random.PRNGKey(2))
+  params = bert.init_params(scfg, jax.random.PRNGKey(2))
   proj = intermediate.init_projection_params(jax.random.PRNGKey(3), 16, 32)
   config = {k: v for k, v in dataclasses.asdict(scfg).items() if k not in ('dtype', 'remat')}
   for name, state, projection in (('narrow', {'params': params, 'proj': proj}, [16, 32]),

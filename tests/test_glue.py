@@ -1,27 +1,24 @@
-"""GLUE task distillation: TSV reading, batching, the classification train step
-(sharded == single device, accumulation == big batch) and the whole recipe
-(fine-tune teacher -> export -> distil -> export -> pipeline labels == Flax labels)."""
+"""GLUE task distillation: TSV reading, batching, and the whole recipe (fine-tune teacher -> export
+-> distil -> export -> pipeline labels == Flax labels). The classification train step itself
+(sharded == single device, accumulation == big batch) is tested in test_train_step.py."""
 
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from configs import glue as glue_config
-from configs import tiny
-from flaxdistil import glue
-from flaxdistil import losses
-from flaxdistil import models
-from flaxdistil import sharding
-from flaxdistil import train
-from flaxdistil import train_step
+from flaxdistil.data import glue
+from flaxdistil.training import sharding
+from flaxdistil.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RULES = sharding.rules_tuple(tiny.get_config().mesh.logical_axis_rules)
+from conftest import ROOT
+from conftest import tiny_config
+
+RULES = sharding.rules_tuple(tiny_config().mesh.logical_axis_rules)
 
 
 def test_read_tsv_keeps_quotes_strips_bom_and_reads_pairs(tmp_path):
@@ -81,64 +78,12 @@ def test_eval_batches_pad_with_ignored_rows_and_f1():
   assert glue.f1_from_counts(tp=2, fp=1, fn=1) == pytest.approx(2 / 3)
 
 
-def _task_setup():
-  tcfg = models.ModelConfig(model_type='bert', vocab_size=60, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=64,
-                            max_position_embeddings=16, num_labels=2, with_mlm_head=False)
-  scfg = models.ModelConfig(model_type='distilbert', vocab_size=60, hidden_size=32,
-                            num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                            max_position_embeddings=16, num_labels=2, with_mlm_head=False,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            classifier_dropout=0.0)
-  rng = np.random.default_rng(0)
-  ids = rng.integers(5, 60, size=(16, 10)).astype(np.int32)
-  mask = np.ones_like(ids)
-  mask[2, 6:] = 0
-  types = np.zeros_like(ids)
-  types[:, 5:] = 1
-  batch = {'input_ids': np.where(mask == 1, ids, 0), 'attention_mask': mask,
-           'token_type_ids': types * mask, 'labels': rng.integers(0, 2, 16).astype(np.int32)}
-  return (tcfg, scfg, models.init_params(tcfg, jax.random.PRNGKey(0)),
-          models.init_params(scfg, jax.random.PRNGKey(1)), batch)
-
-
-def _task_step(mesh_shape, num_microbatches=1, devices=None):
-  tcfg, scfg, tparams, sparams, batch = _task_setup()
-  cfg = tiny.get_config()
-  tx, _ = train_step.make_optimizer(cfg.optim, 10)
-  mesh = sharding.create_mesh(mesh_shape, ('data', 'fsdp', 'tensor'), devices=devices)
-  shard, _ = train_step.state_layout(scfg, tx, mesh, RULES)
-  t_shard = sharding.param_shardings(models.abstract_params(tcfg), mesh, RULES)
-  state = train_step.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
-  w = losses.DistillWeights(temperature=2.0, alpha_ce=1.0, alpha_mlm=0.0, alpha_cos=0.5,
-                            alpha_task=1.0)
-  step = train_step.make_train_step(models.MaskedLM(scfg), models.MaskedLM(tcfg), tx, w,
-                                    num_microbatches, task=True)
-  with sharding.mesh_context(mesh, RULES):
-    gbatch = sharding.make_global_batch(batch, sharding.batch_sharding(mesh, RULES), 16)
-    new_state, metrics = jax.jit(step, in_shardings=(shard, t_shard, None))(
-        state, jax.device_put(tparams, t_shard), gbatch)
-  return jax.device_get(new_state['params']), jax.device_get(metrics)
-
-
-def test_task_step_sharded_and_accumulated_equal_single_device():
-  ref_params, ref_m = _task_step((1, 1, 1), devices=jax.devices()[:1])
-  assert ref_m['loss_ce'] > 0 and ref_m['loss_task'] > 0 and ref_m['loss_cos'] > 0
-  for mesh_shape, nmb in (((2, 2, 2), 1), ((8, 1, 1), 2), ((1, 1, 1), 4)):
-    params, m = _task_step(mesh_shape, nmb, devices=None if mesh_shape[0] > 1 else
-                           jax.devices()[:1])
-    for k in ('loss', 'loss_ce', 'loss_task', 'loss_cos'):
-      np.testing.assert_allclose(m[k], ref_m[k], rtol=2e-5, err_msg=f'{mesh_shape} {nmb} {k}')
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params),
-                            jax.tree_util.tree_leaves(ref_params)):
-      np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
-
-
 def _synthetic_task(tmp_path):
   """SST-2-shaped TSVs whose label says whether a marker word occurs, plus a BERT 'pretrained'
   checkpoint and tokenizer, so the whole recipe runs offline in seconds."""
-  from flaxdistil import synthetic
   import transformers
+
+  from flaxdistil.data import synthetic
   syn = synthetic.write_corpus(str(tmp_path / 'syn'))
   tok = transformers.AutoTokenizer.from_pretrained(syn['tokenizer'])
   # sorted: get_vocab()'s order differs between processes (a Rust hash map).
@@ -174,12 +119,12 @@ def _glue_cfg(role, tmp_path, tokenizer):
 
 
 def test_finetune_teacher_distil_export_and_pipeline_labels_equal_flax(tmp_path):
-  from flaxdistil import export
+  from flaxdistil.export import hf_export
   tokenizer = _synthetic_task(tmp_path)
   teacher = train.train_and_evaluate(_glue_cfg('teacher', tmp_path, tokenizer),
                                      str(tmp_path / 'teacher'))
   assert teacher['student']['accuracy'] >= 0.9, teacher  # the marker rule is learnable
-  rep = export.export(str(tmp_path / 'teacher'), str(tmp_path / 'teacher_hf'))
+  rep = hf_export.export(str(tmp_path / 'teacher'), str(tmp_path / 'teacher_hf'))
   assert rep['max_abs_diff'] <= 1e-4
   with open(tmp_path / 'teacher_hf' / 'config.json') as f:
     assert json.load(f)['architectures'] == ['BertForSequenceClassification']
@@ -187,7 +132,7 @@ def test_finetune_teacher_distil_export_and_pipeline_labels_equal_flax(tmp_path)
                                      str(tmp_path / 'distill'))
   assert student['teacher']['accuracy'] == teacher['student']['accuracy']
   assert student['student']['agreement'] >= 0.8, student
-  export.export(str(tmp_path / 'distill'), str(tmp_path / 'distill_hf'))
+  hf_export.export(str(tmp_path / 'distill'), str(tmp_path / 'distill_hf'))
   with open(tmp_path / 'distill_hf' / 'config.json') as f:
     hf_cfg = json.load(f)
   assert hf_cfg['architectures'] == ['DistilBertForSequenceClassification']
@@ -206,7 +151,7 @@ def test_finetune_teacher_distil_export_and_pipeline_labels_equal_flax(tmp_path)
 
 
 def test_task_config_errors_name_the_fix(tmp_path):
-  from flaxdistil import setup
+  from flaxdistil.training import setup
   tokenizer = _synthetic_task(tmp_path)
   cfg = _glue_cfg('distill', tmp_path, tokenizer)
   cfg.teacher.path = str(tmp_path / 'pretrained')  # an MLM checkpoint, not fine-tuned

@@ -14,10 +14,10 @@ import safetensors.torch
 import torch
 import transformers
 
-from flaxdistil import export
-from flaxdistil import hf_conversion as hc
-from flaxdistil import models
-from flaxdistil import student_init
+from flaxdistil.export import hf_export
+from flaxdistil.model import bert
+from flaxdistil.model import hf_conversion as hc
+from flaxdistil.model import student_init
 
 SIZES = {
     # (vocab, hidden, layers, heads, intermediate, positions, act)
@@ -100,7 +100,7 @@ def test_logits_hidden_attention_parity_with_transformers(ckpt, kind, size):
     kw['token_type_ids'] = torch.from_numpy(tt)
   with torch.no_grad():
     ref = ref_model(**kw, output_hidden_states=True, output_attentions=True)
-  out = models.MaskedLM(cfg).apply(
+  out = bert.MaskedLM(cfg).apply(
       {'params': params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
       jnp.asarray(tt, jnp.int32) if kind == 'bert' else None,
       output_attentions=True)
@@ -140,7 +140,7 @@ def test_real_minilm_hidden_states_match_bertmodel():
   with torch.no_grad():
     ref = ref_model(**{k: torch.from_numpy(v) for k, v in enc.items()},
                     output_hidden_states=True)
-  out = models.MaskedLM(cfg).apply(
+  out = bert.MaskedLM(cfg).apply(
       {'params': params}, jnp.asarray(enc['input_ids'], jnp.int32),
       jnp.asarray(enc['attention_mask'], jnp.int32),
       jnp.asarray(enc['token_type_ids'], jnp.int32))
@@ -158,7 +158,7 @@ def test_real_minilm_hidden_states_match_bertmodel():
 def test_import_export_import_is_bit_identical(ckpt, kind, tmp_path):
   src = ckpt(kind, 'a')
   cfg, params = hc.load_hf_model(src)
-  result = export.export_hf(params, cfg, str(tmp_path / 'out'))
+  result = hf_export.export_hf(params, cfg, str(tmp_path / 'out'))
   assert result['path'] == str(tmp_path / 'out')
   assert 0 <= result['max_abs_diff'] <= 1e-4
   cfg2, params2 = hc.load_hf_model(str(tmp_path / 'out'))
@@ -196,7 +196,7 @@ def test_export_writes_tokenizer_and_model_card(ckpt, tmp_path):
   cfg, params = hc.load_hf_model(ckpt('distilbert', 'b'))
   tok_dir = _tiny_tokenizer(tmp_path / 'tok', 50)
   out = tmp_path / 'out'
-  export.export_hf(params, cfg, str(out), tokenizer_path=tok_dir,
+  hf_export.export_hf(params, cfg, str(out), tokenizer_path=tok_dir,
                model_card='# tiny student\nDistilled.\n')
   assert (out / 'README.md').read_text() == '# tiny student\nDistilled.\n'
   assert {'config.json', 'model.safetensors', 'tokenizer.json',
@@ -209,7 +209,7 @@ def test_export_rejects_tokenizer_larger_than_vocab(ckpt, tmp_path):
   cfg, params = hc.load_hf_model(ckpt('distilbert', 'b'))  # vocab 517
   tok_dir = _tiny_tokenizer(tmp_path / 'tok', 600)
   with pytest.raises(ValueError, match='605 tokens but the model vocab_size is 517'):
-    export.export_hf(params, cfg, str(tmp_path / 'out'), tokenizer_path=tok_dir)
+    hf_export.export_hf(params, cfg, str(tmp_path / 'out'), tokenizer_path=tok_dir)
   assert sorted(os.listdir(tmp_path)) == ['tok']
 
 
@@ -219,9 +219,9 @@ def test_export_refuses_existing_dir_and_overwrites_atomically(ckpt, tmp_path):
   out.mkdir()
   (out / 'old.txt').write_text('old')
   with pytest.raises(FileExistsError, match='overwrite=True'):
-    export.export_hf(params, cfg, str(out))
+    hf_export.export_hf(params, cfg, str(out))
   assert os.listdir(out) == ['old.txt']
-  export.export_hf(params, cfg, str(out), overwrite=True)
+  hf_export.export_hf(params, cfg, str(out), overwrite=True)
   assert 'old.txt' not in os.listdir(out) and 'model.safetensors' in os.listdir(out)
   assert sorted(os.listdir(tmp_path)) == ['out']
 
@@ -238,20 +238,20 @@ def test_failed_verification_leaves_nothing(ckpt, tmp_path, monkeypatch):
     return sd
   monkeypatch.setattr(hc, 'params_to_hf_state_dict', corrupted)
   with pytest.raises(ValueError, match='verification failed'):
-    export.export_hf(params, cfg, str(tmp_path / 'new'))
+    hf_export.export_hf(params, cfg, str(tmp_path / 'new'))
   assert os.listdir(tmp_path) == []
   # A failed overwrite keeps the previous export intact.
   (tmp_path / 'prev').mkdir()
   (tmp_path / 'prev' / 'keep.txt').write_text('x')
   with pytest.raises(ValueError, match='verification failed'):
-    export.export_hf(params, cfg, str(tmp_path / 'prev'), overwrite=True)
+    hf_export.export_hf(params, cfg, str(tmp_path / 'prev'), overwrite=True)
   assert os.listdir(tmp_path) == ['prev']
   assert os.listdir(tmp_path / 'prev') == ['keep.txt']
 
 
 def test_export_bfloat16_stores_bf16_and_verifies(ckpt, tmp_path):
   cfg, params = hc.load_hf_model(ckpt('distilbert', 'a'))
-  res = export.export_hf(params, cfg, str(tmp_path / 'out'), dtype='bfloat16')
+  res = hf_export.export_hf(params, cfg, str(tmp_path / 'out'), dtype='bfloat16')
   assert res['max_abs_diff'] <= 1e-4
   sd = safetensors.torch.load_file(str(tmp_path / 'out' / 'model.safetensors'))
   assert all(v.dtype == torch.bfloat16 for v in sd.values())
@@ -264,12 +264,12 @@ def test_export_bfloat16_stores_bf16_and_verifies(ckpt, tmp_path):
 
 def test_export_without_head_writes_a_verified_encoder(tmp_path):
   """A head-less (MiniLM-style sentence-embedding) student exports as DistilBertModel."""
-  cfg = models.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
+  cfg = bert.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
                            num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, type_vocab_size=0,
                            with_mlm_head=False)
-  params = models.init_params(cfg, jax.random.PRNGKey(0))
-  rep = export.export_hf(params, cfg, str(tmp_path / 'out'))
+  params = bert.init_params(cfg, jax.random.PRNGKey(0))
+  rep = hf_export.export_hf(params, cfg, str(tmp_path / 'out'))
   assert rep['max_abs_diff'] <= 1e-5
   with open(tmp_path / 'out' / 'config.json') as f:
     assert json.load(f)['architectures'] == ['DistilBertModel']
@@ -341,7 +341,7 @@ def test_encoder_only_checkpoint_and_head_auto_detection(tmp_path):
   with torch.no_grad():
     want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                token_type_ids=torch.from_numpy(tt)).last_hidden_state.numpy()
-  got = models.MaskedLM(cfg).apply({'params': params}, ids.astype(np.int32),
+  got = bert.MaskedLM(cfg).apply({'params': params}, ids.astype(np.int32),
                                    mask.astype(np.int32), tt.astype(np.int32))
   assert np.abs(np.asarray(got.hidden_states[-1]) - want)[mask.astype(bool)].max() <= 1e-4
 
@@ -465,7 +465,7 @@ def test_init_student_from_teacher_copies_selected_layers(ckpt):
   scfg = dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=2,
                              type_vocab_size=0, max_position_embeddings=32)
   student = student_init.init_student_from_teacher(tparams, tcfg, scfg)
-  ref = models.init_params(scfg, jax.random.PRNGKey(0))
+  ref = bert.init_params(scfg, jax.random.PRNGKey(0))
   assert jax.tree_util.tree_structure(student) == jax.tree_util.tree_structure(ref)
   assert (jax.tree_util.tree_map(lambda x: x.shape, student)
           == jax.tree_util.tree_map(lambda x: x.shape, ref))
@@ -483,7 +483,7 @@ def test_init_student_from_teacher_copies_selected_layers(ckpt):
   assert 'token_type_embeddings' not in student['embeddings']
   custom = student_init.init_student_from_teacher(tparams, tcfg, scfg, layers=[1, 2])
   assert eq(custom['encoder']['layer_0'], tparams['encoder']['layer_1'])
-  out = models.MaskedLM(scfg).apply({'params': student}, jnp.ones((1, 5), jnp.int32),
+  out = bert.MaskedLM(scfg).apply({'params': student}, jnp.ones((1, 5), jnp.int32),
                                     jnp.ones((1, 5), jnp.int32))
   assert np.isfinite(np.asarray(out.logits)).all()
   with pytest.raises(ValueError, match="student.init='random'"):
@@ -516,7 +516,7 @@ def test_sequence_classification_parity_round_trip_and_config(kind, tmp_path):
     kw['token_type_ids'] = torch.from_numpy(tt)
   with torch.no_grad():
     ref = model(**kw).logits.numpy()
-  out = models.MaskedLM(cfg).apply({'params': params}, ids, mask,
+  out = bert.MaskedLM(cfg).apply({'params': params}, ids, mask,
                                    tt if kind == 'bert' else None)
   assert out.logits is None and out.class_logits.shape == (ids.shape[0], 3)
   assert np.abs(ref).max() > 0.1
@@ -525,7 +525,7 @@ def test_sequence_classification_parity_round_trip_and_config(kind, tmp_path):
   cfg0, params0 = hc.load_hf_model(str(tmp_path / 'src'), with_classifier=False)
   assert cfg0.num_labels == 0 and 'classifier_head' not in params0
   labels = {0: 'neg', 1: 'neutral', 2: 'pos'}
-  rep = export.export_hf(params, cfg, str(tmp_path / 'out'), id2label=labels)
+  rep = hf_export.export_hf(params, cfg, str(tmp_path / 'out'), id2label=labels)
   assert rep['max_abs_diff'] <= 1e-5
   back_cfg, back = hc.load_hf_model(str(tmp_path / 'out'))
   assert back_cfg == cfg
@@ -537,16 +537,16 @@ def test_sequence_classification_parity_round_trip_and_config(kind, tmp_path):
 
 
 def test_student_init_copies_the_teachers_classification_head(tmp_path):
-  tcfg = models.ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4,
+  tcfg = bert.ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4,
                             num_attention_heads=2, intermediate_size=32, num_labels=2,
                             with_mlm_head=False)
-  tparams = jax.device_get(models.init_params(tcfg, jax.random.PRNGKey(0)))
-  scfg = models.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
+  tparams = jax.device_get(bert.init_params(tcfg, jax.random.PRNGKey(0)))
+  scfg = bert.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
                             num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                             num_labels=2, with_mlm_head=False)
   sp = student_init.init_student_from_teacher(tparams, tcfg, scfg)
   jax.tree.map(np.testing.assert_array_equal, sp['classifier_head'], tparams['classifier_head'])
   with pytest.raises(ValueError, match='3 labels but the teacher 2'):
-    student_init.init_student_from_teacher(tparams, tcfg, models.ModelConfig(
+    student_init.init_student_from_teacher(tparams, tcfg, bert.ModelConfig(
         model_type='distilbert', vocab_size=50, hidden_size=16, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=32, num_labels=3, with_mlm_head=False))

@@ -6,9 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
-sys.path.insert(0, os.path.join(_ROOT, 'scripts'))
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 import quantization_quality as qq  # pylint: disable=g-import-not-at-top,wrong-import-position
 

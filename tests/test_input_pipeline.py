@@ -1,4 +1,4 @@
-"""Tests for flaxdistil.input_pipeline with a tiny WordPiece tokenizer and tiny text files."""
+"""flaxdistil.data.input_pipeline: packing, batches, resume, hosts, prefetch (tiny tokenizer, tiny files)."""
 import gc
 import json
 import os
@@ -7,10 +7,20 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import CLS, MASK, PAD, SEP, SPECIALS, UNK, WORDS  # the `tok` fixture's vocabulary
-from flaxdistil import corpus
-from flaxdistil import input_pipeline as ip
-from flaxdistil import tokenization
+from flaxdistil.data import corpus
+from flaxdistil.data import input_pipeline as ip
+from flaxdistil.data import masking
+
+# the `tok` fixture's vocabulary and the shared helpers (tests/conftest.py)
+from conftest import CLS
+from conftest import MASK
+from conftest import MASK_KW
+from conftest import PAD
+from conftest import SEP
+from conftest import SPECIALS
+from conftest import WORDS
+from conftest import fake_batch
+
 
 def ids(tok, text):
   return tok(text, add_special_tokens=False)['input_ids']
@@ -28,24 +38,6 @@ def random_docs(rng, n_docs, max_words=60):
 def write_docs(path, docs):
   path.write_text('\n\n'.join(docs) + '\n', encoding='utf-8')
   return str(path)
-
-
-def test_load_tokenizer(tok, tmp_path):
-  assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id,
-          tok.mask_token_id) == (PAD, UNK, CLS, SEP, MASK)
-  assert tok.is_fast and len(tok) == len(SPECIALS) + len(WORDS)
-  assert ids(tok, 'The Cats sat') == [5, 7, 27, 9]  # lowercased, '##s' split off
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    tokenization.load_tokenizer(str(tmp_path / 'nope'))
-  # Layout of shared/models/tokenizer-bert-base-uncased: tokenizer.json without tokenizer_class, which
-  # transformers v5's AutoTokenizer loads without special tokens.
-  bare = tmp_path / 'bare'
-  bare.mkdir()
-  tok.backend_tokenizer.save(str(bare / 'tokenizer.json'))
-  (bare / 'tokenizer_config.json').write_text('{"do_lower_case": true}')
-  tok2 = tokenization.load_tokenizer(str(bare))
-  assert (tok2.mask_token_id, tok2.pad_token_id, tok2.cls_token_id) == (MASK, PAD, CLS)
-  assert ids(tok2, 'The Cats sat') == [5, 7, 27, 9]
 
 
 def test_packing_layout_exact(tok, tmp_path):
@@ -158,63 +150,6 @@ def test_errors(tok, tmp_path):
                      mask_token_id=MASK, vocab_size=30, special_token_ids=[0, 1, 2, 3, 4])
 
 
-def fake_batch(n, t, vocab, rng):
-  """Rows like packed data: [CLS] ... [SEP] with a padded tail on some rows."""
-  x = rng.integers(5, vocab, size=(n, t)).astype(np.int32)
-  x[:, 0], x[:, -1] = CLS, SEP
-  lengths = rng.integers(t // 2, t + 1, size=n)
-  for i, l in enumerate(lengths):
-    if l < t:
-      x[i, l - 1], x[i, l:] = SEP, PAD
-  return x
-
-
-MASK_KW = dict(mask_token_id=MASK, special_token_ids=[PAD, UNK, CLS, SEP, MASK])
-
-
-def test_mask_tokens_statistics():
-  vocab = 1000
-  x = fake_batch(512, 128, vocab, np.random.default_rng(0))
-  masked, labels = ip.mask_tokens(x, np.random.default_rng(1), vocab_size=vocab, **MASK_KW)
-  assert masked.dtype == np.int32 and labels.dtype == np.int32 and masked.shape == x.shape
-  special = np.isin(x, [PAD, UNK, CLS, SEP, MASK])
-  sel = labels != -100
-  assert not np.any(sel & special)  # specials and padding never selected
-  np.testing.assert_array_equal(labels[sel], x[sel])
-  np.testing.assert_array_equal(masked[~sel], x[~sel])  # unselected tokens untouched
-  rate = sel.sum() / (~special).sum()
-  assert abs(rate - 0.15) < 0.005
-  n = sel.sum()
-  frac_mask = np.sum(masked[sel] == MASK) / n
-  frac_keep = np.sum(masked[sel] == x[sel]) / n
-  frac_rand = np.sum((masked[sel] != MASK) & (masked[sel] != x[sel])) / n
-  assert abs(frac_mask - 0.8) < 0.015 and abs(frac_keep - 0.1) < 0.01 and abs(frac_rand - 0.1) < 0.01
-  assert masked.min() >= 0 and masked.max() < vocab
-  again = ip.mask_tokens(x, np.random.default_rng(1), vocab_size=vocab, **MASK_KW)
-  np.testing.assert_array_equal(again[0], masked)
-
-
-def test_token_probabilities_and_smoothed_masking():
-  vocab = 50
-  packed = np.array([[CLS, 5, 5, 5, 5, 6, SEP, PAD]], np.int32)
-  probs = ip.token_probabilities(packed, vocab, 0.5, [PAD, UNK, CLS, SEP, MASK])
-  assert probs.dtype == np.float32 and probs.shape == (vocab,)
-  np.testing.assert_allclose(probs[[5, 6, 7]], [4 ** -0.5, 1.0, 1.0])  # unseen: count clipped to 1
-  assert np.all(probs[:5] == 0)
-  x = fake_batch(64, 32, vocab, np.random.default_rng(2))
-  special = np.isin(x, [PAD, UNK, CLS, SEP, MASK])
-  weights = np.ones(vocab, np.float32)
-  weights[7] = 0.0  # never predicted
-  weights[8] = 50.0  # strongly preferred
-  for seed in range(5):
-    _, labels = ip.mask_tokens(x, np.random.default_rng(seed), vocab_size=vocab, token_probs=weights,
-                               **MASK_KW)
-    sel = labels != -100
-    assert sel.sum() == int(np.floor(0.15 * (~special).sum() + 0.5))  # exact count
-    assert not np.any(sel & special) and not np.any(sel & (x == 7))
-    assert sel[x == 8].mean() > 5 * sel[(x > 8)].mean()
-
-
 def make_packed(n, t=16):
   """Rows whose token 1 encodes the row index so rows can be identified after masking."""
   x = fake_batch(n, t, 40, np.random.default_rng(3))
@@ -256,7 +191,7 @@ def test_batch_iterator_reproducible_and_resumable():
   assert not np.array_equal(seen[:20], seen[20:])  # reshuffled per epoch
   for step in (3, 4):  # masking = mask_tokens(global rows, default_rng([seed, 1, step]))
     rows = src.batch_for_step(step)['input_ids']
-    masked, labels = ip.mask_tokens(rows, np.random.default_rng([7, 1, step]),
+    masked, labels = masking.mask_tokens(rows, np.random.default_rng([7, 1, step]),
                                     vocab_size=40 + len(packed), **MASK_KW)
     np.testing.assert_array_equal(masked, batches[step]['input_ids'])
     np.testing.assert_array_equal(labels, batches[step]['labels'])
@@ -318,7 +253,7 @@ def test_prefetch_thread_close_and_errors(monkeypatch):
   thread.join(timeout=5)
   assert not thread.is_alive()
   calls = []
-  real = ip.mask_tokens
+  real = masking.mask_tokens
 
   def flaky(*a, **k):
     calls.append(1)
@@ -326,7 +261,7 @@ def test_prefetch_thread_close_and_errors(monkeypatch):
       raise KeyError('boom in producer')
     return real(*a, **k)
 
-  monkeypatch.setattr(ip, 'mask_tokens', flaky)
+  monkeypatch.setattr(masking, 'mask_tokens', flaky)
   it = iterator(packed, prefetch=2)
   next(it), next(it)
   with pytest.raises(KeyError, match='boom in producer'):

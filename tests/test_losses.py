@@ -1,4 +1,5 @@
-"""Loss properties: KL(p||p)=0, T^2 scaling, padding excluded, alpha=0, torch parity."""
+"""Loss properties: KL(p||p)=0, T^2 scaling, padding excluded, alpha=0, torch parity, and the
+sparse top-k KL of offline distillation (k = V is the dense KL; the student normalised over V)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from flaxdistil import losses
-from flaxdistil import models
+from flaxdistil.model import bert
+from flaxdistil.objectives import losses
 
 
 def _rand(shape, seed, scale=3.0):
@@ -183,62 +184,60 @@ def test_task_terms_and_counts_use_examples_not_tokens():
 
 
 def _output(class_logits, hidden):
-  return models.ModelOutput(logits=None, hidden_states=(hidden,), class_logits=class_logits)
+  return bert.ModelOutput(logits=None, hidden_states=(hidden,), class_logits=class_logits)
 
 
-def _chunk_problem(seed=0, b=3, m=7, h=8, v=50):
-  rng = np.random.default_rng(seed)
-  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  mask = np.ones((b, m), np.int32)
-  mask[1, 5:] = 0
-  labels = np.where(rng.random((b, m)) < 0.4, rng.integers(0, v, (b, m)), losses.IGNORE_INDEX)
-  labels[mask == 0] = losses.IGNORE_INDEX
-  batch = {'labels': jnp.asarray(labels, jnp.int32), 'attention_mask': jnp.asarray(mask)}
-  return f(b, m, h), (f(v, h), f(v)), f(b, m, h), (f(v, h), f(v)), batch
+# ----------------------------------------------------------------------------- sparse top-k KL
+# (the offline objective: the teacher cache stores the top-k logits)
+
+def _logits(seed, v=40, scale=3.0):
+  r = np.random.default_rng(seed)
+  return (r.normal(size=(2, 5, v)) * scale).astype(np.float32)
 
 
-@pytest.mark.parametrize('restrict', [False, True])
-@pytest.mark.parametrize('chunk', [1, 3, 7, 16])
-def test_chunked_vocab_terms_equal_dense_values_and_gradients(restrict, chunk):
-  s_h, s_proj, t_h, t_proj, batch = _chunk_problem()
-  w = losses.DistillWeights(temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=0.0,
-                            alpha_mse=0.3, restrict_ce_to_mask=restrict)
-  counts = losses.term_counts(batch, w)
-
-  def dense(h, emb, bias):
-    logits = lambda x, p: x @ p[0].T + p[1]
-    terms = losses.distillation_terms(_Out(logits(h, (emb, bias)), None),
-                                      _Out(logits(t_h, t_proj), None), batch, w)
-    return losses.combine(terms, counts, w), terms
-
-  def chunked(h, emb, bias):
-    return losses.chunked_vocab_terms(h, (emb, bias), t_h, t_proj, batch, w, counts, chunk)
-
-  (l_d, t_d), g_d = jax.value_and_grad(dense, argnums=(0, 1, 2), has_aux=True)(s_h, *s_proj)
-  (l_c, t_c), g_c = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2), has_aux=True))(
-      s_h, *s_proj)
-  assert set(t_c) == {'ce', 'mlm', 'mse'}
-  np.testing.assert_allclose(l_c, l_d, rtol=1e-6)
-  for k in t_c:
-    np.testing.assert_allclose(t_c[k][0], t_d[k][0], rtol=1e-6)
-    assert float(t_c[k][1]) == float(t_d[k][1])
-  for a, b in zip(g_c, g_d):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize('temperature', [1.0, 2.0, 4.0])
+@pytest.mark.parametrize('tail_bucket', [False, True])
+def test_sparse_kl_with_k_equal_vocab_is_the_dense_kl(temperature, tail_bucket):
+  s, t = _logits(0), _logits(1)
+  w = np.ones((2, 5), np.float32)
+  w[1, 3:] = 0  # padding
+  logz = jax.nn.logsumexp(t / temperature, -1)
+  dense = losses.kl_div_loss(s, t, w, temperature)
+  for k in (t.shape[-1],) + ((t.shape[-1] - 1,) if tail_bucket else ()):
+    # k = V - 1 with the tail bucket: the bucket is the one remaining token, again the dense KL.
+    values, ids = jax.lax.top_k(t, k)
+    sparse = losses.sparse_kl_div_loss(s, values, ids, w, temperature, tail_bucket, logz)
+    np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5, err_msg=f'k={k}')
+    assert sparse[1] == dense[1] == 8
 
 
-def test_chunked_vocab_terms_mlm_only_needs_no_teacher_and_kl_of_self_is_zero():
-  s_h, s_proj, _, _, batch = _chunk_problem(1)
-  w = losses.DistillWeights(alpha_ce=0.0, alpha_cos=0.0)
-  loss, terms = losses.chunked_vocab_terms(s_h, s_proj, None, None, batch, w,
-                                           losses.term_counts(batch, w), 4)
-  logits = s_h @ s_proj[0].T + s_proj[1]
-  ref = losses.mlm_cross_entropy(logits, batch['labels'])
-  np.testing.assert_allclose(terms['mlm'][0], ref[0], rtol=1e-6)
-  np.testing.assert_allclose(loss, 2.0 * ref[0] / ref[1], rtol=1e-6)
-  w_kl = losses.DistillWeights(alpha_mlm=0.0, alpha_cos=0.0, temperature=3.0)
-  _, kl = losses.chunked_vocab_terms(s_h, s_proj, s_h, s_proj, batch, w_kl,
-                                     losses.term_counts(batch, w_kl), 4)
-  assert abs(float(kl['ce'][0])) < 1e-4
-  with pytest.raises(ValueError, match='teacher'):
-    losses.chunked_vocab_terms(s_h, s_proj, None, None, batch, w_kl,
-                               losses.term_counts(batch, w_kl), 4)
+@pytest.mark.parametrize('k', [1, 3, 10])
+def test_sparse_kl_is_nonnegative_normalises_student_over_full_vocab_and_scales_by_t2(k):
+  temperature = 2.0
+  for seed in range(5):
+    s, t = _logits(2 * seed), _logits(2 * seed + 1)
+    w = np.ones((2, 5), np.float32)
+    values, ids = jax.lax.top_k(t, k)
+    logz = jax.nn.logsumexp(t / temperature, -1)
+    plain = losses.sparse_kl_div_loss(s, values, ids, w, temperature)[0]
+    tail = losses.sparse_kl_div_loss(s, values, ids, w, temperature, True, logz)[0]
+    assert plain >= 0 and tail >= 0
+    # Reference, written out: p = teacher softmax over its top-k, log q = student log-softmax
+    # over all V gathered at the top-k ids (NOT renormalised over the top-k: the peer bug).
+    p = jax.nn.softmax(values / temperature, -1)
+    logq = jnp.take_along_axis(jax.nn.log_softmax(s / temperature, -1), ids, -1)
+    ref = float(jnp.sum(p * (jnp.log(p) - logq))) * temperature ** 2
+    np.testing.assert_allclose(plain, ref, rtol=1e-5)
+    renormalised_student = float(jnp.sum(p * (jnp.log(p) - jax.nn.log_softmax(logq, -1))))
+    if k < 10:  # the buggy variant misses -log(sum_j q_j) > 0
+      assert plain / temperature ** 2 > renormalised_student + 1e-3
+  # A student equal to the teacher: tail-bucket KL is 0; T^2 factor on the plain KL.
+  t = _logits(7)
+  values, ids = jax.lax.top_k(t, 5)
+  w = np.ones((2, 5), np.float32)
+  logz = jax.nn.logsumexp(t / 3.0, -1)
+  assert abs(float(losses.sparse_kl_div_loss(t, values, ids, w, 3.0, True, logz)[0])) < 1e-4
+  at1 = losses.sparse_kl_div_loss(s, values, ids, w, 1.0)[0]
+  p = jax.nn.softmax(values, -1)
+  logq = jnp.take_along_axis(jax.nn.log_softmax(s, -1), ids, -1)
+  np.testing.assert_allclose(at1, float(jnp.sum(p * (jnp.log(p) - logq))), rtol=1e-5)

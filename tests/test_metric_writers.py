@@ -1,4 +1,4 @@
-"""Interval means of the train metrics, their checkpointed state, and the console lines."""
+"""Interval means of the train metrics and their checkpointed state."""
 
 import json
 
@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxdistil import intermediate
-from flaxdistil import losses
-from flaxdistil import metric_writers
+from flaxdistil.training import metric_writers
 
 
 def _metrics(loss, tokens, ce, finite=True, skipped=0, grad_norm=1.0):
@@ -68,16 +66,3 @@ def test_saved_interval_continues_bit_exactly():
   empty.load({}, replicated)
   with pytest.raises(ValueError):
     empty.pop()
-
-
-def test_loss_coefficients_line_lists_nonzero_terms():
-  line = metric_writers.loss_coefficients(losses.DistillWeights())
-  assert line == 'loss = 5*ce(T=2) + 2*mlm + 1*cos'
-  line = metric_writers.loss_coefficients(
-      losses.DistillWeights(temperature=1.0, alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0),
-      intermediate.IntermediateWeights(alpha_hidden=1.0, alpha_value_kl=0.5))
-  assert line == 'loss = 1*hidden + 0.5*value_kl'
-  line = metric_writers.loss_coefficients(
-      losses.DistillWeights(alpha_mlm=0.0, alpha_cos=0.0, alpha_task=1.0,
-                            restrict_ce_to_mask=True))
-  assert line == 'loss = 5*ce(T=2, masked only) + 1*task'

@@ -7,7 +7,11 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from flaxdistil.training import checkpointing
+
+from conftest import ROOT
+from conftest import subprocess_env
+
 ARGS = ['--config', 'configs/tiny.py', '--config.num_train_steps=4', '--config.eval_every_steps=0',
         '--config.log_every_steps=2', '--config.checkpoint.async_save=False']
 
@@ -19,8 +23,7 @@ def _free_port():
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              JAX_PLATFORMS='cpu')
+  return subprocess_env(devices, JAX_PLATFORMS='cpu')
 
 
 def test_two_processes_train_the_same_model_as_one(tmp_path):
@@ -40,9 +43,8 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
   assert 'process 0/2, 2 local / 4 global devices' in outs[0]
   # Only process 0 writes logs.
   assert os.path.exists(tmp_path / 'multi' / 'metrics.jsonl')
-  from flaxdistil import export  # restores each checkpoint onto one CPU device
-  _, p_multi, _, step_m = export.load_student(str(tmp_path / 'multi'))
-  _, p_single, _, step_s = export.load_student(str(tmp_path / 'single'))
+  _, p_multi, _, step_m = checkpointing.load_student(str(tmp_path / 'multi'))
+  _, p_single, _, step_s = checkpointing.load_student(str(tmp_path / 'single'))
   assert step_m == step_s == 4
   import jax
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_multi),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from flaxdistil import onnx_export
+from flaxdistil.export import onnx_export
 
 
 def _save(model, path):

@@ -12,13 +12,16 @@ import pytest
 import torch
 import transformers
 
-from configs import tiny
-from flaxdistil import export
-from flaxdistil import setup
-from flaxdistil import train
+from flaxdistil.export import hf_export
+from flaxdistil.training import checkpointing
+from flaxdistil.training import setup
+from flaxdistil.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+from conftest import ROOT
+from conftest import subprocess_env
+from conftest import tiny_config
+
+ENV = subprocess_env(2)  # the main.py runs here: a 2-device data-parallel mesh
 LONG = ['--config', 'configs/tiny.py', '--config.num_train_steps=40', '--config.log_every_steps=1',
         '--config.eval_every_steps=0', '--config.checkpoint_every_steps=8']
 
@@ -52,7 +55,7 @@ def uninterrupted(tmp_path_factory):
   p = _main(wd)
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out[-3000:]
-  return wd, export.load_student(str(wd))[1]
+  return wd, checkpointing.load_student(str(wd))[1]
 
 
 def _same_params(a, b):
@@ -77,7 +80,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_exact(tmp_path, uninterrupted):
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out[-3000:]
   assert _losses(tmp_path) == _losses(full_wd)
-  _same_params(export.load_student(str(tmp_path))[1], full_params)
+  _same_params(checkpointing.load_student(str(tmp_path))[1], full_params)
 
 
 def test_sigkill_loses_at_most_steps_since_checkpoint(tmp_path, uninterrupted):
@@ -93,7 +96,7 @@ def test_sigkill_loses_at_most_steps_since_checkpoint(tmp_path, uninterrupted):
   assert 'Resumed from' in out
   resumed_at = int(out.split('at step ')[1].split('.')[0])
   assert resumed_at >= 16 and resumed_at % 8 == 0
-  _same_params(export.load_student(str(tmp_path))[1], full_params)
+  _same_params(checkpointing.load_student(str(tmp_path))[1], full_params)
   full = _losses(full_wd)
   got = _losses(tmp_path)  # steps after the checkpoint were logged twice; the last value wins
   assert got == full
@@ -106,22 +109,16 @@ def test_half_written_checkpoint_is_ignored(tmp_path, uninterrupted):
   ckpt = tmp_path / 'w' / 'checkpoints'
   # A save torn by SIGKILL: Orbax's temporary directory, never finalised.
   shutil.copytree(ckpt / '40', ckpt / '48.orbax-checkpoint-tmp-123')
-  cfg, params, meta, step = export.load_student(str(tmp_path / 'w'))
+  cfg, params, meta, step = checkpointing.load_student(str(tmp_path / 'w'))
   assert step == 40
 
 
 # ----------------------------------------------------------------------------- hostile input
 
-def _cfg(**overrides):
-  c = tiny.get_config()
-  c.update_from_flattened_dict(overrides)
-  return c
-
-
 @pytest.fixture(scope='module')
 def hf_teacher(tmp_path_factory):
   d = tmp_path_factory.mktemp('teacher')
-  from flaxdistil import synthetic
+  from flaxdistil.data import synthetic
   syn = synthetic.write_corpus(str(d / 'syn'))
   tok = transformers.AutoTokenizer.from_pretrained(syn['tokenizer'])
   cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
@@ -142,27 +139,27 @@ def test_teacher_errors(tmp_path, hf_teacher):
   base = {'teacher.random_init': False, 'data.synthetic': False,
           'data.train_files': tuple(syn['train_files']), 'data.eval_files': tuple(syn['eval_files'])}
   with pytest.raises(setup.ConfigError, match='does not exist'):
-    _build(_cfg(**base, **{'teacher.path': str(tmp_path / 'nope')}), tmp_path / 'w')
+    _build(tiny_config(**base, **{'teacher.path': str(tmp_path / 'nope')}), tmp_path / 'w')
   # Without weights.
   (tmp_path / 'noweights').mkdir()
   (tmp_path / 'noweights' / 'config.json').write_text((d / 'bert' / 'config.json').read_text())
   with pytest.raises(setup.ConfigError, match='(?i)weights|safetensors|pytorch_model'):
-    _build(_cfg(**base, **{'teacher.path': str(tmp_path / 'noweights')}), tmp_path / 'w')
+    _build(tiny_config(**base, **{'teacher.path': str(tmp_path / 'noweights')}), tmp_path / 'w')
   # Corrupt weights.
   import shutil
   shutil.copytree(d / 'bert', tmp_path / 'corrupt')
   (tmp_path / 'corrupt' / 'model.safetensors').write_bytes(b'not a safetensors file')
   with pytest.raises(setup.ConfigError, match='(?i)corrupt|cannot|invalid|read'):
-    _build(_cfg(**base, **{'teacher.path': str(tmp_path / 'corrupt')}), tmp_path / 'w')
+    _build(tiny_config(**base, **{'teacher.path': str(tmp_path / 'corrupt')}), tmp_path / 'w')
   # Not a BERT.
   shutil.copytree(d / 'bert', tmp_path / 'gpt')
   c = json.loads((tmp_path / 'gpt' / 'config.json').read_text())
   c['model_type'] = 'gpt2'
   (tmp_path / 'gpt' / 'config.json').write_text(json.dumps(c))
   with pytest.raises(setup.ConfigError, match='gpt2'):
-    _build(_cfg(**base, **{'teacher.path': str(tmp_path / 'gpt')}), tmp_path / 'w')
+    _build(tiny_config(**base, **{'teacher.path': str(tmp_path / 'gpt')}), tmp_path / 'w')
   # A real teacher directory works and the student takes its layers.
-  run = _build(_cfg(**base, **{'teacher.path': str(d / 'bert')}), tmp_path / 'ok')
+  run = _build(tiny_config(**base, **{'teacher.path': str(d / 'bert')}), tmp_path / 'ok')
   assert run.teacher_config.num_hidden_layers == 2 and run.student_config.hidden_size == 32
 
 
@@ -176,7 +173,7 @@ def test_tokenizer_vocab_mismatch(tmp_path, hf_teacher):
   transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(
       ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + [v for v in vocab if not v.startswith('[')])
   }).save_pretrained(big)
-  cfg = _cfg(**{'teacher.random_init': False, 'teacher.path': str(d / 'bert'),
+  cfg = tiny_config(**{'teacher.random_init': False, 'teacher.path': str(d / 'bert'),
                 'data.synthetic': False, 'data.tokenizer': str(big),
                 'data.train_files': tuple(syn['train_files'])})
   with pytest.raises(setup.ConfigError, match="teacher's vocab_size"):
@@ -187,35 +184,35 @@ def test_data_errors(tmp_path, hf_teacher):
   d, syn = hf_teacher
   base = {'teacher.random_init': False, 'teacher.path': str(d / 'bert'), 'data.synthetic': False}
   with pytest.raises(setup.ConfigError, match='missing.txt'):
-    _build(_cfg(**base, **{'data.train_files': (str(tmp_path / 'missing.txt'),)}), tmp_path / 'w')
+    _build(tiny_config(**base, **{'data.train_files': (str(tmp_path / 'missing.txt'),)}), tmp_path / 'w')
   (tmp_path / 'empty.txt').write_text('\n\n')
   with pytest.raises(setup.ConfigError, match='(?i)empty|no tokens'):
-    _build(_cfg(**base, **{'data.train_files': (str(tmp_path / 'empty.txt'),)}), tmp_path / 'w')
+    _build(tiny_config(**base, **{'data.train_files': (str(tmp_path / 'empty.txt'),)}), tmp_path / 'w')
   (tmp_path / 'latin1.txt').write_bytes('caf\xe9 na\xefve words here\n'.encode('latin-1'))
   with pytest.raises(setup.ConfigError, match='(?i)utf-8'):
-    _build(_cfg(**base, **{'data.train_files': (str(tmp_path / 'latin1.txt'),)}), tmp_path / 'w')
+    _build(tiny_config(**base, **{'data.train_files': (str(tmp_path / 'latin1.txt'),)}), tmp_path / 'w')
 
 
 def test_shape_and_batch_errors(tmp_path):
   with pytest.raises(setup.ConfigError, match='max_position_embeddings=64'):
-    _build(_cfg(**{'data.max_seq_length': 128}), tmp_path / 'w')
+    _build(tiny_config(**{'data.max_seq_length': 128}), tmp_path / 'w')
   with pytest.raises(setup.ConfigError, match='not divisible'):
-    _build(_cfg(**{'data.global_batch_size': 12}), tmp_path / 'w')  # 12/2 microbatches = 6, 8 devices
+    _build(tiny_config(**{'data.global_batch_size': 12}), tmp_path / 'w')  # 12/2 microbatches = 6, 8 devices
   with pytest.raises(setup.ConfigError, match='needs a teacher'):
-    _build(_cfg(**{'teacher.random_init': False}), tmp_path / 'w')
+    _build(tiny_config(**{'teacher.random_init': False}), tmp_path / 'w')
 
 
 def test_read_only_workdir():
   # /proc refuses new directories even to root: a genuinely read-only path.
   with pytest.raises(setup.ConfigError, match='not writable'):
-    train.train_and_evaluate(_cfg(), '/proc/flaxdistil_run')
+    train.train_and_evaluate(tiny_config(), '/proc/flaxdistil_run')
 
 
 def test_workdir_that_is_a_file(tmp_path):
   f = tmp_path / 'file'
   f.write_text('x')
   with pytest.raises(setup.ConfigError, match='not writable'):
-    train.train_and_evaluate(_cfg(), str(f / 'run'))
+    train.train_and_evaluate(tiny_config(), str(f / 'run'))
 
 
 def test_unknown_config_key_is_rejected_by_cli(tmp_path):
@@ -229,4 +226,4 @@ def test_export_target_that_exists(tmp_path, uninterrupted):
   full_wd, _ = uninterrupted
   (tmp_path / 'out').mkdir()
   with pytest.raises(FileExistsError, match='already exists'):
-    export.export(str(full_wd), str(tmp_path / 'out'))
+    hf_export.export(str(full_wd), str(tmp_path / 'out'))

@@ -1,22 +1,19 @@
 """setup: config-only errors come before any loading; the built Run is typed and immutable."""
 
 import dataclasses
+import importlib
 
 import pytest
 
-from configs import tiny
-from flaxdistil import hf_conversion
-from flaxdistil import input_pipeline
-from flaxdistil import objective
-from flaxdistil import setup
-from flaxdistil import synthetic
-from flaxdistil import tokenization
+from flaxdistil.data import input_pipeline
+from flaxdistil.data import synthetic
+from flaxdistil.data import tokenization
+from flaxdistil.model import hf_conversion
+from flaxdistil.objectives import intermediate
+from flaxdistil.objectives import objective
+from flaxdistil.training import setup
 
-
-def _cfg(**overrides):
-  c = tiny.get_config()
-  c.update_from_flattened_dict(overrides)
-  return c
+from conftest import tiny_config
 
 
 @pytest.fixture
@@ -55,7 +52,7 @@ BAD = [  # (overrides on top of MISSING_TEACHER, expected message)
 
 @pytest.mark.parametrize('overrides, message', BAD)
 def test_config_errors_come_before_any_loading(no_loading, tmp_path, overrides, message):
-  cfg = _cfg(**MISSING_TEACHER, **overrides)
+  cfg = tiny_config(**MISSING_TEACHER, **overrides)
   with pytest.raises(setup.ConfigError, match=message):
     setup.validate(cfg)
   with pytest.raises(setup.ConfigError, match=message):  # build_run validates first
@@ -63,32 +60,31 @@ def test_config_errors_come_before_any_loading(no_loading, tmp_path, overrides, 
 
 
 def test_validate_does_not_read_paths(no_loading):
-  setup.validate(_cfg(**MISSING_TEACHER))  # the missing path is build_run's to find
+  setup.validate(tiny_config(**MISSING_TEACHER))  # the missing path is build_run's to find
   with pytest.raises(setup.ConfigError, match='needs a teacher'):
-    setup.validate(_cfg(**{'teacher.random_init': False}))
+    setup.validate(tiny_config(**{'teacher.random_init': False}))
   with pytest.raises(setup.ConfigError, match='No tokenizer'):
-    setup.validate(_cfg(**{'data.synthetic': False, 'data.train_files': ('a.txt',),
+    setup.validate(tiny_config(**{'data.synthetic': False, 'data.train_files': ('a.txt',),
                            'teacher.random_init': True}))
   with pytest.raises(setup.ConfigError, match='teacher.cache needs the teacher'):
-    setup.validate(_cfg(**{'teacher.random_init': False, 'teacher.cache': '/c',
+    setup.validate(tiny_config(**{'teacher.random_init': False, 'teacher.cache': '/c',
                            'distill.alpha_ce': 0.0, 'distill.alpha_cos': 0.0,
                            'student.init': 'random'}))
 
 
 def test_missing_teacher_is_found_by_build_run(tmp_path):
   with pytest.raises(setup.ConfigError, match='does not exist'):
-    setup.build_run(_cfg(**MISSING_TEACHER, **{'data.tokenizer': ''}), str(tmp_path))
+    setup.build_run(tiny_config(**MISSING_TEACHER, **{'data.tokenizer': ''}), str(tmp_path))
 
 
 def test_run_is_typed_and_immutable(tmp_path):
-  run = setup.build_run(_cfg(**{'distill.alpha_hidden': 1.0, 'student.hidden_size': 16,
+  run = setup.build_run(tiny_config(**{'distill.alpha_hidden': 1.0, 'student.hidden_size': 16,
                                 'student.num_attention_heads': 2, 'student.intermediate_size': 32,
                                 'student.init': 'random', 'distill.alpha_cos': 0.0}),
                         str(tmp_path))
   obj = run.objective
   assert isinstance(obj, objective.Objective) and not obj.task and not obj.offline
   assert obj.needs_teacher_forward
-  assert run.weights is obj.weights and run.inter is obj.inter and run.offline is False
   assert obj.inter.layer_map == (1, 3)  # uniform TinyBERT map, 2 of 4 teacher layers
   assert run.projection == objective.Projection(student_hidden=16, teacher_hidden=32)
   assert run.fingerprint['projection'] == (16, 32)
@@ -98,3 +94,25 @@ def test_run_is_typed_and_immutable(tmp_path):
     run.student_params = None
   released = dataclasses.replace(run, student_params=None, teacher_params=None, proj_params=None)
   assert released.student_params is None and released.objective is run.objective
+
+
+def test_objective_from_config_reads_every_field():
+  tiny = importlib.import_module('configs.tiny').get_config()
+  tiny.update_from_flattened_dict({'distill.alpha_hidden': 2.0, 'distill.teacher_input': 'original',
+                                   'distill.vocab_chunk_size': 16, 'teacher.cache': '/c',
+                                   'teacher.cache_tail_bucket': True})
+  obj = setup.objective_from_config(tiny).with_layer_map([1, 3])
+  assert obj.weights == setup.distill_weights(tiny) and obj.weights.tail_bucket
+  assert obj.weights.alpha_ce == tiny.distill.alpha_ce
+  assert obj.inter == objective.LayerTerms(intermediate.IntermediateWeights(alpha_hidden=2.0),
+                                           (1, 3))
+  assert (obj.offline, obj.teacher_input, obj.vocab_chunk_size, obj.task) == (
+      True, 'original', 16, False)
+  assert not obj.needs_teacher_forward  # the cache stands in for the teacher
+  glue = importlib.import_module('configs.glue')
+  task_obj = setup.objective_from_config(glue.get_config('sst2,finetune'))
+  assert task_obj.task and not task_obj.uses_teacher
+  assert setup.objective_from_config(glue.get_config('sst2,distill')).needs_teacher_forward
+  tiny.distill.teacher_input = 'clean'
+  with pytest.raises(setup.ConfigError, match='teacher_input'):
+    setup.objective_from_config(tiny)

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxdistil import models
-from flaxdistil import student_init
+from flaxdistil.model import bert
+from flaxdistil.model import student_init
 
-TEACHER = models.ModelConfig(model_type='bert', vocab_size=50, hidden_size=16, num_hidden_layers=4,
+TEACHER = bert.ModelConfig(model_type='bert', vocab_size=50, hidden_size=16, num_hidden_layers=4,
                              num_attention_heads=2, intermediate_size=32,
                              max_position_embeddings=32)
 STUDENT = dataclasses.replace(TEACHER, model_type='distilbert', num_hidden_layers=2)
@@ -34,7 +34,7 @@ def test_select_teacher_layers():
 
 @pytest.fixture(scope='module')
 def teacher_params():
-  return jax.device_get(models.init_params(TEACHER, jax.random.PRNGKey(0)))
+  return jax.device_get(bert.init_params(TEACHER, jax.random.PRNGKey(0)))
 
 
 def test_init_student_sources(teacher_params):
@@ -66,7 +66,7 @@ def test_init_student_sources(teacher_params):
 def test_classification_student_gets_a_fresh_head_only_when_missing(teacher_params):
   cls_student = dataclasses.replace(STUDENT, num_labels=3, with_mlm_head=False)
   params = student_init.init_student('teacher', cls_student, 0, teacher=(TEACHER, teacher_params))
-  want = models.unbox(models.abstract_params(cls_student))
+  want = bert.unbox(bert.abstract_params(cls_student))
   shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
   assert shapes(params) == shapes(want)
   kept = student_init.with_head(params, cls_student, seed=1)

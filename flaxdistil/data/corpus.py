@@ -1,12 +1,14 @@
 """Corpus preprocessing at scale: parallel tokenisation into on-disk token shards, and packed reads.
 
-A corpus (local files or a hub-style dataset) is cut into contiguous *units* (a byte range of at most
-32 MB of a .txt file at a paragraph boundary, or one json/parquet file), each tokenised by one worker
-process into one shard: `shard-00000.npy`, the 1-D token stream of its documents, each non-empty document
-followed by one [SEP] (uint16 when the vocabulary fits, else int32), plus its token counts. A
+A corpus (local files or a hub-style dataset) is cut into contiguous *units* (`documents.py`: a byte
+range of at most 32 MiB of a .txt file at a paragraph boundary, or one json/parquet file), each
+tokenised by one worker process into one shard: `shard-00000.npy`, the 1-D token stream of its
+documents, each non-empty document followed by one [SEP] (uint16 when the vocabulary fits, else
+int32), plus its token counts. A
 `manifest.json` written last lists the shards (documents, tokens, sha256) and is the "done" marker.
-`PackedDataset` memory-maps the shards and cuts windows on read: row i is `[CLS] s[i*W:(i+1)*W] [SEP]`
-(W = T-2) over the concatenated stream s without its final [SEP], the last row padded. These are
+`PackedDataset` memory-maps the shards and cuts windows on read: row i is
+`[CLS] s[i*W:(i+1)*W] [SEP]` (W = T-2) over the concatenated stream s without its final [SEP], the
+last row padded. These are
 exactly the rows of a single-process packing (units are split where a whole-corpus split would split
 anyway, and a window may straddle shards), and the cache is independent of `max_seq_length`.
 
@@ -18,7 +20,6 @@ it. Writes are atomic (tmp + os.replace) and an flock serialises concurrent buil
 """
 from __future__ import annotations
 
-import codecs
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -29,19 +30,16 @@ import logging
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from flaxdistil.data import documents
+from flaxdistil.data.documents import Unit
 from flaxdistil.storage import atomic
 
 _CACHE_VERSION = 2    # bump when the shard layout or document splitting changes
-_BUILDERS = {'.txt': 'text', '.text': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet'}
-_TOKENIZE_BATCH = 1000  # documents per encode_batch call
-MAX_UNIT_BYTES = 32 << 20  # text bytes per unit (= shard) at most: bounds each worker's memory
-MIN_UNIT_BYTES = 1 << 20   # small corpora are still cut into ~8 units per CPU for load balance
 log = logging.getLogger(__name__)
 
 
@@ -52,202 +50,17 @@ def default_cache_dir() -> str:
 
 
 def tokenizer_hash(tokenizer) -> str:
-  """sha256 of the serialized Rust tokenizer (vocab, normalizer/lowercasing, special tokens)."""
+  """sha256 hex digest of the serialized Rust tokenizer (vocab, normalizer, special tokens)."""
   return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------- inputs
-def builder_for(path: str) -> str:
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in _BUILDERS:
-    raise ValueError(f'Unsupported data file extension {ext!r} for {path}; use one of '
-                     f'{sorted(_BUILDERS)} (text: one paragraph per line, blank line between documents; '
-                     'json/parquet: a "text" column).')
-  return _BUILDERS[ext]
-
-
-def check_files(files: Sequence[str]) -> list[str]:
-  """Absolute-or-relative paths as given; raises FileNotFoundError listing every missing file."""
-  if isinstance(files, (str, os.PathLike)):
-    files = [files]
-  files = [os.fspath(f) for f in files]
-  if not files:
-    raise ValueError('No data files given; pass at least one .txt/.json/.jsonl/.parquet file.')
-  missing = [f for f in files if not os.path.isfile(f)]
-  if missing:
-    raise FileNotFoundError(f'Data file(s) not found: {missing}; fix the paths (relative paths are '
-                            f'resolved against {os.getcwd()}).')
-  list(map(builder_for, files))  # unsupported extensions fail before any work
-  return files
-
-
-@dataclasses.dataclass(frozen=True)
-class Unit:
-  """A contiguous piece of the corpus: documents of `path` (bytes [start, end) for builder 'text')."""
-  path: str
-  builder: str        # 'text' = blank-line paragraphs; else a datasets builder ('json', 'parquet', ...)
-  column: str = 'text'
-  start: int = 0
-  end: int = -1
-
-
-def _next_cut(f, pos: int, size: int) -> int | None:
-  """First byte offset >= pos where the file can be split without changing its paragraphs."""
-  while pos < size:
-    f.seek(pos)
-    window = f.read(1 << 20)
-    i = window.find(b'\n\n', 1)
-    while i > 0:
-      j = i
-      while j < len(window) and window[j] == 10:
-        j += 1
-      if j == len(window):  # the run may go on past the window: look again from its start
-        break
-      if window[i - 1] not in (10, 13):  # whole run seen, not part of a CRLF blank line
-        return pos + j - (j - i) % 2
-      i = window.find(b'\n\n', j)
-    if pos + len(window) >= size:
-      return None
-    pos += i - 1 if i > 1 else len(window) - 2  # 2 bytes overlap: a run across windows is seen
-  return None
-
-
-def _paragraph_cuts(path: str, unit_bytes: int) -> list[int]:
-  """Byte offsets near multiples of `unit_bytes` where splitting the file splits no paragraph.
-
-  The old (datasets `sample_by='paragraph'`) reader splits the whole text on '\\n\\n' left to right,
-  so in a run of k newlines it cuts after each pair; a cut is placed at the end of a run (k even) or
-  one newline before (k odd), never after a '\\r' (CRLF blank lines are never cut), so both halves
-  split into exactly the paragraphs of the whole file.
-  """
-  size = os.path.getsize(path)
-  cuts = [0]
-  with open(path, 'rb') as f:
-    cut = _next_cut(f, unit_bytes, size)
-    while cut is not None and cut < size:
-      cuts.append(cut)
-      cut = _next_cut(f, cut + unit_bytes, size)
-  return cuts + [size]
-
-
-def file_units(files: Sequence[str], *, text_column: str = 'text',
-               unit_bytes: int | None = None) -> list[Unit]:
-  """Units for local files in order (.txt split at paragraph boundaries, others one per file).
-
-  `unit_bytes` None: total size / (8 * CPUs), clipped to [1 MiB, 32 MiB]. Rows never depend on it.
-  """
-  files = check_files(files)
-  if unit_bytes is None:
-    total = sum(os.path.getsize(f) for f in files)
-    unit_bytes = min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, total // (8 * (os.cpu_count() or 1))))
-  units = []
-  for f in files:
-    b = builder_for(f)
-    if b == 'text':
-      cuts = _paragraph_cuts(f, unit_bytes)
-      units += [Unit(f, b, text_column, s, e) for s, e in zip(cuts[:-1], cuts[1:])]
-    else:
-      units.append(Unit(f, b, text_column))
-  return units
-
-
-def dataset_units(name_or_dir: str, split: str = 'train', text_column: str = 'text') -> list[Unit]:
-  """Units for a hub-style dataset (hub name or a local repo directory with data files).
-
-  Files and their order are those `datasets.load_dataset(name_or_dir, split=split)` reads (data files
-  resolved by `datasets.load_dataset_builder`; one document = one row, also for .txt = one line, as
-  there). Raises ValueError for an unknown split or a dataset without data files (loading scripts).
-  """
-  import datasets
-  try:
-    builder = datasets.load_dataset_builder(name_or_dir)
-  except Exception as e:  # noqa: BLE001 - FileNotFoundError / DatasetNotFoundError / offline errors
-    raise ValueError(f'Cannot resolve dataset {name_or_dir!r} ({e}); pass a hub name (online) or a '
-                     'local directory laid out like a hub dataset repo (data/train-*.parquet ...).'
-                     ) from e
-  data_files = builder.config.data_files or {}
-  if split not in data_files:
-    raise ValueError(f'Dataset {name_or_dir!r} has no split {split!r} (splits: {sorted(data_files)}); '
-                     'set data.dataset_split.')
-  return [Unit(str(f), builder.name, text_column) for f in data_files[split]]
-
-
-def check_utf8(path: str, chunk: int = 16 << 20) -> None:
-  """Raises ValueError naming `path` and the byte offset if it is not valid UTF-8 (~1 s per GB)."""
-  decoder, offset = codecs.getincrementaldecoder('utf-8')(), 0
-  with open(path, 'rb') as f:
-    while True:
-      data = f.read(chunk)
-      try:
-        decoder.decode(data, final=not data)
-      except UnicodeDecodeError as e:
-        raise ValueError(f'{path} is not valid UTF-8 (byte {e.object[e.start]:#04x} near offset '
-                         f'{offset + e.start}); re-encode it as UTF-8, e.g. '
-                         f'`iconv -f latin1 -t utf-8 {path} > fixed.txt`.') from None
-      if not data:
-        return
-      offset += len(data)
-
-
-def _has_text(path: str) -> bool:
-  """False for empty / whitespace-only files (checked in O(first non-blank byte))."""
-  with open(path, 'rb') as f:
-    while chunk := f.read(1 << 20):
-      if chunk.strip():
-        return True
-  return False
-
-
-def unit_documents(unit: Unit, hf_cache: str | None = None) -> Iterator[list[str]]:
-  """Batches of document strings of one unit, in corpus order.
-
-  Raises ValueError for non-UTF-8 text (file and byte offset named) or a missing text column.
-  """
-  if unit.builder == 'text' and unit.end >= 0:
-    with open(unit.path, 'rb') as f:
-      f.seek(unit.start)
-      data = f.read(unit.end - unit.start)
-    try:
-      text = data.decode('utf-8')
-    except UnicodeDecodeError as e:
-      raise ValueError(f'{unit.path} is not valid UTF-8 (byte {data[e.start]:#04x} near offset '
-                       f'{unit.start + e.start}); re-encode it as UTF-8, e.g. '
-                       f'`iconv -f latin1 -t utf-8 {unit.path} > fixed.txt`.') from None
-    del data
-    docs = [d for d in text.replace('\r\n', '\n').replace('\r', '\n').split('\n\n') if d]
-    del text  # universal newlines + '\n\n' split + empty pieces dropped = datasets' paragraph reader
-    for i in range(0, len(docs), _TOKENIZE_BATCH):
-      yield docs[i:i + _TOKENIZE_BATCH]
-    return
-  if os.path.isfile(unit.path) and not _has_text(unit.path):
-    return  # datasets' readers raise on files without any text
-  import datasets
-  datasets.disable_progress_bars()
-  own = None if hf_cache else tempfile.TemporaryDirectory(prefix='flaxdistil_hf_')
-  try:
-    ds = datasets.load_dataset(unit.builder, data_files=[unit.path], split='train', streaming=True,
-                               cache_dir=hf_cache or own.name)
-    names = ds.column_names
-    if names is not None and unit.column not in names:
-      raise ValueError(f'{unit.path} has no "{unit.column}" column (columns: {names}); rename the '
-                       'document column or set data.text_column.')
-    for batch in ds.iter(batch_size=_TOKENIZE_BATCH):
-      yield [t or '' for t in batch[unit.column]]
-  except Exception as e:  # datasets wraps reader errors in DatasetGenerationError
-    cause = e
-    while cause is not None and not isinstance(cause, UnicodeDecodeError):
-      cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-      raise ValueError(f'{unit.path} is not valid UTF-8 ({cause}); re-encode it as UTF-8.') from e
-    raise
-  finally:
-    if own is not None:
-      own.cleanup()
 
 
 # ----------------------------------------------------------------------------------------- tokenise
 def backend(tokenizer):
-  """A copy of the Rust tokenizer with truncation/padding off so no document is cut."""
+  """A copy of the Rust tokenizer with truncation/padding off so no document is cut.
+
+  Returns:
+    A `tokenizers.Tokenizer` built from `tokenizer.backend_tokenizer` (a fast HF tokenizer).
+  """
   from tokenizers import Tokenizer
   out = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
   out.no_truncation()
@@ -256,13 +69,29 @@ def backend(tokenizer):
 
 
 def tokenize_documents(texts: list[str], tok_backend) -> list[np.ndarray]:
-  """Batched Rust tokenization (parallel over documents), no special tokens; int32 id arrays."""
+  """Batched Rust tokenization (parallel over documents), no special tokens.
+
+  Args:
+    texts: the documents.
+    tok_backend: a `tokenizers.Tokenizer` from `backend` (no truncation or padding).
+
+  Returns:
+    One `[num_tokens] int32` id array per document (empty for an empty document).
+  """
   encodings = tok_backend.encode_batch_fast(texts, add_special_tokens=False)
   return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
 
 def concat_documents(docs, sep_id: int) -> np.ndarray:
-  """Documents joined with one [SEP] after each non-empty document: `[n] int32`."""
+  """Documents joined with one [SEP] after each non-empty document.
+
+  Args:
+    docs: 1-D id arrays (`tokenize_documents`).
+    sep_id: the tokenizer's [SEP] id.
+
+  Returns:
+    `[n] int32`: the stream, empty when every document is empty.
+  """
   sep = np.array([sep_id], np.int32)
   parts = []
   for d in docs:
@@ -273,7 +102,16 @@ def concat_documents(docs, sep_id: int) -> np.ndarray:
 
 def wrap_windows(flat: np.ndarray, max_seq_length: int, cls_id: int, sep_id: int,
                  pad_id: int) -> np.ndarray:
-  """flat [n] ids -> [ceil(n/(T-2)), T] int32 rows `[CLS] w [SEP]`; last `[CLS] w [SEP] PAD..`."""
+  """Cuts a token stream into rows `[CLS] w [SEP]` of T = `max_seq_length` tokens.
+
+  Args:
+    flat: `[n]` token ids (the stream without its final [SEP]).
+    max_seq_length: T; each row holds T - 2 stream tokens.
+    cls_id / sep_id / pad_id: the tokenizer's special ids.
+
+  Returns:
+    `[ceil(n / (T - 2)), T] int32`; a partial last row is `[CLS] w [SEP] PAD ...`.
+  """
   width = max_seq_length - 2
   n = len(flat)
   rows = -(-n // width)
@@ -335,11 +173,11 @@ def _spawn_without_main():
 
 def _build_shard(out_dir: str, index: int, unit: Unit, sep_id: int, vocab_size: int,
                  max_documents: int | None = None, tok_backend=None) -> dict:
-  """Tokenises one unit into `shard-{index}.npy` (+ counts, + .json written last); returns the json."""
+  """Tokenises `unit` into `shard-{index}.npy`, its counts, (last) its .json; returns the json."""
   tok_backend = tok_backend or _WORKER['backend']
   dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
   parts, num_docs = [], 0
-  for texts in unit_documents(unit):
+  for texts in documents.unit_documents(unit):
     if max_documents is not None:
       texts = texts[:max_documents - num_docs]
     num_docs += len(texts)
@@ -368,7 +206,18 @@ def _source_key(units: Sequence[Unit]) -> list:
 
 
 def cache_key(source_units: Sequence[Unit], tokenizer, max_documents: int | None = None) -> str:
-  """Hex digest over (layout version, file paths/sizes/mtimes, reader, tokenizer, max_documents)."""
+  """The token cache's key: what the shards depend on, not how the corpus is cut into units.
+
+  Args:
+    source_units: the corpus's units (only their files, in order, and the first unit's builder
+      and column are used).
+    tokenizer: a fast HF tokenizer (`tokenizer_hash`).
+    max_documents: the document limit, part of the key.
+
+  Returns:
+    20 hex chars of the sha256 over (layout version, absolute file paths / sizes / mtimes,
+    reader, tokenizer hash, max_documents).
+  """
   key = json.dumps([_CACHE_VERSION, _source_key(source_units), tokenizer_hash(tokenizer),
                     max_documents])
   return hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -390,9 +239,23 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
 
   `num_proc` worker processes (0 = all CPUs; 1 = in this process) each tokenise whole units, so peak
   RSS is about one unit's text and tokens per worker. Shards already finished by an interrupted
-  build are kept (resume); `manifest.json` is written last. `max_documents` keeps the first documents
-  in corpus order (built serially). Raises ValueError for an empty corpus (no tokens at all), bad
-  UTF-8 or a missing text column (from the worker that hit it).
+  build are kept (resume); `manifest.json` is written last. `max_documents` keeps the first
+  documents in corpus order (built serially).
+
+  Args:
+    units: the corpus in order (`documents.file_units` / `documents.dataset_units`).
+    tokenizer: a fast HF tokenizer with a [SEP] token.
+    cache_dir: parent directory of the cache (`default_cache_dir()`).
+    num_proc: worker processes; 0 = the CPUs this process may run on. A single process is used
+      anyway with `max_documents` or when at most one shard is left to build.
+    max_documents: keep only the first documents; None = all.
+
+  Returns:
+    The cache directory `<cache_dir>/tokens-<cache_key>` (it holds `manifest.json`).
+
+  Raises:
+    ValueError: no units, an empty corpus (no tokens at all), bad UTF-8 (checked before any
+      work for text/json files) or a missing text column (from the worker that hit it).
   """
   units = list(units)
   if not units:
@@ -422,7 +285,7 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
     # A bad file fails before any work (~1 s/GB), not when a worker reaches it.
     for path in dict.fromkeys(units[i].path for i in todo if units[i].builder in ('text', 'json')):
       if os.path.isfile(path):
-        check_utf8(path)
+        documents.check_utf8(path)
     if done:
       log.info('Resuming token cache %s: %d/%d shards already built', out_dir, len(done), len(units))
     sep_id, vocab_size = tokenizer.sep_token_id, len(tokenizer)
@@ -484,6 +347,15 @@ class PackedDataset:
   (returns numpy int32) and `np.asarray(x)` (materialises all rows: small sets only). Only the rows
   asked for are read from disk. `fingerprint` is a stable content id (tokenizer, max_seq_length,
   token data hash); `token_counts()` the `[vocab_size] int64` counts of the stream.
+
+  Args:
+    directory: a token cache written by `build_token_shards`.
+    max_seq_length: T, the row length (>= 8).
+    cls_id / sep_id / pad_id: the tokenizer's special ids.
+
+  Raises:
+    ValueError: `max_seq_length < 8`.
+    FileNotFoundError: `directory` has no `manifest.json` (or a shard is missing).
   """
 
   def __init__(self, directory: str, max_seq_length: int, *, cls_id: int, sep_id: int, pad_id: int):
@@ -512,6 +384,7 @@ class PackedDataset:
     return self._rows
 
   def token_counts(self) -> np.ndarray:
+    """`[vocab_size] int64` occurrences of each id in the stream (with the documents' [SEP]s)."""
     return np.load(os.path.join(self.directory, 'counts.npy'))
 
   def _gather(self, pos: np.ndarray) -> np.ndarray:
@@ -541,7 +414,7 @@ class PackedDataset:
     out = np.empty(idx.shape + (self.max_seq_length,), np.int32)
     out[..., 0], out[..., 1:-1], out[..., -1] = self.cls_id, body, self.sep_id
     n_valid = valid.sum(-1)
-    partial = np.nonzero(n_valid < self._width)  # only the last row: [SEP] after its tokens, then pad
+    partial = np.nonzero(n_valid < self._width)  # the last row: [SEP] after its tokens, then pad
     out[partial + (-1,)] = self.pad_id
     out[partial + (1 + n_valid[partial],)] = self.sep_id
     return out
@@ -553,7 +426,20 @@ class PackedDataset:
 
 def open_packed(units: Sequence[Unit], tokenizer, max_seq_length: int, *, cache_dir: str,
                 num_proc: int = 0, max_documents: int | None = None) -> PackedDataset:
-  """Builds the token cache if missing (`build_token_shards`) and returns its `PackedDataset`."""
+  """Builds the token cache if missing (`build_token_shards`) and opens it.
+
+  Args:
+    units: the corpus in order.
+    tokenizer: a fast HF tokenizer with [CLS], [SEP] and [PAD].
+    max_seq_length: T, the row length.
+    cache_dir / num_proc / max_documents: as `build_token_shards`.
+
+  Returns:
+    The `PackedDataset` of `[N, max_seq_length]` int32 rows.
+
+  Raises:
+    ValueError: `max_seq_length < 8`, or what `build_token_shards` raises.
+  """
   if max_seq_length < 8:
     raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8 (typically 128 or 512).')
   directory = build_token_shards(units, tokenizer, cache_dir, num_proc=num_proc,

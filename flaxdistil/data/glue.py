@@ -42,7 +42,11 @@ TASKS = {
 
 
 def get_task(name: str) -> GlueTask:
-  """Raises ValueError naming the supported tasks for an unknown name."""
+  """The `GlueTask` of `name` (case-insensitive: 'sst2', 'mrpc').
+
+  Raises:
+    ValueError: an unknown name (names the supported tasks).
+  """
   try:
     return TASKS[name.lower()]
   except KeyError:
@@ -51,6 +55,10 @@ def get_task(name: str) -> GlueTask:
 
 def read_tsv(path: str, task: GlueTask):
   """Reads a labelled GLUE TSV file.
+
+  Args:
+    path: `train.tsv` or `dev.tsv` of the task.
+    task: its column layout (`get_task`).
 
   Returns:
     `(texts_a, texts_b or None, labels)`; labels int32 `[num_examples]` in
@@ -99,6 +107,11 @@ def encode(tokenizer, texts_a: Sequence[str], texts_b: Sequence[str] | None,
            max_seq_length: int) -> dict[str, np.ndarray]:
   """`[CLS] a [SEP] (b [SEP])`, truncated and padded to `max_seq_length`.
 
+  Args:
+    tokenizer: a fast HF tokenizer (called on the whole split at once).
+    texts_a / texts_b: first sentences, and second ones for pair tasks (None for single).
+    max_seq_length: T; pairs are truncated `longest_first`.
+
   Returns:
     dict of int32 `[num_examples, max_seq_length]` arrays `input_ids`,
     `attention_mask`, `token_type_ids` (0 for a, 1 for b).
@@ -111,7 +124,21 @@ def encode(tokenizer, texts_a: Sequence[str], texts_b: Sequence[str] | None,
 
 
 def load_split(path: str, task: GlueTask, tokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
-  """A labelled split as arrays: `encode(...)` plus `labels [num_examples]` int32."""
+  """A labelled split as arrays (`read_tsv` then `encode`).
+
+  Args:
+    path: the split's TSV file.
+    task: its column layout.
+    tokenizer: a fast HF tokenizer.
+    max_seq_length: T.
+
+  Returns:
+    `encode(...)`'s `input_ids`, `attention_mask`, `token_type_ids` `[num_examples, T]` plus
+    `labels [num_examples]`, all int32.
+
+  Raises:
+    FileNotFoundError / ValueError: as `read_tsv`.
+  """
   a, b, labels = read_tsv(path, task)
   return dict(encode(tokenizer, a, b, max_seq_length), labels=labels)
 
@@ -125,8 +152,15 @@ class ClassificationBatches:
   `[p*B/P, (p+1)*B/P)` of every global batch. Same interface as
   `input_pipeline.BatchIterator` (`next()`, `close()`).
 
+  Args:
+    arrays: the split (`load_split`): equal-length `[N, ...]` arrays, `labels` among them.
+    global_batch_size: B, rows per step over all hosts.
+    seed: the run's seed.
+    start_step: first step `next()` returns (resume).
+    process_index / process_count: p and P, this host and the number of hosts.
+
   Raises:
-    ValueError: global batch not divisible by the number of hosts.
+    ValueError: global batch not divisible by the number of hosts, or an empty split.
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], *, global_batch_size: int, seed: int,
@@ -142,6 +176,7 @@ class ClassificationBatches:
     self._order = input_pipeline.EpochOrder(self.num_examples, (seed,))
 
   def global_batch(self, step: int) -> dict[str, np.ndarray]:
+    """All hosts' rows of batch `step`: every array of `arrays` indexed to `[B, ...]`."""
     idx = self._order.rows(step, self.global_batch_size)
     return {k: v[idx] for k, v in self.arrays.items()}
 
@@ -154,6 +189,7 @@ class ClassificationBatches:
     return {k: v[self._rows] for k, v in batch.items()}
 
   def close(self) -> None:
+    """No-op (there is no prefetch thread); for `BatchIterator`'s interface."""
     pass
 
 
@@ -162,6 +198,13 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict[st
 
   The last batch is filled with padding rows (attention_mask 0, label -100),
   which every metric ignores, so all batches share one compiled shape.
+
+  Args:
+    arrays: the split (`load_split`).
+    batch_size: rows per batch.
+
+  Returns:
+    `ceil(N / batch_size)` dicts of the same keys, each `[batch_size, ...]`.
 
   Raises:
     ValueError: `batch_size <= 0`.
@@ -174,11 +217,25 @@ def positive_class_outcomes(pred, labels) -> dict:
 
   Works on numpy and jax arrays alike; `pred` and `labels` have the same shape.
   Sum each (over real rows) and pass the sums to `f1_from_counts`.
+
+  Args:
+    pred: predicted class ids.
+    labels: gold class ids (padding rows must be excluded by the caller).
+
+  Returns:
+    `{'tp', 'fp', 'fn'}` -> boolean arrays of `pred`'s shape.
   """
   return {'tp': (pred == 1) & (labels == 1), 'fp': (pred == 1) & (labels != 1),
           'fn': (pred != 1) & (labels == 1)}
 
 
 def f1_from_counts(tp: float, fp: float, fn: float) -> float:
-  """Binary F1 of the positive class (label 1) from summed counts, as GLUE's MRPC F1."""
+  """Binary F1 of the positive class (label 1) from summed counts, as GLUE's MRPC F1.
+
+  Args:
+    tp / fp / fn: summed `positive_class_outcomes`.
+
+  Returns:
+    `2 tp / (2 tp + fp + fn)` in [0, 1]; 0 when all three are 0.
+  """
   return 2 * tp / max(2 * tp + fp + fn, 1e-9)

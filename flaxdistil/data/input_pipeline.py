@@ -1,19 +1,15 @@
-"""Input pipeline for MLM distillation: tokenize, pack, cache, mask and batch (pure numpy).
+"""Input pipeline for MLM distillation: packed rows -> shuffled, masked, host-local batches (numpy).
 
-Flow: `tokenization.load_tokenizer` -> `load_packed` (documents -> token shards on disk, tokenised in parallel once
-and cached by `corpus`; packed `[N, T]` int32 windows read on demand) -> `BatchIterator` (shuffled
-global batches, BERT masking, host slicing, prefetch thread) and `eval_batches` (fixed masked batches).
-`streaming_batches` packs on the fly without any cache (corpus order). Nothing here imports jax: the
-train loop puts the numpy batches on devices.
+Flow: `tokenization.load_tokenizer` -> `load_packed` (documents -> token shards on disk,
+tokenised in parallel once and cached by `corpus`; packed `[N, T]` int32 windows read on demand)
+-> `BatchIterator` (shuffled global batches, masking by `masking.py`, host slicing, prefetch
+thread) and `eval_batches` (fixed masked batches). `streaming_batches` packs on the fly without
+any cache (corpus order). Nothing here imports jax: the train loop puts the numpy batches on
+devices.
 
-Behaviour matched (HF / Google code):
-- packing: HF examples/pytorch/language-modeling/run_mlm.py `group_texts` (concatenate, cut blocks),
-  but each block is `[CLS] w [SEP]`, documents are separated by `[SEP]`, the last block is padded.
-- masking: Google BERT `create_pretraining_data.py` / HF `DataCollatorForLanguageModeling`
-  (15% of real tokens, of those 80% [MASK], 10% random token, 10% unchanged, labels -100 elsewhere).
-- `token_probs` / `mlm_smoothing`: HF `examples/research_projects/distillation/distiller.py`
-  `prepare_batch_mlm` (sample a fixed number of positions without replacement, weight
-  count**-smoothing, as computed in its `train.py`).
+Packing matches HF examples/pytorch/language-modeling/run_mlm.py `group_texts` (concatenate, cut
+blocks), but each block is `[CLS] w [SEP]`, documents are separated by `[SEP]`, and the last block
+is padded instead of dropped.
 """
 from __future__ import annotations
 
@@ -27,7 +23,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from flaxdistil.data import corpus
-from flaxdistil.objectives import IGNORE_INDEX
+from flaxdistil.data import documents
+from flaxdistil.data import masking
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +40,38 @@ def load_packed(files: Sequence[str] = (), tokenizer=None, max_seq_length: int =
   per document, column `text_column`) or `dataset` (a hub name or a local directory laid out like a
   hub dataset repo, read as `datasets.load_dataset(dataset, split=dataset_split)[text_column]`).
   Documents are tokenized without special tokens, concatenated with one [SEP] after each document
-  except the last, and cut into windows of `max_seq_length - 2` tokens, each stored as `[CLS] w [SEP]`;
-  the last partial window is `[CLS] w [SEP]` followed by `pad_token_id`. So long lines are split
-  across rows, no token is dropped, and only the last row has padding (same block scheme as HF
-  run_mlm.py `group_texts`, which however drops the remainder). The rows do not depend on
-  `num_proc` (see `corpus`).
+  except the last, and cut into windows of `max_seq_length - 2` tokens, each stored as
+  `[CLS] w [SEP]`; the last partial window is `[CLS] w [SEP]` followed by `pad_token_id`. So long
+  lines are split across rows, no token is dropped, and only the last row has padding (same block
+  scheme as HF run_mlm.py `group_texts`, which however drops the remainder). The rows do not
+  depend on `num_proc` (see `corpus`). The token cache is
+  `<cache_dir or corpus.default_cache_dir()>/tokens-<key>/`, keyed by (absolute file paths, sizes,
+  mtimes, reader, serialized tokenizer, max_documents), independent of max_seq_length.
 
-  Returns a `corpus.PackedDataset` (`[N, max_seq_length]` int32 rows read from disk on demand). The
-  token cache is `<cache_dir or corpus.default_cache_dir()>/tokens-<key>/`, keyed by (absolute file
-  paths, sizes, mtimes, reader, serialized tokenizer, max_documents), independent of max_seq_length.
-  Raises FileNotFoundError (missing files, listed), ValueError (max_seq_length < 8, unsupported
-  extension, non-UTF-8 file, missing text column, unknown dataset/split, no tokens at all).
+  Args:
+    files: local data files (used when `dataset` is empty).
+    tokenizer: a fast HF tokenizer with [CLS], [SEP] and [PAD] (`tokenization.load_tokenizer`).
+    max_seq_length: T, the row length (>= 8).
+    cache_dir: token cache parent directory; None = `corpus.default_cache_dir()`.
+    dataset / dataset_split: a hub-style dataset and its split, instead of `files`.
+    text_column: the document column of json/parquet/dataset files.
+    num_proc: tokenising processes (0 = all CPUs).
+    max_documents: keep only the first documents; None = all.
+
+  Returns:
+    A `corpus.PackedDataset` (`[N, max_seq_length]` int32 rows read from disk on demand).
+
+  Raises:
+    FileNotFoundError: missing files (listed).
+    ValueError: max_seq_length < 8, unsupported extension, non-UTF-8 file, missing text column,
+      unknown dataset/split, no tokens at all.
   """
   if max_seq_length < 8:
     raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8 (typically 128 or 512).')
   if dataset:
-    units = corpus.dataset_units(dataset, dataset_split, text_column)
+    units = documents.dataset_units(dataset, dataset_split, text_column)
   else:
-    units = corpus.file_units(files, text_column=text_column)
+    units = documents.file_units(files, text_column=text_column)
   return corpus.open_packed(units, tokenizer, max_seq_length,
                             cache_dir=cache_dir or corpus.default_cache_dir(), num_proc=num_proc,
                             max_documents=max_documents)
@@ -71,97 +82,24 @@ def load_packed_dataset(files: list[str], tokenizer, max_seq_length: int, *,
                         **kwargs) -> np.ndarray:
   """`load_packed(...)` materialised in memory: `packed: [N, max_seq_length] int32`.
 
-  For small sets (evaluation, tests). `cache_dir=None` tokenizes into a temporary directory that is
-  deleted afterwards. `kwargs` go to `load_packed` (`text_column`, `num_proc`, `dataset`, ...).
-  Raises what `load_packed` raises.
+  For small sets (evaluation, tests).
+
+  Args:
+    files / tokenizer / max_seq_length / max_documents: as `load_packed`.
+    cache_dir: token cache parent directory; None = a temporary directory, deleted afterwards.
+    **kwargs: more `load_packed` arguments (`text_column`, `num_proc`, `dataset`, ...).
+
+  Returns:
+    `[N, max_seq_length] int32` numpy array of all rows.
+
+  Raises:
+    FileNotFoundError / ValueError: as `load_packed`.
   """
   with contextlib.ExitStack() as stack:
     if cache_dir is None:
       cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix='flaxdistil_tok_'))
     return np.asarray(load_packed(files, tokenizer, max_seq_length, cache_dir=cache_dir,
                                   max_documents=max_documents, **kwargs))
-
-
-# ----------------------------------------------------------------------------------------- masking
-def token_probabilities(packed: np.ndarray, vocab_size: int, smoothing: float,
-                        special_token_ids) -> np.ndarray:
-  """`[vocab_size] float32` masking weights `max(count, 1) ** -smoothing`, 0 for special tokens.
-
-  As HF distillation `train.py` (`--mlm_smoothing`, 0.7 in DistilBERT): frequent tokens are masked less
-  often. Counts come from `packed` (the training set: an `[N, T]` array, or a `corpus.PackedDataset`,
-  whose counts were taken at preprocessing; they differ from row counts only in special tokens,
-  which get weight 0 anyway).
-  """
-  if isinstance(packed, corpus.PackedDataset):
-    counts = packed.token_counts()
-    seen = np.flatnonzero(counts)
-    lo, hi = (seen.min(), seen.max()) if seen.size else (0, 0)
-  else:
-    ids = np.asarray(packed).ravel()
-    counts = np.bincount(ids[ids >= 0]) if ids.size else np.zeros(0, np.int64)
-    lo, hi = (ids.min(), ids.max()) if ids.size else (0, 0)
-  if lo < 0 or hi >= vocab_size:
-    raise ValueError(f'Token ids span [{lo}, {hi}] but vocab_size={vocab_size}; pass '
-                     'the tokenizer/model vocabulary size.')
-  counts = np.pad(counts, (0, vocab_size - len(counts))).astype(np.float64)
-  probs = np.maximum(counts, 1.0) ** -float(smoothing)
-  probs[np.asarray(list(special_token_ids), dtype=np.int64)] = 0.0
-  return probs.astype(np.float32)
-
-
-def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, mask_token_id: int,
-                vocab_size: int, special_token_ids, mlm_probability: float = 0.15,
-                token_probs: np.ndarray | None = None, global_batch_size: int | None = None,
-                row_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """BERT masking. `input_ids: [B, T]` -> (`masked_input_ids: [B, T] int32`, `labels: [B, T] int32`).
-
-  Without `token_probs`: every non-special token is selected independently with `mlm_probability`
-  (HF DataCollatorForLanguageModeling). With `token_probs [V]`: exactly
-  `round(mlm_probability * num_real_tokens)` positions are drawn without replacement with weight
-  `token_probs[id]` (HF distiller.prepare_batch_mlm, which uses ceil and counts [CLS]/[SEP]; weighted
-  sampling done via exponential keys = Efraimidis-Spirakis, same law as torch.multinomial).
-  Selected positions: 80% -> `mask_token_id`, 10% -> uniform random id in [0, vocab_size), 10% kept;
-  `labels` holds the original id there and -100 elsewhere. `special_token_ids` are never selected and
-  must include the pad id (tokenizer.all_special_ids does). Random draws have fixed shapes, so the
-  result is a pure function of the rng state and input. With `global_batch_size` G, `input_ids` are
-  rows `[row_offset, row_offset + B)` of a G-row batch and the result equals those rows of masking
-  the whole batch (draws are made for G rows and sliced; not with `token_probs`, whose k-of-batch
-  selection couples rows: ValueError).
-  """
-  ids = np.asarray(input_ids)
-  if ids.ndim != 2:
-    raise ValueError(f'input_ids must be [batch, seq_len], got shape {ids.shape}.')
-  if not 0.0 <= mlm_probability <= 1.0:
-    raise ValueError(f'mlm_probability={mlm_probability} must be in [0, 1].')
-  if global_batch_size is not None and token_probs is not None:
-    raise ValueError('mask_tokens: token_probs selects k positions over the whole batch; pass the '
-                     'whole batch (no global_batch_size) with token_probs.')
-  special = np.isin(ids, np.asarray(list(special_token_ids), dtype=np.int64))
-  shape = ids.shape if global_batch_size is None else (global_batch_size, ids.shape[1])
-  rows = slice(row_offset, row_offset + len(ids))
-  select_u = rng.random(shape)[rows]
-  action_u = rng.random(shape)[rows]
-  random_ids = rng.integers(0, vocab_size, shape, dtype=np.int64)[rows]
-  if token_probs is None:
-    selected = (select_u < mlm_probability) & ~special
-  else:
-    token_probs = np.asarray(token_probs, np.float64)
-    if token_probs.ndim != 1 or ids.max(initial=0) >= len(token_probs):
-      raise ValueError(f'token_probs must be [vocab_size] covering every id (shape '
-                       f'{token_probs.shape}, max id {ids.max(initial=0)}).')
-    weights = np.where(special, 0.0, token_probs[ids])
-    k = int(np.floor(mlm_probability * np.count_nonzero(~special) + 0.5))
-    k = min(k, np.count_nonzero(weights > 0))
-    selected = np.zeros(ids.size, bool)
-    if k > 0:
-      with np.errstate(divide='ignore'):
-        keys = np.where(weights > 0, -np.log1p(-select_u) / weights, np.inf).ravel()
-      selected[np.argpartition(keys, k - 1)[:k]] = True
-    selected = selected.reshape(ids.shape)
-  labels = np.where(selected, ids, IGNORE_INDEX).astype(np.int32)
-  masked = np.where(selected & (action_u < 0.8), mask_token_id, ids)
-  masked = np.where(selected & (action_u >= 0.8) & (action_u < 0.9), random_ids, masked)
-  return masked.astype(np.int32), labels
 
 
 # ----------------------------------------------------------------------------------------- batching
@@ -186,7 +124,12 @@ class EpochOrder:
     self._lock = threading.Lock()
 
   def permutation(self, epoch: int) -> np.ndarray:
-    """`[num_rows]` row indices of `epoch` (int32 below 2**31 rows: same values, half the RAM)."""
+    """The row order of `epoch`: `default_rng([*key, epoch]).permutation(num_rows)`.
+
+    Returns:
+      `[num_rows]` row indices, int32 below 2**31 rows (same values, half the RAM), else int64.
+      The cached array itself: do not modify it.
+    """
     with self._lock:
       if epoch not in self._perms:
         if len(self._perms) >= 2:
@@ -197,7 +140,15 @@ class EpochOrder:
       return self._perms[epoch]
 
   def rows(self, step: int, batch_size: int) -> np.ndarray:
-    """`[batch_size] int64` row indices of global batch `step`."""
+    """Row indices of global batch `step`: stream positions `[step*B, (step+1)*B)`.
+
+    Args:
+      step: the global batch's index (>= 0).
+      batch_size: B.
+
+    Returns:
+      `[batch_size] int64` row indices in [0, num_rows).
+    """
     n = self.num_rows
     g = step * batch_size + np.arange(batch_size, dtype=np.int64)
     rows = np.empty_like(g)
@@ -214,6 +165,14 @@ def padded_batches(arrays: dict[str, np.ndarray], batch_size: int,
   The last batch is filled up with rows of `fill[key]` (0 for keys not in `fill`), e.g. pad
   token ids or `IGNORE_INDEX` labels, which every metric ignores, so that all evaluation batches
   share one compiled shape. Dtypes and trailing shapes are kept.
+
+  Args:
+    arrays: name -> `[N, ...]` numpy array.
+    batch_size: rows per batch.
+    fill: name -> fill value of padding rows.
+
+  Returns:
+    The batches, each `{name: [batch_size, ...]}`; an empty list when N = 0.
 
   Raises:
     ValueError: `batch_size <= 0`.
@@ -237,7 +196,7 @@ def _batch(ids: np.ndarray, rng, pad_token_id: int, mask_kwargs: dict,
            **slice_kwargs) -> dict[str, np.ndarray]:
   kwargs = dict(mask_kwargs, **slice_kwargs)
   kwargs['special_token_ids'] = sorted(set(kwargs['special_token_ids']) | {pad_token_id})
-  masked, labels = mask_tokens(ids, rng, **kwargs)
+  masked, labels = masking.mask_tokens(ids, rng, **kwargs)
   return {'input_ids': masked, 'attention_mask': (ids != pad_token_id).astype(np.int32),
           'labels': labels}
 
@@ -261,7 +220,7 @@ class _BatchSource:
     self.order = EpochOrder(len(packed), (seed, 0))
 
   def rows(self, step: int) -> np.ndarray:
-    """`[global_batch_size] int64` row indices of `packed` in the global batch of `step`."""
+    """Returns the `[global_batch_size] int64` row indices of `packed` in batch `step`."""
     return self.order.rows(step, self.global_batch_size)
 
   def global_batch(self, step: int, lo: int = 0, hi: int | None = None) -> dict[str, np.ndarray]:
@@ -269,6 +228,14 @@ class _BatchSource:
 
     Without smoothing the masking draws are made for the whole batch and sliced, so any split equals
     the whole; with `token_probs` the whole batch is read and masked, then sliced.
+
+    Args:
+      step: the global batch's index.
+      lo / hi: the rows wanted; `hi` None = global_batch_size.
+
+    Returns:
+      `input_ids`, `attention_mask`, `labels` `[hi - lo, T]` int32, plus the `row_features`
+      arrays of those rows.
     """
     rows = self.rows(step)
     hi = self.global_batch_size if hi is None else hi
@@ -306,24 +273,41 @@ def _produce(make_batch, step: int, out: queue.Queue, stop: threading.Event) -> 
 class BatchIterator:
   """Infinite iterator of host-local MLM batches from `packed [N, T]` (array or PackedDataset).
 
-  Each item: `{'input_ids', 'attention_mask', 'labels'}`, int32 `[global_batch_size/process_count, T]`.
+  Each item: `{'input_ids', 'attention_mask', 'labels'}`, int32 `[B/P, T]` (B = global_batch_size,
+  P = process_count), plus any `row_features` arrays.
   The global batch of step s is a pure function of (seed, s): row g in [s*B, (s+1)*B) is
-  `perm_e[g % N]` with e = g // N and `perm_e = default_rng([seed, 0, e]).permutation(N)` (batches may
-  straddle epochs; nothing is dropped), masked with `default_rng([seed, 1, s])` over the whole global
-  batch, of which this host reads and keeps rows `[p*B/P, (p+1)*B/P)` (with `token_probs` it reads all
-  B, see `mask_tokens`). Hence `start_step=k` resumes exactly (in O(N) for the epoch's permutation,
-  whatever k) and P hosts together see the single-host batch. (The spec's `[seed, epoch]` perm seed was given a 0
-  tag because numpy's SeedSequence([a, b]) == SeedSequence([a, b, 0]), i.e. it collided with the
-  masking stream of step 0.) `step` = the next step `__next__` returns.
+  `perm_e[g % N]` with e = g // N and `perm_e = default_rng([seed, 0, e]).permutation(N)` (batches
+  may straddle epochs; nothing is dropped), masked with `default_rng([seed, 1, s])` over the whole
+  global batch, of which this host reads and keeps rows `[p*B/P, (p+1)*B/P)` (with `token_probs`
+  it reads all B, see `masking.mask_tokens`). Hence `start_step=k` resumes exactly (in O(N) for
+  the epoch's permutation, whatever k) and P hosts together see the single-host batch. The
+  permutation seed carries the 0 tag because numpy's SeedSequence pads short entropy with zeros:
+  `[seed, e]` would equal `[seed, e, 0]`, and epoch 1's permutation would share the masking
+  stream `[seed, 1, 0]` of step 0. `step` = the next step `__next__` returns.
 
-  With `prefetch > 0` a daemon thread fills a bounded queue of `prefetch` batches; an exception there
-  is re-raised by `__next__`; `close()` (or `with`, or garbage collection) stops it. `pad_token_id`
-  (default 0, BERT) sets attention_mask and is never masked. Raises ValueError for empty `packed`,
-  global_batch_size not divisible by process_count, bad process_index, negative seed/start_step.
-  `row_features(rows [b] int64, samples [b] int64) -> {name: [b, ...] array}` (optional) adds
-  per-row arrays to this host's rows of every batch inside the prefetch thread (the cached teacher
-  targets of offline distillation); `rows` index `packed`, `samples` are the positions
-  `step * global_batch_size + i` in the run's stream of (masked) sequences.
+  With `prefetch > 0` a daemon thread fills a bounded queue of `prefetch` batches; an exception
+  there is re-raised by `__next__`; `close()` (or `with`, or garbage collection) stops it.
+
+  Args:
+    packed: `[N, T]` int rows, an array or a `corpus.PackedDataset`.
+    global_batch_size: B, rows per step over all hosts.
+    seed: the run's seed (>= 0).
+    start_step: the first step returned (>= 0; resume).
+    process_index / process_count: p and P, this host and the number of hosts.
+    mask_token_id / vocab_size / special_token_ids / mlm_probability / token_probs: as
+      `masking.mask_tokens` (the pad id is added to `special_token_ids`).
+    prefetch: batches made ahead in a background thread; 0 = made in `__next__`.
+    pad_token_id: sets `attention_mask` and is never masked (default 0, BERT).
+    row_features: optional `(rows [b] int64, samples [b] int64) -> {name: [b, ...] array}` that
+      adds per-row arrays to this host's rows of every batch inside the prefetch thread (the
+      cached teacher targets of offline distillation); `rows` index `packed`, `samples` are the
+      positions `step * global_batch_size + i` in the run's stream of (masked) sequences.
+
+  Raises:
+    ValueError: empty or non-2-D `packed`, global_batch_size not positive or not divisible by
+      process_count, bad process_index, negative seed/start_step.
+    RuntimeError: (from `__next__`) the iterator is closed, or the prefetch thread died without
+      handing over a batch.
   """
 
   def __init__(self, packed, *, global_batch_size: int, seed: int, start_step: int = 0,
@@ -366,15 +350,18 @@ class BatchIterator:
     return lambda step: source.global_batch(step, lo, lo + size)
 
   def global_batch(self, step: int) -> dict[str, np.ndarray]:
-    """The full (all hosts) batch of `step`: arrays `[global_batch_size, T]` int32."""
+    """Returns the full (all hosts) batch of `step`: `[global_batch_size, T]` int32 arrays.
+
+    Also the `row_features` arrays of every row, when given.
+    """
     return self._source.global_batch(step)
 
   def rows(self, step: int) -> np.ndarray:
-    """Indices into `packed` of the global batch of `step`: `[global_batch_size]` int64."""
+    """Returns the indices into `packed` of global batch `step`, `[global_batch_size]` int64."""
     return self._source.rows(step)
 
   def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
-    """This host's rows of `global_batch(step)`: `[global_batch_size/process_count, T]` int32."""
+    """Returns this host's rows of `global_batch(step)`, `[B/P, T]` int32; `self.step` unchanged."""
     return self._local_maker()(step)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -423,11 +410,23 @@ def eval_batches(packed_eval, batch_size: int, seed: int, num_sequences: int | N
                  **mask_kwargs) -> list[dict[str, np.ndarray]]:
   """Fixed evaluation batches over the first `num_sequences` rows (None = all; capped at N).
 
-  Returns a list of `{'input_ids', 'attention_mask', 'labels'}` int32 `[batch_size, T]`; batch i is
-  masked with `default_rng([seed, 2, i])`, so every call gives identical batches. The last batch is
-  filled up with all-pad rows (attention_mask 0, labels -100) to keep shapes static. `mask_kwargs` go
-  to `mask_tokens` (`mask_token_id`, `vocab_size`, `special_token_ids`, ...), plus optional
-  `pad_token_id` (default 0).
+  Batch i is masked with `default_rng([seed, 2, i])`, so every call gives identical batches. The
+  last batch is filled up with all-pad rows (attention_mask 0, labels -100) to keep shapes static.
+
+  Args:
+    packed_eval: `[N, T]` int rows, an array or a `corpus.PackedDataset` (only the rows used are
+      read).
+    batch_size: rows per batch.
+    seed: the run's seed.
+    num_sequences: rows to use from the start; None = all.
+    **mask_kwargs: `masking.mask_tokens` arguments (`mask_token_id`, `vocab_size`,
+      `special_token_ids`, ...), plus optional `pad_token_id` (default 0).
+
+  Returns:
+    A list of `{'input_ids', 'attention_mask', 'labels'}` int32 `[batch_size, T]` dicts.
+
+  Raises:
+    ValueError: `batch_size <= 0`, or what `masking.mask_tokens` raises.
   """
   pad_token_id = mask_kwargs.pop('pad_token_id', 0)
   rows = np.asarray(packed_eval[:num_sequences])  # a PackedDataset reads only these rows
@@ -447,12 +446,31 @@ def streaming_batches(files: Sequence[str], tokenizer, max_seq_length: int, *,
 
   Reads `files` or the hub-style `dataset` (as `load_packed`; json/parquet/dataset files through
   `datasets` streaming=True). Same window layout as `load_packed` and the same masking
-  (`default_rng([seed, 1, step])` on the global batch, host slice `[p*B/P, (p+1)*B/P)`), so `position`
-  (= number of global batches consumed = step) is all a checkpoint needs: resume with
+  (`default_rng([seed, 1, step])` on the global batch, host slice `[p*B/P, (p+1)*B/P)`), so
+  `position` (= number of global batches consumed = step) is all a checkpoint needs: resume with
   `start_position=step`. Limits: no shuffling (corpus order), resuming re-tokenizes and skips
   `start_position * B` windows (linear cost; `load_packed` has neither limit), each epoch ends with
-  one padded window, and epochs repeat forever unless `num_epochs` is set. Decode errors surface as
-  ValueError when reached.
+  one padded window, and epochs repeat forever unless `num_epochs` is set (then the incomplete last
+  global batch is dropped).
+
+  Args:
+    files / tokenizer / max_seq_length / dataset / dataset_split / text_column: as `load_packed`.
+    global_batch_size: B, rows per step over all hosts.
+    seed: the run's seed (masking only: there is no shuffling).
+    start_position: first step yielded; earlier windows are tokenized and skipped.
+    process_index / process_count: p and P, this host and the number of hosts.
+    mlm_probability / token_probs: as `masking.mask_tokens`.
+    num_epochs: passes over the corpus; None = endless.
+    cache_dir: `datasets` cache for json/parquet/dataset files; None = a temporary directory.
+
+  Yields:
+    This host's `{'input_ids', 'attention_mask', 'labels'}` int32 `[B/P, T]` per step.
+
+  Raises:
+    ValueError: at the first `next()`: max_seq_length < 8, B not divisible by P, or bad files /
+      dataset (as `documents.file_units` / `dataset_units`); later, when reached: a decode error,
+      a missing text column, or a corpus without tokens.
+    FileNotFoundError: missing files (at the first `next()`).
   """
   if max_seq_length < 8:
     raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8.')
@@ -460,9 +478,9 @@ def streaming_batches(files: Sequence[str], tokenizer, max_seq_length: int, *,
     raise ValueError(f'global_batch_size={global_batch_size} is not divisible by process_count='
                      f'{process_count}; use a multiple of the number of processes.')
   if dataset:
-    units = corpus.dataset_units(dataset, dataset_split, text_column)
+    units = documents.dataset_units(dataset, dataset_split, text_column)
   else:
-    units = corpus.file_units(files, text_column=text_column)
+    units = documents.file_units(files, text_column=text_column)
   backend = corpus.backend(tokenizer)
   cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
   mask_kwargs = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
@@ -471,13 +489,18 @@ def streaming_batches(files: Sequence[str], tokenizer, max_seq_length: int, *,
   width, local = max_seq_length - 2, global_batch_size // process_count
 
   def windows() -> Iterator[np.ndarray]:
+    """The packed `[T]` int32 rows of every epoch, in corpus order.
+
+    Raises:
+      ValueError: an epoch without any token (empty corpus), or as `documents.unit_documents`.
+    """
     epoch = 0  # an own temp dir keeps datasets' lock files out of ~/.cache; removed with the stream
     own_tmp = None if cache_dir else tempfile.TemporaryDirectory(prefix='flaxdistil_hf_')
     hf_cache = cache_dir or own_tmp.name
     while num_epochs is None or epoch < num_epochs:
       buf, produced = np.zeros((0,), np.int32), False
       for unit in units:
-        for texts in corpus.unit_documents(unit, hf_cache):
+        for texts in documents.unit_documents(unit, hf_cache):
           docs = corpus.tokenize_documents(texts, backend)
           buf = np.concatenate([buf, corpus.concat_documents(docs, sep_id)])
           full = (len(buf) - 1) // width  # keep >= 1 token so the final [SEP] can be dropped

@@ -26,7 +26,15 @@ def write_corpus(directory: str, *, seed: int = 0, vocab_words: int = 300,
   """Writes `vocab.txt`, tokenizer files, `train.txt` and `valid.txt`.
 
   Documents are paragraphs separated by a blank line (the layout of the real
-  Wikipedia files). Idempotent: existing files are reused.
+  Wikipedia files). Idempotent: if `train.txt` and `valid.txt` exist nothing is
+  written. The text files are renamed into place last, so concurrent writers
+  never expose a half-written corpus.
+
+  Args:
+    directory: output directory (created if missing).
+    seed: seeds the vocabulary, the Markov chain and both splits.
+    vocab_words: number of made-up words (the vocabulary adds 5 special tokens, '.' and ',').
+    train_documents / eval_documents: documents in `train.txt` / `valid.txt`.
 
   Returns:
     dict with `tokenizer` (directory), `train_files`, `eval_files` (lists).
@@ -49,6 +57,7 @@ def write_corpus(directory: str, *, seed: int = 0, vocab_words: int = 300,
   nxt = rng.integers(0, len(words), size=(len(words), 4))
 
   def document(r):
+    """One document: 2-5 sentences of 5-19 words each, drawn with generator `r`."""
     sents = []
     for _ in range(int(r.integers(2, 6))):
       w = int(r.integers(len(words)))

@@ -15,7 +15,7 @@ What the teacher sees (`teacher.cache_teacher_input`):
   batch size or masking can train from it. Online distillation with
   `distill.teacher_input='original'` is the exactly equivalent online objective (tested equal at
   k = V). But with the answer in its input the teacher's targets at masked positions are
-  label-like (README: Offline distillation).
+  label-like (docs/offline.md).
 - 'masked': this run's own masked stream (the HF distiller's objective, `teacher_input='masked'`):
   the masking is a pure function of (seed, step), so the builder replays it and stores the
   teacher's targets per sample `step * global_batch_size + i`. Equal to online KD at k = V
@@ -24,17 +24,20 @@ What the teacher sees (`teacher.cache_teacher_input`):
   over students, learning rates and loss weights, not over seeds.
 
 Layout of a cache directory:
-  manifest.json          teacher / tokenizer / data fingerprints, k, dtypes, T, rows, shards; written
-                         first as a plan (`complete: false`) and rewritten `complete: true` at the end
+  manifest.json          teacher / tokenizer / data fingerprints, k, dtypes, T, rows, shards;
+                         written first as a plan (`complete: false`), rewritten `complete: true`
+                         at the end
   shard-00000.arrow ...  Arrow IPC files (pyarrow), one record batch each: `row` int64 and per row
-                         fixed-size lists `topk_values [T*k]` (uint16 bits of bf16/fp16, or float32),
+                         fixed-size lists `topk_values [T*k]` (uint16 bits of bf16/fp16 or
+                         float32),
                          `topk_ids [T*k]` int32, `logz [T]` float32, `hidden [T*H]` (optional),
                          and per `manifest['layers']` entry (stored in `hidden_dtype`):
                          `hidden_states_i [T*H]` (i = 0 embeddings, i = layer i's output),
                          `attentions_l` / `attention_scores_l [h*T*T]`, `values_l [h*T*d]`
 Shard s holds cache positions [s*R, (s+1)*R) of the manifest's `rows` (indices into the packed
-data; for a 'masked' cache, sample indices) and is written by host `s % process_count` to a temporary file, then renamed: a killed build
-rerun with the same command skips finished shards and gives a bit-identical cache.
+data; for a 'masked' cache, sample indices) and is written by host `s % process_count` to a
+temporary file, then renamed: a killed build rerun with the same command skips finished shards
+and gives a bit-identical cache.
 """
 
 import hashlib
@@ -111,8 +114,15 @@ def _layer_shape(field: str, cfg: dict, t: int) -> tuple:
 # ----------------------------------------------------------------------------- fingerprints
 
 def data_fingerprint(packed) -> str:
-  """Fingerprint of the packed training data: `packed.fingerprint` if it has one, else the sha256
-  of its shape, dtype and bytes (~0.1 s per 50 MB)."""
+  """Fingerprint of the packed training data.
+
+  Args:
+    packed: a `corpus.PackedDataset` or an `[N, T]` array.
+
+  Returns:
+    `packed.fingerprint` if it has one, else the first 32 hex chars of the sha256 of its shape,
+    dtype and bytes (~0.1 s per 50 MB).
+  """
   fp = getattr(packed, 'fingerprint', None)
   if fp:
     return str(fp)
@@ -123,7 +133,11 @@ def data_fingerprint(packed) -> str:
 
 
 def params_fingerprint(params) -> str:
-  """sha256 of every parameter's path, shape, dtype and bytes (the teacher's identity)."""
+  """The teacher's identity: 32 hex chars of the sha256 of every leaf's path, shape, dtype, bytes.
+
+  Leaves are visited in sorted path order, so the dict order does not matter; device arrays are
+  copied to the host.
+  """
   h = hashlib.sha256()
   for path, x in sorted(jax.tree_util.tree_leaves_with_path(params),
                         key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -136,7 +150,17 @@ def params_fingerprint(params) -> str:
 # ----------------------------------------------------------------------------- shard files
 
 def storage_dtype(name: str):
-  """The numpy dtype of a cache dtype name (`bfloat16`, `float16`, `float32`); ValueError otherwise."""
+  """The numpy dtype of a cache dtype name.
+
+  Args:
+    name: 'bfloat16', 'float16' or 'float32'.
+
+  Returns:
+    `ml_dtypes.bfloat16`, `np.float16` or `np.float32`.
+
+  Raises:
+    ValueError: any other name.
+  """
   if name not in _DTYPES:
     raise ValueError(f'cache dtype {name!r}: use one of {sorted(_DTYPES)}.')
   return _DTYPES[name]
@@ -153,11 +177,16 @@ def _list_column(x: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def write_shard(path: str, arrays: dict[str, np.ndarray]) -> int:
-  """Atomically writes one shard (`storage.atomic.atomic_file`); returns its size in bytes.
+  """Atomically writes one shard as an Arrow IPC file (`storage.atomic.atomic_file`).
 
   Args:
+    path: the shard's file (`shard_name`).
     arrays: `row [R]` int64 and per-row arrays `[R, ...]` (`topk_values`, `topk_ids`, `logz`,
-      `hidden`), each stored as a fixed-size list column.
+      `hidden`, layer columns). 1-D arrays become plain columns, the others fixed-size list
+      columns of the flattened row; 16-bit floats are stored as their uint16 bits.
+
+  Returns:
+    The file's size in bytes.
   """
   cols = {k: pa.array(v) if v.ndim == 1 else _list_column(v) for k, v in arrays.items()}
   table = pa.table(cols)
@@ -167,7 +196,17 @@ def write_shard(path: str, arrays: dict[str, np.ndarray]) -> int:
 
 
 def read_shard(path: str, shapes: dict[str, tuple], dtypes: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Memory-maps a shard; returns zero-copy numpy views `[R, *shapes[k]]` of dtype `dtypes[k]`."""
+  """Memory-maps a shard written by `write_shard`.
+
+  Args:
+    path: the shard's file.
+    shapes: column -> per-row shape, e.g. `{'topk_ids': (T, k)}`.
+    dtypes: column -> numpy dtype to view the stored values as (bfloat16 from uint16 bits).
+
+  Returns:
+    `row [R]` int64 plus, for each column of `shapes`, zero-copy numpy views
+    `[R, *shapes[k]]` of dtype `dtypes[k]`.
+  """
   table = pa.ipc.open_file(pa.memory_map(path, 'r')).read_all()
   out = {'row': table.column('row').to_numpy()}
   for k, shape in shapes.items():
@@ -178,6 +217,7 @@ def read_shard(path: str, shapes: dict[str, tuple], dtypes: dict[str, Any]) -> d
 
 
 def shard_name(s: int) -> str:
+  """File name of shard `s`: `shard-00000.arrow`, ..."""
   return f'shard-{s:05d}.arrow'
 
 
@@ -187,16 +227,17 @@ class TeacherCache:
   """A complete cache directory, memory-mapped; `features(rows)` gives a batch's targets.
 
   Args:
-    directory: a directory written by `build` (`python -m flaxdistil.cache_teacher`).
+    directory: a directory written by `cache_teacher.build` (`python -m flaxdistil.cache_teacher`).
     top_k: k to serve, <= the stored k (the stored top-k is sorted, so its first k entries are
       the top-k); None or 0 = the stored k.
     hidden: serve `teacher_hidden` (needs a cache built with hidden states).
     logz: serve `teacher_logz` (for `tail_bucket`).
     layers: intermediate outputs to serve, `needed_layers(...)` of the run (as
       `teacher_{field}_{i}` batch entries in the `ModelOutput` layout).
+
   Raises:
-    ValueError: no/incomplete manifest, missing shards, k too large, hidden states or a needed
-      intermediate layer not stored.
+    ValueError: no/incomplete manifest, another format version, missing shards, k too large,
+      hidden states or a needed intermediate layer not stored.
   """
 
   def __init__(self, directory: str, top_k: int | None = None, hidden: bool = False,
@@ -262,8 +303,9 @@ class TeacherCache:
 
     Args:
       expected: the run's values of `IDENTITY_KEYS` (`identity(...)`).
+
     Raises:
-      ValueError naming every mismatching field and the fix.
+      ValueError: a field differs (names every mismatching field and the fix).
     """
     bad = [f'{k}: cache has {self.manifest.get(k)!r}, this run has {expected[k]!r}'
            for k in IDENTITY_KEYS if self.manifest.get(k) != expected[k]]
@@ -273,13 +315,23 @@ class TeacherCache:
                        '`python -m flaxdistil.cache_teacher --config ... --out NEW_DIR`.')
 
   def features(self, rows: np.ndarray, samples: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Cached targets of packed rows `rows [B]`: `teacher_topk_values [B, T, k]` (stored dtype),
-    `teacher_topk_ids [B, T, k]` int32, and if requested `teacher_logz [B, T]` float32,
-    `teacher_hidden [B, T, H]`, `teacher_{field}_{i}` (`[B, T, H]` hidden states, `[B, h, T, T]`
-    attentions / attention_scores, `[B, h, T, d]` values; stored dtype). Raises ValueError for a
-    row that is not in the cache. A masked-input cache (`index: sample`) is read by
-    `samples [B]` (`step * global_batch_size + i`, as `BatchIterator` passes them), the others by
-    the packed `rows [B]`."""
+    """Cached targets of a batch's rows (the `row_features` hook of `BatchIterator`).
+
+    Args:
+      rows: `[B]` indices into the packed data (read by an 'original' cache).
+      samples: `[B]` sample indices `step * global_batch_size + i`, as `BatchIterator` passes
+        them (read by a masked-input cache, `index: sample`).
+
+    Returns:
+      `teacher_topk_values [B, T, k]` (stored dtype), `teacher_topk_ids [B, T, k]` int32, and if
+      requested `teacher_logz [B, T]` float32, `teacher_hidden [B, T, H]`, `teacher_{field}_{i}`
+      (`[B, T, H]` hidden states, `[B, h, T, T]` attentions / attention_scores, `[B, h, T, d]`
+      values; stored dtype). New arrays, not views of the memory map.
+
+    Raises:
+      ValueError: a row (or sample) that is not in the cache, or a masked-input cache read
+        without `samples`.
+    """
     if self.by_sample and samples is None:
       raise ValueError(f'teacher.cache={self.directory!r} holds the teacher on masked sequences; '
                        'it is read by sample index (features(rows, samples)).')
@@ -317,15 +369,34 @@ class TeacherCache:
 # ----------------------------------------------------------------------------- identity
 
 def identity(teacher_params, packed, tokenizer_fp: str, max_seq_length: int) -> dict:
-  """The `IDENTITY_KEYS` of a run: what a cache must have been built for."""
+  """The `IDENTITY_KEYS` of a run: what a cache must have been built for.
+
+  Args:
+    teacher_params: the teacher's params (`params_fingerprint`).
+    packed: the packed training data (`data_fingerprint`).
+    tokenizer_fp: the tokenizer's fingerprint (the run's `fingerprint['tokenizer_vocab']`).
+    max_seq_length: T.
+
+  Returns:
+    `{'data_fingerprint', 'teacher_fingerprint', 'tokenizer', 'max_seq_length'}` -> value.
+  """
   return {'data_fingerprint': data_fingerprint(packed),
           'teacher_fingerprint': params_fingerprint(teacher_params),
           'tokenizer': tokenizer_fp, 'max_seq_length': int(max_seq_length)}
 
 
 def masking_identity(config, first_input_ids: np.ndarray) -> dict:
-  """What a masked-input cache must share with a run: the masking's parameters and the sha256 of
-  the run's step-0 masked `input_ids [B, T]` (catches any other change of the masking)."""
+  """What a masked-input cache must share with a run.
+
+  Args:
+    config: the run's config (`seed`, `data.global_batch_size`, `distill.mlm_probability`,
+      `distill.mlm_smoothing`).
+    first_input_ids: the run's step-0 masked `input_ids [B, T]`.
+
+  Returns:
+    The masking's parameters and `first_batch_sha256`, 32 hex chars of the sha256 of
+    `first_input_ids` as int32 (catches any other change of the masking).
+  """
   d = config.distill
   return {'seed': int(config.seed), 'global_batch_size': int(config.data.global_batch_size),
           'mlm_probability': float(d.mlm_probability), 'mlm_smoothing': float(d.mlm_smoothing),

@@ -13,11 +13,21 @@ from flaxdistil.storage import hub
 def load_tokenizer(path_or_name: str):
   """Loads a fast (Rust `tokenizers`-backed) tokenizer with [CLS]/[SEP]/[PAD]/[MASK] defined.
 
-  Accepts a local directory (tokenizer.json and/or vocab.txt, e.g. a bare BERT tokenizer dir with no
-  `tokenizer_class`, which transformers v5's AutoTokenizer loads without special tokens, so BERT
-  WordPiece is assumed there) or a hub name. Returns a `transformers.PreTrainedTokenizerFast`.
-  Raises FileNotFoundError for a missing local path, ValueError when the tokenizer is not fast or
-  lacks one of the special tokens.
+  `transformers.AutoTokenizer` first; for a local directory with tokenizer.json or vocab.txt
+  where that fails or leaves a special token undefined (e.g. a bare BERT tokenizer dir with no
+  `tokenizer_class`, which transformers v5's AutoTokenizer loads without special tokens),
+  `BertTokenizerFast` (BERT WordPiece) is assumed.
+
+  Args:
+    path_or_name: a local directory (`~` expanded) or a hub name.
+
+  Returns:
+    A `transformers.PreTrainedTokenizerFast` with [CLS], [SEP], [PAD] and [MASK] ids.
+
+  Raises:
+    FileNotFoundError: a local path (`hub.looks_like_local_path`) that is missing or a file.
+    ValueError: no tokenizer could be loaded, it is not a fast one, or it lacks one of the
+      special tokens.
   """
   import transformers  # lazy: the .npy cache-hit path of training never needs it
   path = os.path.expanduser(path_or_name)

@@ -31,6 +31,15 @@ def _define_flags():
 
 
 def main(argv):
+  """Exports the run of `--workdir` to `--out` and prints the JSON report (`app.run`).
+
+  Args:
+    argv: the command line left after absl parsed its flags; only the program name is allowed.
+
+  Raises:
+    app.UsageError: positional arguments, or no `--workdir` / `--out`.
+    SystemExit: code 2 when the export fails (`error: ...` on stderr).
+  """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:

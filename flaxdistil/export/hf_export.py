@@ -96,22 +96,35 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
   (``AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained``) and
   README.md (``model_card`` text, skipped if None) into a temporary directory
   beside ``out_dir`` (published 0644 files, 0755 directories). If ``verify``,
-  loads it with ``AutoModelForMaskedLM.from_pretrained(output_loading_info=True)`` (no
-  missing/unexpected/mismatched keys allowed) and compares float32 logits on a
-  fixed padded batch with the Flax model (max abs diff over real tokens <=
-  ``atol``). Only then is the directory renamed to ``out_dir``; on any failure
-  the temporary directory is deleted and nothing is left behind.
+  loads it with ``torch_models.load_torch_model`` (the Auto class of
+  ``config.architectures``, ``output_loading_info=True``: no
+  missing/unexpected/mismatched keys allowed) and compares float32 outputs on a
+  fixed padded batch of 2 rows with the Flax model (max abs diff <= ``atol``,
+  over real tokens; class logits per row). Only then is the directory renamed
+  to ``out_dir``; on any failure the temporary directory is deleted and
+  nothing is left behind.
 
   Params must be host-local / fully addressable (gather sharded params first).
+
+  Args:
+    params: the model's params (host numpy or fully addressable arrays).
+    config: its `bert.ModelConfig`.
+    out_dir: the directory to create.
+    tokenizer_path: the training tokenizer (directory or hub name); None writes none.
+    model_card: README.md text (`model_card.model_card`); None writes none.
+    dtype: dtype of the stored tensors: 'float32', 'bfloat16' or 'float16'.
+    verify: reload and compare with the Flax model before publishing.
+    atol: the largest allowed max |torch - Flax| (logits, or last hidden states).
+    overwrite: replace an existing `out_dir` (swapped, not merged).
+    id2label: `{index: label name}` of a classifier (`setup.Run.info['id2label']`), or None.
 
   Returns:
     {'path': absolute out_dir, 'max_abs_diff': float or None if not verified}.
 
   Raises:
-    FileExistsError: out_dir exists and overwrite=False.
-    ValueError: unknown dtype, tokenizer larger than vocab_size,
-      or verification failure.
-    FileNotFoundError / ValueError: tokenizer_path cannot be loaded.
+    FileExistsError: out_dir exists and overwrite=False, or it is a file.
+    ValueError: unknown dtype, tokenizer_path cannot be loaded, tokenizer larger
+      than vocab_size or reloading with other special tokens, or verification failure.
   """
   if dtype not in _TORCH_DTYPES:
     raise ValueError(f'dtype must be one of {_TORCH_DTYPES}, got {dtype!r}.')
@@ -187,7 +200,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'flo
   Raises:
     FileNotFoundError: no checkpoint (for `step`) in `workdir`.
     FileExistsError: `out` exists and not `overwrite`.
-    ValueError: verification of the HF or the ONNX export failed.
+    ValueError: an unknown `dtype`, an unloadable tokenizer, or verification of the HF or the
+      ONNX export failed.
+    RuntimeError: checkpoints exist but none can be read, or the ONNX exporter failed. An
+      ONNX-step error keeps its type and names the verified HF directory.
   """
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f'--out {out} already exists; choose a new directory or pass --overwrite.')

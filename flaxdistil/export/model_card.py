@@ -41,6 +41,16 @@ def model_card(meta: dict, step: int, cfg: ModelConfig) -> str:
 
   Local paths (teacher, training files, dataset directory) are written
   absolute, hub names as given (`_card_path`).
+
+  Args:
+    meta: the checkpoint's metadata (`info`, `fingerprint`, `eval`; `checkpointing.save`).
+    step: the checkpoint's step.
+    cfg: the student's `ModelConfig` (architecture, heads, pipeline tag).
+
+  Returns:
+    The Markdown text, YAML front matter (`library_name`, `pipeline_tag`, `tags`) first; the
+    last eval line is GLUE dev accuracy (and F1) for a task run, masked-token accuracy and
+    perplexity otherwise, none without eval metrics.
   """
   info, ev = meta.get('info', {}), meta.get('eval', {}) or {}
   arch = 'BERT' if cfg.model_type == 'bert' else 'DistilBERT'

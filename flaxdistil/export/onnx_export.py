@@ -5,16 +5,17 @@ r"""Exported transformers directory -> verified ONNX model (+ int8 dynamic quant
   python -m flaxdistil.export --workdir runs/wiki_b --out exported/b_mlm && \
       python -m flaxdistil.export.onnx_export --hf exported/b_mlm
 
-Reads a directory written by `export.export_hf` (or any HF BERT / DistilBERT
+Reads a directory written by `hf_export.export_hf` (or any HF BERT / DistilBERT
 `*ForMaskedLM`, `*ForSequenceClassification` or bare encoder directory), exports
 the transformers torch model with `torch.onnx.export(dynamo=True)` (the
 maintained torch.export-based exporter; the legacy TorchScript tracer bakes the
 attention-mask shape logic of transformers v5 into constants and is wrong on
 padded batches), with dynamic `batch` and `sequence` axes, and checks the
-onnxruntime outputs on a fixed padded batch against the torch model and against our
-Flax model loaded from the same directory (max |Δ| <= `atol` for both). Optionally writes the int8 model of
-`onnxruntime.quantization.quantize_dynamic` (int8 weights of MatMul/Gather,
-activations quantized per call; no calibration data) and reports its deviation.
+onnxruntime outputs on a fixed padded batch against the torch model and against
+our Flax model loaded from the same directory (max |Δ| <= `atol` for both).
+Optionally writes the int8 model of `onnxruntime.quantization.quantize_dynamic`
+(int8 weights of MatMul/Gather, activations quantized per call; no calibration
+data) and reports its deviation.
 
 Layout (the transformers.js / Hub convention): `<hf_dir>/onnx/model.onnx` and
 `<hf_dir>/onnx/model_quantized.onnx` by default; an `--out` outside the HF
@@ -49,13 +50,24 @@ _SIDE_FILES = ('config.json', 'tokenizer.json', 'tokenizer_config.json', 'vocab.
 
 
 def weights_bytes(hf_dir: str) -> int:
-  """Bytes of the safetensors / pytorch_model.bin weight files in `hf_dir`."""
+  """Bytes of the safetensors / pytorch_model.bin weight files in `hf_dir`.
+
+  Returns:
+    Their total size in bytes (0 when there are none).
+  """
   return sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir)
              if f.endswith('.safetensors') or f == 'pytorch_model.bin')
 
 
 def input_names(config) -> tuple[str, ...]:
-  """ONNX graph inputs, int64 `[batch, sequence]` each; DistilBERT has no token types."""
+  """ONNX graph inputs, int64 `[batch, sequence]` each; DistilBERT has no token types.
+
+  Args:
+    config: the transformers config (`model_type`).
+
+  Returns:
+    `('input_ids', 'attention_mask')`, plus `'token_type_ids'` for `model_type == 'bert'`.
+  """
   base = ('input_ids', 'attention_mask')
   return base + ('token_type_ids',) if config.model_type == 'bert' else base
 
@@ -64,6 +76,16 @@ def verification_batch(config, batch: int = 2, seq_len: int = 13, seed: int = 12
   """A fixed padded batch `{name: int64 [batch, seq_len]}`; row 1 padded after half its length.
 
   Token types are 0 on the first half and 1 on the second (a sentence pair).
+
+  Args:
+    config: the transformers config (`vocab_size`, `pad_token_id`, `model_type`).
+    batch: rows; with 1, that row is the padded one.
+    seq_len: tokens per row.
+    seed: of the random token ids (`np.random.default_rng`).
+
+  Returns:
+    `{'input_ids', 'attention_mask'}` (+ `'token_type_ids'` for BERT, 0 on padding), padding
+    positions holding `pad_token_id`.
   """
   rng = np.random.default_rng(seed)
   ids = rng.integers(0, config.vocab_size, (batch, seq_len))
@@ -78,14 +100,31 @@ def verification_batch(config, batch: int = 2, seq_len: int = 13, seed: int = 12
 
 
 def torch_outputs(model, output: str, feeds: dict) -> np.ndarray:
-  """float32 numpy `output` of the torch model on int64 numpy `feeds`."""
+  """float32 numpy `output` of the torch model on int64 numpy `feeds`.
+
+  Args:
+    model: a transformers model (`torch_models.load_torch_model`).
+    output: the output attribute to read (`'logits'` or `'last_hidden_state'`).
+    feeds: `{input name: int64 [B, T]}` (`verification_batch`).
+
+  Returns:
+    The output as float32 numpy (`[B, num_labels]`, `[B, T, vocab]` or `[B, T, hidden]`).
+  """
   with torch.inference_mode():
     out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
   return getattr(out, output).float().numpy()
 
 
 def ort_session(path: str, num_threads: int = 0):
-  """onnxruntime CPU `InferenceSession` (`num_threads` 0 = onnxruntime's default: all cores)."""
+  """onnxruntime CPU `InferenceSession` (`num_threads` 0 = onnxruntime's default: all cores).
+
+  Args:
+    path: the `.onnx` file.
+    num_threads: intra-op threads.
+
+  Returns:
+    The session on `CPUExecutionProvider`, logging errors only.
+  """
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   opts = ort.SessionOptions()
   opts.intra_op_num_threads = num_threads
@@ -101,6 +140,7 @@ class _Forward(torch.nn.Module):
     self.model, self.output = model, output
 
   def forward(self, input_ids, attention_mask, token_type_ids=None):
+    """The model's `output` tensor for these inputs."""
     kw = {} if token_type_ids is None else {'token_type_ids': token_type_ids}
     return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **kw),
                    self.output)
@@ -134,6 +174,10 @@ def quantize_int8(src: str, dst: str):
   (`QInt8`, per tensor); activations are quantized to uint8 at run time from
   their observed range (`DynamicQuantizeLinear`), so no calibration data is
   needed. Softmax, LayerNorm and GELU stay float32.
+
+  Args:
+    src: the fp32 `.onnx` file.
+    dst: the int8 `.onnx` file to write.
   """
   import onnx  # pylint: disable=g-import-not-at-top
   from onnxruntime.quantization import QuantType  # pylint: disable=g-import-not-at-top
@@ -149,8 +193,14 @@ def quantize_int8(src: str, dst: str):
 def flax_outputs(hf_dir: str, output: str, feeds: dict) -> np.ndarray:
   """float32 `output` of our Flax model (`hf_conversion.load_hf_model(hf_dir)`) on `feeds`.
 
-  `logits` is `[B, num_labels]` for a classifier and `[B, T, vocab]` for a masked LM;
-  `last_hidden_state` is `[B, T, hidden]`.
+  Args:
+    hf_dir: the HF directory (config.json + weights).
+    output: `'logits'` or `'last_hidden_state'` (torch's name for the same output).
+    feeds: `{input name: int64 [B, T]}` (`verification_batch`).
+
+  Returns:
+    float32 numpy: `logits` is `[B, num_labels]` for a classifier and `[B, T, vocab]` for a
+    masked LM; `last_hidden_state` is `[B, T, hidden]`.
   """
   config, params = hf_conversion.load_hf_model(hf_dir)
   out = bert.MaskedLM(config).apply({'params': params}, feeds['input_ids'],
@@ -186,7 +236,8 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
       `hf_dir` (`hf_conversion.load_hf_model`), the model that was trained.
 
   Returns:
-    `{'path', 'onnx', 'onnx_bytes', 'max_abs_diff', 'output'}` plus, with
+    `{'path', 'onnx', 'onnx_bytes', 'max_abs_diff', 'max_abs_diff_flax', 'output'}`
+    (`max_abs_diff_flax` None without `check_flax`; sizes in bytes) plus, with
     `quantize`, `{'int8', 'int8_bytes', 'int8_max_abs_diff', 'int8_top1_agreement'}`
     (int8 vs torch fp32 on the verification batch; report-only, the quality
     change on real data is `scripts/quantization_quality.py`'s job).
@@ -194,8 +245,10 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
   Raises:
     FileNotFoundError: `hf_dir` missing or not a HF directory.
     FileExistsError: `out` exists and not `overwrite`.
-    ValueError: unsupported model, or onnxruntime output differs from torch
-      by more than `atol` (nothing is written).
+    ValueError: unsupported model, weights that do not load cleanly, onnxruntime output
+      differing from torch (or Flax) by more than `atol`, or a non-finite int8 output
+      (nothing is written).
+    RuntimeError: `torch.onnx.export` returned no program.
   """
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   out = atomic.check_writable_target(out or os.path.join(hf_dir, 'onnx'), overwrite)
@@ -237,6 +290,14 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
 
 
 def main(argv=None):
+  """The command line: exports, then prints the JSON report of `export_onnx`.
+
+  Args:
+    argv: arguments (without the program name); None reads `sys.argv`.
+
+  Raises:
+    SystemExit: code 2 when the export fails (`error: ...` on stderr), argparse's on bad flags.
+  """
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--hf', required=True, help='transformers directory (python -m flaxdistil.export)')
   ap.add_argument('--out', default=None, help='output directory; default <hf>/onnx')

@@ -18,6 +18,13 @@ def load_torch_model(hf_dir: str):
   (output `logits: [B, num_labels]`), `*ForMaskedLM` (`logits: [B, T, vocab]`),
   else the bare encoder (`last_hidden_state: [B, T, hidden]`).
 
+  Args:
+    hf_dir: a Hugging Face BERT / DistilBERT directory (config.json + weights).
+
+  Returns:
+    `(model, output_name)`: the torch model in eval mode, and the attribute of its output
+    to read (`'logits'` or `'last_hidden_state'`).
+
   Raises:
     FileNotFoundError: `hf_dir` or its config.json is missing.
     ValueError: config.json is not a BERT / DistilBERT config, or the weights do

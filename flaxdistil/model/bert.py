@@ -23,6 +23,11 @@ Parameter tree (kernels are ``[in, out]``, i.e. the transpose of torch Linear)::
   mlm_head/transform/kernel                     [H, H]   ('embed', None), bias (None,)
   mlm_head/transform_layer_norm                 [H]
   mlm_head/bias                                 [V]      ('vocab',)
+  classifier_head/pre_classifier/kernel         [H, H]   ('embed', None), bias (None,)
+  classifier_head/classifier/kernel             [H, C]   (None, None), bias (None,)
+
+``classifier_head`` exists only with ``num_labels = C > 0``, ``mlm_head`` only
+with ``with_mlm_head=True``.
 
 The MLM decoder is tied to the word embeddings (HF ``tie_word_embeddings=True``):
 ``logits = word_embeddings.attend(h) + mlm_head.bias``.
@@ -65,8 +70,8 @@ class ModelConfig:
   ``jnp.bfloat16``); parameters are always float32.
 
   Raises:
-    ValueError: unknown model_type / hidden_act, or hidden_size not divisible by
-      num_attention_heads.
+    ValueError: unknown model_type / hidden_act, hidden_size not divisible by
+      num_attention_heads, num_labels < 0, or 'bert' with type_vocab_size < 1.
   """
   model_type: str = 'bert'
   vocab_size: int = 30522
@@ -109,10 +114,12 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
+    """Size of one attention head: hidden_size // num_attention_heads."""
     return self.hidden_size // self.num_attention_heads
 
   @property
   def has_token_types(self) -> bool:
+    """True for 'bert' (token-type embeddings), False for 'distilbert'."""
     return self.model_type == 'bert'
 
 
@@ -120,8 +127,9 @@ class ModelOutput(flax.struct.PyTreeNode):
   """Model outputs.
 
   Attributes:
-    logits: [batch, seq_len, vocab_size] in the compute dtype, or None when the
-      model was built with ``with_mlm_head=False``.
+    logits: [batch, seq_len, vocab_size] in the compute dtype (num_positions
+      instead of seq_len with ``logits_positions``), or None when the model was
+      built with ``with_mlm_head=False`` or called with ``return_mlm_hidden``.
     hidden_states: tuple of num_hidden_layers + 1 arrays [batch, seq_len, hidden]
       (embedding output first, then every layer output), as HF
       ``output_hidden_states=True``.
@@ -142,7 +150,7 @@ class ModelOutput(flax.struct.PyTreeNode):
       (``intermediate.value_relation_kl``).
     class_logits: [batch, num_labels] float32 sequence-classification logits
       (``config.num_labels > 0``), else None.
-    mlm_hidden: [batch, seq_len, hidden] compute dtype: the MLM head's
+    mlm_hidden: [batch, seq_len or num_positions, hidden] compute dtype: the MLM head's
       transformed states before the tied decoder, only with
       ``return_mlm_hidden=True`` (then ``logits`` is None).
   """
@@ -195,6 +203,7 @@ class Embeddings(nn.Module):
   config: ModelConfig
 
   def setup(self):
+    """Declares the embedding tables, LayerNorm and dropout."""
     cfg = self.config
     self.word_embeddings = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
@@ -223,7 +232,11 @@ class Embeddings(nn.Module):
     return nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_embed'))
 
   def attend(self, x):
-    """Tied decoder: x [B, T, H] -> [B, T, V] = x @ word_embeddings.T."""
+    """Tied decoder: `x @ word_embeddings.T`.
+
+    Returns:
+      `[B, T, V]` logits in the compute dtype for `x` `[B, T, H]` (no bias).
+    """
     return self.word_embeddings.attend(x)
 
 
@@ -233,8 +246,9 @@ class SelfAttention(nn.Module):
   Scores and softmax are computed in float32 even for bf16 compute. When the
   probabilities are not needed as outputs and no attention dropout applies
   (eval, the teacher forward, or ``attention_probs_dropout_prob=0``), the core
-  goes through ``jax.nn.dot_product_attention``: cuDNN flash attention on GPU,
-  the same XLA math as below on CPU.
+  goes through ``jax.nn.dot_product_attention`` with its default
+  ``implementation=None``, which in jax 0.10 is its XLA implementation on every
+  backend (not cuDNN: that needs ``implementation='cudnn'``).
   """
   config: ModelConfig
 
@@ -244,8 +258,9 @@ class SelfAttention(nn.Module):
 
     Returns (output [B, T, H], probs [B, heads, T, T] float32,
     scores [B, heads, T, T] float32 (softmax input), values [B, heads, T, head_dim]);
-    probs and scores are None when ``need_probs`` is False and the fused
-    kernel ran. Unused returns are dead code that XLA removes under jit.
+    probs and scores are None when ``need_probs`` is False and the
+    ``dot_product_attention`` path ran. Unused returns are dead code that XLA
+    removes under jit.
     """
     cfg = self.config
     b, t, _ = x.shape
@@ -336,7 +351,7 @@ class MLMHead(nn.Module):
 
     ``project=False`` stops before the tied decoder and returns the
     transformed hidden states [B, T, H], for losses that apply the decoder
-    themselves a chunk at a time (``losses.chunked_vocab_terms``).
+    themselves a chunk at a time (``chunked_vocab.chunked_vocab_terms``).
     """
     cfg = self.config
     h = _dense(cfg, cfg.hidden_size, (('embed', None), (None,)), 'transform')(x)
@@ -383,6 +398,7 @@ class MaskedLM(nn.Module):
   config: ModelConfig
 
   def setup(self):
+    """Declares embeddings, encoder and the configured heads."""
     self.embeddings = Embeddings(self.config)
     self.encoder = Encoder(self.config)
     if self.config.with_mlm_head:
@@ -480,7 +496,12 @@ class MaskedLM(nn.Module):
 
 
 def unbox(tree):
-  """Strips ``nn.Partitioned`` metadata boxes: boxed tree -> plain arrays."""
+  """Strips ``nn.Partitioned`` metadata boxes.
+
+  Returns:
+    `tree` with every boxed leaf replaced by its value (arrays or
+    ``ShapeDtypeStruct``s); unboxed leaves pass through.
+  """
   return nn.meta.unbox(tree)
 
 
@@ -499,31 +520,49 @@ def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
   """Randomly initialised float32 params (HF ``_init_weights``), unboxed.
 
   Kernels/embeddings ~ normal(0.02), biases 0, LayerNorm scale 1.
+
+  Args:
+    config: the architecture.
+    rng: PRNG key of the initialisation.
+    seq_len: length of the dummy input traced by ``init`` (capped at
+      max_position_embeddings); the params do not depend on it.
+
+  Returns:
+    Nested dict of float32 ``jax.Array``s laid out as in the module docstring.
   """
   fn = jax.jit(functools.partial(_init_boxed, config, seq_len=seq_len))
   return unbox(fn(rng))
 
 
 def abstract_params(config: ModelConfig):
-  """Boxed tree of ``jax.ShapeDtypeStruct`` (no memory, no compute).
+  """The params' shapes without allocating or computing them (``jax.eval_shape``).
 
-  Leaves are ``nn.Partitioned`` with logical axis names; use
-  ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding`` on it.
+  Returns:
+    The ``init_params`` tree, boxed: leaves are ``nn.Partitioned`` holding
+    float32 ``jax.ShapeDtypeStruct``s with logical axis names; use
+    ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding`` on it, or
+    ``unbox`` it for plain shapes.
   """
   return jax.eval_shape(
       functools.partial(_init_boxed, config), jax.random.PRNGKey(0))
 
 
 def vocab_projection(params) -> tuple[jax.Array, jax.Array]:
-  """The tied MLM decoder of a params tree: `(embedding [V, H], bias [V])` float32.
+  """The tied MLM decoder of an unboxed params tree.
 
   `logits = mlm_hidden @ embedding.T + bias` (HF ``BertLMPredictionHead.decoder``
   / DistilBERT ``vocab_projector``, tied to the word embeddings).
+
+  Returns:
+    `(embedding [V, H], bias [V])`, the params' own (float32) arrays.
+
+  Raises:
+    KeyError: the params have no MLM head (``with_mlm_head=False``).
   """
   return params['embeddings']['word_embeddings']['embedding'], params['mlm_head']['bias']
 
 
 def count_params(params) -> int:
-  """Number of scalar parameters (boxed, unboxed or abstract tree)."""
+  """Number of scalar parameters of a boxed, unboxed or abstract params tree (an int)."""
   leaves = jax.tree_util.tree_leaves(unbox(params))
   return int(sum(int(np.prod(x.shape)) for x in leaves))

@@ -4,7 +4,7 @@ Config mapping (``BertConfig``/``DistilBertConfig`` <-> ``ModelConfig``), tensor
 renaming (torch Linear ``weight [out, in]`` <-> Flax ``kernel [in, out]``) and
 loading a checkpoint directory. DistilBERT student initialisation from
 teacher layers is ``student_init``; the verified export to a transformers
-directory is ``export.export_hf``.
+directory is ``export/hf_export.py`` (``export_hf``).
 Params are nested dicts of float32 arrays laid out as documented in
 ``bert.py``; state dicts are ``dict[str, np.ndarray]``.
 """
@@ -55,11 +55,20 @@ def config_from_hf(hf_config: Any, *, with_mlm_head: bool = True,
   the dict take the HF defaults (= ModelConfig defaults). ``num_labels > 0``
   adds the sequence-classification head, whose dropout is BERT's
   ``classifier_dropout`` (None = ``hidden_dropout_prob``) or DistilBERT's
-  ``seq_classif_dropout``.
+  ``seq_classif_dropout`` (default 0.2).
+
+  Args:
+    hf_config: ``config.json`` contents as a dict, or a ``PretrainedConfig``.
+    with_mlm_head: build the tied MLM head.
+    num_labels: classification classes; 0 = no classification head.
+
+  Returns:
+    The ``ModelConfig`` (compute dtype float32, no remat).
 
   Raises:
-    ValueError: model_type missing or not 'bert'/'distilbert' (names it), or a
-      BERT variant we do not implement (relative position embeddings).
+    ValueError: model_type missing or not 'bert'/'distilbert' (names it), a
+      BERT variant we do not implement (relative position embeddings), or a
+      config ``ModelConfig`` rejects.
   """
   c = dict(hf_config.to_dict() if hasattr(hf_config, 'to_dict') else hf_config)
   model_type = c.get('model_type')
@@ -97,10 +106,20 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None):
   ``architectures`` is ``[BertForSequenceClassification]`` /
   ``[DistilBertForSequenceClassification]`` when ``config.num_labels > 0``
   (labels from ``id2label``, default ``LABEL_i``), else ``[*ForMaskedLM]`` (or
-  the base model without head); ``tie_word_embeddings=True``.
+  ``[BertModel]`` / ``[DistilBertModel]`` without MLM head);
+  ``tie_word_embeddings=True``.
+
+  Args:
+    config: the model's config.
+    id2label: class index -> label name for a classification model (keys may
+      be strings, as in a JSON file); None = ``LABEL_0`` ... ``LABEL_{C-1}``.
+
+  Returns:
+    A ``transformers.BertConfig`` or ``transformers.DistilBertConfig``.
 
   Raises:
-    ValueError: DistilBERT with layer_norm_eps != 1e-12 (HF hard-codes it).
+    ValueError: DistilBERT with layer_norm_eps != 1e-12 (HF hard-codes it), or
+      ``id2label`` not naming exactly the labels 0..num_labels-1.
   """
   import transformers  # pylint: disable=g-import-not-at-top
   if config.model_type == 'bert':
@@ -173,6 +192,7 @@ def _name_map(config: ModelConfig):
   bert, p, out = config.model_type == 'bert', _prefix(config), []
 
   def add(hf, path, kind, part):
+    """Appends the tensors of `kind` at `hf` / `path`, unless `part` is a head the config lacks."""
     if (part == 'mlm' and not config.with_mlm_head) or (part == 'cls' and not config.num_labels):
       return
     for suffix, leaf, transpose in _TENSORS[kind]:
@@ -252,15 +272,27 @@ def params_from_hf_state_dict(state_dict, config: ModelConfig):
 
   Accepts ``bert.``/``distilbert.``-prefixed names (``*ForMaskedLM``) and
   unprefixed names (``BertModel``/``DistilBertModel``, e.g. MiniLM), legacy
-  ``LayerNorm.gamma/beta``, and torch tensors or numpy arrays. Pooler,
+  ``LayerNorm.gamma/beta``, and torch tensors or numpy arrays. The
   next-sentence head and ``position_ids``/``token_type_ids`` buffers are
-  ignored. A tied decoder weight (``cls.predictions.decoder.weight`` /
-  ``vocab_projector.weight``) is accepted if it equals the word embeddings. With
-  ``config.with_mlm_head=False`` head tensors are ignored.
+  ignored; the pooler and ``classifier``/``pre_classifier`` tensors too unless
+  ``config.num_labels > 0`` (then BERT's pooler dense becomes
+  ``classifier_head/pre_classifier``). A tied decoder weight
+  (``cls.predictions.decoder.weight`` / ``vocab_projector.weight``) is accepted
+  if it equals the word embeddings, a ``cls.predictions.decoder.bias`` if it
+  equals ``cls.predictions.bias``. With ``config.with_mlm_head=False`` head
+  tensors are ignored.
+
+  Args:
+    state_dict: tensor name -> torch tensor or numpy array (any float dtype).
+    config: the architecture the tensors must match exactly.
+
+  Returns:
+    Params laid out as ``bert.init_params(config)`` (host numpy, contiguous).
 
   Raises:
     ValueError: missing or unexpected tensors (lists their names), shape
-      mismatches (lists them), or an untied decoder (not representable).
+      mismatches (lists them), or an untied decoder weight / bias (not
+      representable).
   """
   sd = _normalise_names(state_dict, config)
   dec_w, dec_b = _DECODER[config.model_type]
@@ -315,10 +347,22 @@ def params_from_hf_state_dict(state_dict, config: ModelConfig):
 
 
 def params_to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
-  """Flax params -> state dict named like ``BertForMaskedLM`` /
-  ``DistilBertForMaskedLM.save_pretrained`` (float32, contiguous; the tied
-  decoder weight is omitted as transformers does). Without an MLM head only the
-  prefixed encoder tensors are returned.
+  """Flax params -> state dict named like ``*ForMaskedLM`` / ``*ForSequenceClassification``.
+
+  Names are those ``save_pretrained`` writes (float32, contiguous; the tied
+  decoder weight is omitted as transformers does). Without an MLM head the
+  ``cls.predictions.*`` / ``vocab_*`` tensors are left out; with
+  ``config.num_labels > 0`` the classification head is included (BERT:
+  ``bert.pooler.dense.*``, ``classifier.*``; DistilBERT: ``pre_classifier.*``,
+  ``classifier.*``).
+
+  Args:
+    params: boxed or unboxed params of ``config`` (device or host arrays).
+    config: the architecture; decides which tensors are written.
+
+  Returns:
+    tensor name -> float32 ``np.ndarray``; Linear weights in torch's ``[out, in]``
+    layout.
 
   Raises:
     ValueError: a parameter the config requires is missing from ``params``.
@@ -449,13 +493,19 @@ def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
       ``huggingface_hub.snapshot_download``).
     with_mlm_head: None = auto (True if the checkpoint contains an MLM head);
       False drops any head; True requires one.
+    with_classifier: load a ``classifier.weight`` head if there is one.
+
+  Returns:
+    ``(ModelConfig, params)``: params as ``params_from_hf_state_dict`` returns
+    them (float32 host numpy).
 
   Raises:
     FileNotFoundError: directory, config.json or weights file missing, or Hub
       download failed (offline or unreachable: the message names
-      ``teacher.path`` and a local directory as the fix).
-    ValueError: config not BERT/DistilBERT, corrupt weights file, head requested
-      but absent, or tensors not matching the config.
+      ``teacher.path`` / ``student.path`` and a local directory as the fix).
+    ValueError: ``path_or_name`` is a file, config not BERT/DistilBERT or not
+      valid JSON, corrupt weights file or shard index, head requested but
+      absent, or tensors not matching the config.
   """
   model_dir = _resolve_model_dir(path_or_name)
   hf_config = _read_config(model_dir)

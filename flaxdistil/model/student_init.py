@@ -7,7 +7,7 @@ extract_distilbert.py`: embeddings, evenly spread teacher layers
 classification head where the source has no matching one. Params are nested
 dicts of float32 host numpy arrays laid out as documented in `bert.py`.
 Errors are `ValueError`s whose message names the config key and the fix
-(`setup` re-raises them as `ConfigError`).
+(`training/run_models.py` re-raises them as `ConfigError`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ def select_teacher_layers(num_teacher_layers: int,
   and last layer. 12 -> 6 gives [0, 2, 4, 7, 9, 11], the layers HF
   ``extract_distilbert.py`` uses for distilbert-base-uncased.
 
+  Args:
+    num_teacher_layers: Lt.
+    num_student_layers: Ls.
+
+  Returns:
+    Ls distinct, increasing 0-based teacher layer indices.
+
   Raises:
     ValueError: num_student_layers < 1 or > num_teacher_layers.
   """
@@ -54,6 +61,15 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
   them), teacher layers ``layers`` (default ``select_teacher_layers``) into
   student layers 0..Ls-1, and the MLM head if the student has one. If the
   student has fewer positions, the first rows of the position table are kept.
+  A classification student (``num_labels > 0``) copies the teacher's
+  ``classifier_head`` (BERT pooler -> DistilBERT ``pre_classifier``).
+
+  Args:
+    teacher_params: the teacher's params (boxed or unboxed, device or host).
+    teacher_config: the teacher's config.
+    student_config: the student's config (its depth, head and positions decide
+      what is copied).
+    layers: Ls 0-based teacher layer indices, or None = ``select_teacher_layers``.
 
   Returns:
     Student params (nested dict of float32 numpy arrays, copies), same
@@ -61,8 +77,10 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
 
   Raises:
     ValueError: width mismatch (hidden_size / num_attention_heads /
-      intermediate_size / vocab_size) with a hint to use random init, bad
-      ``layers``, or a student head without a teacher head.
+      intermediate_size / vocab_size) with a hint to use random init, more
+      student than teacher positions, bad ``layers``, an MLM head the teacher
+      lacks, a 'bert' student whose teacher has no (or other) token types, or
+      a different ``num_labels``.
   """
   t, s = teacher_config, student_config
   # Only shapes must agree; activation / dropout / dtype are the student's own.
@@ -123,15 +141,29 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
 
 
 def same_type(pretrained: ModelConfig | None, student) -> bool:
-  """`pretrained` exists and has the student's `model_type` (a config or the `student` group)."""
+  """True if `pretrained` is a config with the student's `model_type`.
+
+  Args:
+    pretrained: the `student.path` checkpoint's config, or None.
+    student: anything with a `model_type` (a `ModelConfig` or the `student` config group).
+
+  Returns:
+    False for None or a different model type.
+  """
   return pretrained is not None and pretrained.model_type == student.model_type
 
 
 def with_head(params, scfg: ModelConfig, seed: int):
   """Adds a freshly initialised classification head when `params` lack a matching one.
 
-  The head is drawn from `PRNGKey(seed + 4)`; params without `scfg.num_labels`
-  are returned unchanged.
+  Args:
+    params: unboxed student params, with or without `classifier_head`.
+    scfg: the student's config; `num_labels == 0` returns `params` unchanged.
+    seed: the run's seed; the new head is drawn from `PRNGKey(seed + 4)`.
+
+  Returns:
+    `params` itself if it needs no head (or its head has the config's shapes),
+    else a new dict whose `classifier_head` is the fresh host-numpy head.
   """
   if not scfg.num_labels:
     return params
@@ -145,12 +177,20 @@ def with_head(params, scfg: ModelConfig, seed: int):
 
 
 def load_pretrained_student(path: str, student_model_type: str, num_labels: int):
-  """`(ModelConfig, numpy params)` of the HF checkpoint `student.path`.
+  """Loads the HF checkpoint `student.path` for `student.init='pretrained'`.
 
-  A classification student (`num_labels > 0`) is loaded without MLM head.
+  Args:
+    path: checkpoint directory or hub name (`hf_conversion.load_hf_model`).
+    student_model_type: `student.model_type`, 'bert' or 'distilbert'.
+    num_labels: > 0 for a classification student, which is loaded without MLM
+      head (an MLM head is otherwise kept if the checkpoint has one).
+
+  Returns:
+    `(ModelConfig, params)` of the checkpoint, params float32 host numpy.
 
   Raises:
-    ValueError: the checkpoint cannot be loaded (the loader's reason), or it is a
+    ValueError: the checkpoint cannot be loaded (the loader's FileNotFoundError,
+      ValueError or OSError, message prefixed with `student.path`), or it is a
       DistilBERT while the student is a 'bert'.
   """
   try:
@@ -165,7 +205,7 @@ def load_pretrained_student(path: str, student_model_type: str, num_labels: int)
 
 def init_student(init: str, scfg: ModelConfig, seed: int, *, teacher=(None, None),
                  pretrained=(None, None), layers=None):
-  """Student params (float32 host numpy tree shaped like `bert.init_params(scfg)`).
+  """Initialises the student's params from the source `init` names.
 
   Args:
     init: 'teacher' (DistilBERT-style, from `teacher`), 'pretrained' (from
@@ -174,13 +214,19 @@ def init_student(init: str, scfg: ModelConfig, seed: int, *, teacher=(None, None
     scfg: the student's config.
     seed: the run's seed.
     teacher / pretrained: `(ModelConfig, params)` or `(None, None)`.
-    layers: teacher layer indices for init='teacher' (None = `select_teacher_layers`).
+    layers: teacher layer indices for init='teacher' (None or empty =
+      `select_teacher_layers`).
 
-  A classification student whose source has no matching head gets a random one.
+  A classification student whose source has no matching head gets a random one
+  (`with_head`).
+
+  Returns:
+    The student's params: float32 host numpy, laid out as `bert.init_params(scfg)`.
 
   Raises:
-    ValueError: unknown `init`, init='teacher' without a teacher, or a student
-      the source cannot initialise (message starts 'student.init=...').
+    ValueError: unknown `init`, init='teacher' without a teacher (also
+      init='pretrained' without a checkpoint, which takes the teacher path), or
+      a student the source cannot initialise (message starts 'student.init=...').
   """
   (tcfg, tparams), (pcfg, pretrained_params) = teacher, pretrained
   if init == 'pretrained' and not same_type(pcfg, scfg):

@@ -1,10 +1,10 @@
 """A teacher cache's targets in the shape of the teacher's model output (offline distillation).
 
-`data/teacher_cache.py` stores the teacher's top-k logits and intermediate outputs; its reader puts
-them into batches under the keys `cached_layer_key` names. `cached_teacher_output(batch)` turns those
-entries back into a `CachedTeacherOutput`, laid out like `bert.ModelOutput`, so the loss functions
-read cached and computed teachers alike (`losses.distillation_terms` switches to the sparse top-k KL
-for it; `intermediate.intermediate_terms` is unchanged).
+`data/teacher_cache.py` stores the teacher's top-k logits and intermediate outputs; its reader
+puts them into batches under the keys `cached_layer_key` names. `cached_teacher_output(batch)`
+turns those entries back into a `CachedTeacherOutput`, laid out like `bert.ModelOutput`, so the
+loss functions read cached and computed teachers alike (`losses.distillation_terms` switches to
+the sparse top-k KL for it; `intermediate.intermediate_terms` is unchanged).
 """
 
 from typing import Mapping, NamedTuple
@@ -30,7 +30,16 @@ class CachedTeacherOutput(NamedTuple):
 
 
 def cached_layer_key(field: str, index: int) -> str:
-  """Batch key of a cached intermediate teacher output, e.g. `teacher_hidden_states_2`."""
+  """Batch key of a cached intermediate teacher output.
+
+  Args:
+    field: a `bert.ModelOutput` field: 'hidden_states', 'attentions', 'attention_scores' or
+      'values'.
+    index: its index in that field's tuple (for `hidden_states`, 0 = the embeddings).
+
+  Returns:
+    `teacher_{field}_{index}`, e.g. `teacher_hidden_states_2`.
+  """
   return f'teacher_{field}_{index}'
 
 
@@ -42,6 +51,13 @@ def cached_teacher_output(batch: Mapping[str, jax.Array],
     batch: `teacher_topk_values`, `teacher_topk_ids`, optional `teacher_logz`, `teacher_hidden`
       (last hidden state) and `teacher_{field}_{i}` entries (`teacher_cache.TeacherCache.features`).
     num_teacher_layers: L, so that negative layer indices (MiniLM's last layer) resolve as online.
+
+  Returns:
+    The batch's arrays (no copy) as a `CachedTeacherOutput`; an intermediate field is None when
+    the batch holds none of its layers, else a tuple with None at the layers it lacks.
+
+  Raises:
+    KeyError: the batch has no `teacher_topk_values` / `teacher_topk_ids`.
   """
   n = num_teacher_layers
   sizes = {'hidden_states': n + 1, 'attentions': n, 'attention_scores': n, 'values': n}

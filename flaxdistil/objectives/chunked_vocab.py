@@ -84,6 +84,7 @@ def _scan_chunks(s_h, s_emb, s_bias, t_h, t_emb, t_bias, labels, kl_w, coef, tem
             if with_grad else None)
 
   def body(carry, x):
+    """One chunk: adds its sums (and emb/bias gradients) to `carry`; emits its d_h or None."""
     sums, acc = carry
     sh, th, y, w = x
     part, g = _vocab_chunk(sh, s_emb, s_bias, th, t_emb, t_bias, y, w, coef,
@@ -153,10 +154,13 @@ def chunked_vocab_terms(student_hidden, student_proj, teacher_hidden, teacher_pr
     chunk_size: positions per chunk (M is padded up to a multiple).
 
   Returns:
-    `(loss, terms)`: `loss = sum_k alpha_k * sum_k / max(count_k, 1)` (float32, nats) with the global `counts`
-    (differentiable w.r.t. the student inputs) and `terms` `{k: (sum, count)}` with this batch's
-    own counts, as `distillation_terms` returns them. The sums are not differentiable
-    on their own: only `loss` carries the gradient.
+    `(loss, terms)`: `loss = sum_k alpha_k * sum_k / max(count_k, 1)` (float32 scalar; mlm and
+    ce in nats) with the global `counts` (differentiable w.r.t. the student inputs) and `terms`
+    `{k: (sum, count)}` with this batch's own counts, as `distillation_terms` returns them. The
+    sums are not differentiable on their own: only `loss` carries the gradient.
+
+  Raises:
+    ValueError: alpha_ce or alpha_mse set without `teacher_hidden`.
   """
   labels = batch['labels']
   kl_w = (labels != IGNORE_INDEX) if w.restrict_ce_to_mask else batch['attention_mask']

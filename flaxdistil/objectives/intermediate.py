@@ -77,6 +77,13 @@ def uniform_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[
   4 -> 2 gives [1, 3]. Entry j is the teacher layer for (0-based) student
   layer j; index `hidden_states` with `j + 1` (entry 0 is the embeddings).
 
+  Args:
+    num_student_layers: Ls.
+    num_teacher_layers: Lt, a multiple of Ls.
+
+  Returns:
+    Ls increasing 0-based teacher layer indices; the last is always Lt - 1.
+
   Raises:
     ValueError: non-positive layer counts, more student than teacher layers, or
       Lt not divisible by Ls (pass an explicit list to `resolve_layer_map`).
@@ -106,7 +113,10 @@ def resolve_layer_map(num_student_layers: int, num_teacher_layers: int,
     num_teacher_layers: Lt.
     explicit: optional list of Ls 0-based teacher layer indices (student layer
       j learns from teacher layer explicit[j]); strictly increasing, each in
-      [0, Lt).
+      [0, Lt). None or empty = `uniform_layer_map`.
+
+  Returns:
+    Ls 0-based teacher layer indices (ints).
 
   Raises:
     ValueError: wrong length, non-integer, out-of-range or non-increasing
@@ -162,12 +172,21 @@ def _init_projection_boxed(rng, student_hidden: int, teacher_hidden: int):
 
 
 def init_projection_params(rng: jax.Array, student_hidden: int, teacher_hidden: int):
-  """Unboxed float32 params `{'embedding': W_e, 'hidden': W_h}` or None.
+  """TinyBERT's W_e and W_h for a student narrower (or wider) than its teacher.
 
-  Each entry is a `HiddenProjection` param tree (`{'dense': {'kernel': [Hs, Ht],
-  'bias': [Ht]}}`). Returns None when the widths are equal: TinyBERT then
-  compares representations directly and no extra parameters exist. Train these
-  with the student, keep them in checkpoints, leave them out of exports.
+  Train these with the student, keep them in checkpoints, leave them out of
+  exports.
+
+  Args:
+    rng: PRNG key (split into one key per projection).
+    student_hidden: Hs.
+    teacher_hidden: Ht.
+
+  Returns:
+    Unboxed float32 params `{'embedding': W_e, 'hidden': W_h}`, each a
+    `HiddenProjection` param tree (`{'dense': {'kernel': [Hs, Ht], 'bias': [Ht]}}`),
+    or None when Hs == Ht: TinyBERT then compares representations directly and
+    no extra parameters exist.
   """
   if int(student_hidden) == int(teacher_hidden):
     return None
@@ -175,7 +194,16 @@ def init_projection_params(rng: jax.Array, student_hidden: int, teacher_hidden: 
 
 
 def abstract_projection_params(student_hidden: int, teacher_hidden: int):
-  """Boxed `ShapeDtypeStruct` tree with logical axis names (for shardings), or None."""
+  """The shapes of `init_projection_params` without computing them.
+
+  Args:
+    student_hidden: Hs.
+    teacher_hidden: Ht.
+
+  Returns:
+    Boxed (`nn.Partitioned`, logical axis names) tree of float32 `ShapeDtypeStruct`s,
+    for shardings; None when Hs == Ht.
+  """
   if int(student_hidden) == int(teacher_hidden):
     return None
   return jax.eval_shape(lambda r: _init_projection_boxed(r, int(student_hidden), int(teacher_hidden)),
@@ -241,7 +269,7 @@ def hidden_mse(s_hidden, t_hidden, weights, layer_map, proj=None) -> Pair:
     proj: W_h params (shared by all layers, as in the paper) or None if Hs == Ht.
 
   Returns:
-    `(sum over mapped layers and tokens of w * mean_d err^2, sum of w)`.
+    `(sum over mapped layers and tokens of w * mean_d err^2, sum of w)` float32 scalars.
 
   Raises:
     ValueError: layer_map does not fit the layer counts; Hs != Ht without proj.
@@ -320,10 +348,11 @@ def attention_kl(s_probs_last, t_probs_last, attention_mask) -> Pair:
 
   Returns:
     `(sum over real query rows of mean_h KL(t_row || s_row), number of real
-    query rows)`; padded keys and query rows are excluded.
+    query rows)` float32 scalars, KL in nats; padded keys and query rows are
+    excluded.
 
   Raises:
-    ValueError: head counts differ (MiniLM v1 needs equal heads).
+    ValueError: head counts differ (MiniLM v1 needs equal heads), or batch / seq_len differ.
   """
   _check_heads(s_probs_last.shape, t_probs_last.shape, 'attention_kl (MiniLM)',
                'set alpha_attn_kl=0 and use value_relation_kl with num_relation_heads '
@@ -367,11 +396,11 @@ def value_relation_kl(s_values_last, t_values_last, attention_mask,
 
   Returns:
     `(sum over real query rows of mean over (relation) heads of KL(VR^T || VR^S),
-    number of real query rows)` float32 scalars.
+    number of real query rows)` float32 scalars, KL in nats.
 
   Raises:
-    ValueError: head counts differ without num_relation_heads, or R does not
-      divide a hidden size.
+    ValueError: head counts (or batch / seq_len) differ without num_relation_heads,
+      or R does not divide a hidden size.
   """
   if not num_relation_heads:
     _check_heads(s_values_last.shape, t_values_last.shape, 'value_relation_kl',
@@ -403,12 +432,16 @@ class IntermediateWeights(NamedTuple):
 
 
 def term_alphas(w: IntermediateWeights) -> dict:
-  """Term name -> alpha (names as returned by `intermediate_terms`)."""
+  """Term name -> alpha for all of `TERM_NAMES` (names as `intermediate_terms` returns them)."""
   return dict(zip(TERM_NAMES, w[:5]))
 
 
 def model_kwargs(w: IntermediateWeights) -> dict:
-  """Extra `MaskedLM.__call__` flags both models need for these terms."""
+  """Extra `MaskedLM.__call__` flags both models need for these terms.
+
+  Returns:
+    `{'output_attentions', 'output_attention_scores', 'output_values'}` -> bool.
+  """
   return {'output_attentions': bool(w.alpha_attn_kl),
           'output_attention_scores': bool(w.alpha_attn_score),
           'output_values': bool(w.alpha_value_kl)}
@@ -428,8 +461,9 @@ def intermediate_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
   """All intermediate `(sum, count)` pairs for one (micro)batch.
 
   Args:
-    student_out / teacher_out: `models.ModelOutput`s, produced with
-      `**model_kwargs(weights)` (hidden_states always present).
+    student_out / teacher_out: `bert.ModelOutput`s, produced with
+      `**model_kwargs(weights)` (hidden_states always present); the teacher's may
+      be a `cached_teacher.CachedTeacherOutput` (offline).
     batch: dict with `attention_mask [B, T]`.
     weights: coefficients; terms with alpha 0 are not computed.
     layer_map: Ls 0-based teacher layer indices (`resolve_layer_map`).
@@ -477,6 +511,13 @@ def intermediate_counts(batch: Mapping[str, jax.Array], weights: IntermediateWei
   Tokens for 'emb', 'hidden', 'attn_kl', 'value_kl'; real (query, key) pairs
   (sum over sequences of n_b^2) for 'attn_score'. Equal to the counts
   `intermediate_terms` returns for the same batch.
+
+  Args:
+    batch: the global batch; only `attention_mask [B, T]` is read.
+    weights: the coefficients; only terms with a non-zero alpha get a count.
+
+  Returns:
+    term name -> float32 scalar count.
   """
   m = as_f32(batch['attention_mask'])
   n_tok = jnp.sum(m)
@@ -489,5 +530,14 @@ def combine(terms: dict, counts: dict, weights: IntermediateWeights) -> jax.Arra
   """`sum_k alpha_k * sum_k / max(count_k, 1)` over the intermediate terms present.
 
   Same contract as `losses.combine`; add the two totals in the train step.
+
+  Args:
+    terms: `intermediate_terms` output.
+    counts: `intermediate_counts` of the global batch.
+    weights: the coefficients.
+
+  Returns:
+    This (micro)batch's share of the intermediate objective, a float32 scalar (MSE terms in
+    squared activations, KL terms in nats).
   """
   return weighted_total(terms, counts, term_alphas(weights))

@@ -4,15 +4,17 @@ Every loss here returns a pair `(sum, count)` of float32 scalars instead of a
 mean, so that averages stay token-weighted however the global batch is split
 (over devices, hosts or gradient-accumulation microbatches): the caller sums
 the pairs and divides once. Logits are cast to float32 before any softmax.
+Cross-entropies and KLs are in nats (natural log); the cosine term is unitless
+and the MSE term in squared logits.
 
 The terms follow HF's DistilBERT `examples/research_projects/distillation/
 distiller.py` (Sanh et al., 2019, "DistilBERT, a distilled version of BERT",
 Sec. 2 "triple loss"):
 
-  loss = alpha_ce  * T^2 * KL(softmax(t/T) || softmax(s/T))     (Hinton et al., 2015, Eq. 2)
+  loss = alpha_ce  * T^2 * KL(softmax(t/T) || softmax(s/T))     (Hinton et al., 2015, Sec. 2)
        + alpha_mlm * CE(s, labels)                               (masked tokens only)
        + alpha_cos * (1 - cos(h_s, h_t))                         (last hidden states)
-       + alpha_mse * sum_v (s - t)^2                             (optional; HF: MSELoss(sum) / num_tokens)
+       + alpha_mse * sum_v (s - t)^2                             (optional; HF: MSELoss(sum) / n)
 
 Offline distillation (`teacher.cache`) replaces the dense KL by `sparse_kl_div_loss`
 over the teacher's stored top-k logits (equations in its docstring). The vocabulary terms
@@ -39,12 +41,20 @@ Pair = Tuple[jax.Array, jax.Array]  # (sum, count), both float32 scalars
 
 
 def as_f32(x) -> jax.Array:
-  """`x` as a float32 array (losses compute in float32 whatever the model dtype)."""
+  """Returns `x` as a float32 array (losses compute in float32 whatever the model dtype)."""
   return jnp.asarray(x, jnp.float32)
 
 
 def weighted_sum(values, weights) -> Pair:
-  """`(sum(values * w), sum(w))` with `w = float32(weights)` of the same shape as `values`."""
+  """The weighted sum of `values` and the total weight.
+
+  Args:
+    values: float32 array, e.g. per-token losses `[B, T]`.
+    weights: array broadcastable to `values` (0/1 mask or real weights).
+
+  Returns:
+    `(sum(values * w), sum(w))` float32 scalars, `w = float32(weights)`.
+  """
   w = as_f32(weights)
   return jnp.sum(values * w), jnp.sum(w)
 
@@ -55,6 +65,17 @@ def weighted_total(terms: Mapping[str, Pair], counts: Mapping[str, jax.Array],
 
   `counts` are the global normalisers (`term_counts`, `intermediate.intermediate_counts`),
   not the terms' own counts, so microbatch totals add up to the global-batch mean.
+
+  Args:
+    terms: term name -> `(sum, count)`; the counts are not used.
+    counts: term name -> global count, for every key of `terms`.
+    alphas: term name -> coefficient, for every key of `terms`.
+
+  Returns:
+    The weighted total, a float32 scalar (nats for CE/KL terms).
+
+  Raises:
+    KeyError: a term without a count or an alpha.
   """
   total = jnp.zeros((), jnp.float32)
   for k, (s, _) in terms.items():
@@ -76,7 +97,7 @@ def kl_div_loss(student_logits, teacher_logits, weights, temperature: float) -> 
     temperature: softmax temperature T > 0.
 
   Returns:
-    `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars.
+    `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars; the sum in nats.
   """
   t = as_f32(temperature)
   s_logp = jax.nn.log_softmax(as_f32(student_logits) / t, axis=-1)
@@ -108,7 +129,8 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
   bucket the -log Q term pushes all of the student's mass into the teacher's top-k set: on a
   flat teacher (bert-mini at T=2 keeps ~19% of its mass in its top-64) that wrecks perplexity
   (held-out perplexity 14,684 without the bucket vs 1,046 with it, k = 64, 150 steps of
-  configs/wiki_mini.py; README "Offline distillation"), so `teacher.cache_tail_bucket` defaults on.
+  configs/wiki_mini.py; docs/offline.md), so `teacher.cache_tail_bucket` defaults on
+  (`configs/distilbert.py`; this NamedTuple's own default is off).
 
   Args:
     student_logits: `[batch, seq_len, vocab_size]` any float dtype.
@@ -121,7 +143,10 @@ def sparse_kl_div_loss(student_logits, topk_values, topk_ids, weights, temperatu
     teacher_logz: `[batch, seq_len]` float32 `logsumexp_V(t/T)` of the teacher at this T.
 
   Returns:
-    `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars.
+    `(sum over tokens of w * T^2 * KL, sum of w)`, float32 scalars; the sum in nats.
+
+  Raises:
+    ValueError: `tail_bucket` with k < V and no `teacher_logz`.
   """
   t = as_f32(temperature)
   s_logp = jax.nn.log_softmax(as_f32(student_logits) / t, axis=-1)          # [B, T, V], full-V norm
@@ -152,7 +177,7 @@ def mlm_cross_entropy(logits, labels) -> Pair:
     labels: `[batch, seq_len]` int32 token ids, -100 where not predicted.
 
   Returns:
-    `(sum of token NLL, number of predicted tokens)`, float32 scalars.
+    `(sum of token NLL in nats, number of predicted tokens)`, float32 scalars.
   """
   logits = as_f32(logits)
   valid = labels != IGNORE_INDEX
@@ -164,14 +189,31 @@ def mlm_cross_entropy(logits, labels) -> Pair:
 
 
 def accuracy(logits, labels) -> Pair:
-  """Top-1 accuracy over positions whose label is not -100: `(correct, count)`."""
+  """Top-1 accuracy over positions whose label is not -100.
+
+  Args:
+    logits: `[..., num_classes]` (`[B, T, V]` MLM or `[B, C]` classification).
+    labels: `logits.shape[:-1]` int32, -100 where not scored.
+
+  Returns:
+    `(number correct, number scored)`, float32 scalars.
+  """
   valid = labels != IGNORE_INDEX
   correct = (jnp.argmax(logits, axis=-1) == labels) & valid
   return jnp.sum(as_f32(correct)), jnp.sum(as_f32(valid))
 
 
 def agreement(student_logits, teacher_logits, weights) -> Pair:
-  """Fraction of weighted positions where student and teacher top-1 agree."""
+  """Student/teacher top-1 agreement over weighted positions.
+
+  Args:
+    student_logits / teacher_logits: `[..., vocab_size]` of the same shape.
+    weights: `logits.shape[:-1]`, e.g. the masked positions.
+
+  Returns:
+    `(weighted number of agreeing positions, sum of weights)`, float32 scalars;
+    their ratio is the agreement fraction.
+  """
   same = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
   return weighted_sum(as_f32(same), weights)
 
@@ -189,10 +231,10 @@ def cosine_embedding_loss(student_hidden, teacher_hidden, weights) -> Pair:
     weights: `[batch, seq_len]`.
 
   Returns:
-    `(sum of w * (1 - cos), sum of w)`, float32 scalars.
+    `(sum of w * (1 - cos), sum of w)`, float32 scalars (unitless).
 
   Raises:
-    ValueError: hidden sizes differ.
+    ValueError: hidden sizes differ (the message points at `distill.alpha_cos=0`).
   """
   if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
     raise ValueError(
@@ -209,7 +251,13 @@ def mse_logits_loss(student_logits, teacher_logits, weights) -> Pair:
   """Squared error between logits, summed over vocab and weighted tokens.
 
   Matches HF distiller's `nn.MSELoss(reduction="sum")(s, t) / num_tokens`.
-  Returns `(sum, count)` float32 scalars.
+
+  Args:
+    student_logits / teacher_logits: `[batch, seq_len, vocab_size]` any float dtype.
+    weights: `[batch, seq_len]`; padding must be 0.
+
+  Returns:
+    `(sum over tokens of w * sum_v (s - t)^2, sum of w)`, float32 scalars.
   """
   d = as_f32(student_logits) - as_f32(teacher_logits)
   return weighted_sum(jnp.sum(d * d, -1), weights)
@@ -225,8 +273,10 @@ def soft_cross_entropy(student_logits, teacher_logits, weights, temperature: flo
   Args:
     student_logits / teacher_logits: `[batch, num_labels]` any float dtype.
     weights: `[batch]` 1 for real examples, 0 for padding rows.
+    temperature: T > 0.
+
   Returns:
-    `(sum over examples of w * T^2 * CE, sum of w)`, float32 scalars.
+    `(sum over examples of w * T^2 * CE, sum of w)`, float32 scalars; the sum in nats.
   """
   t = as_f32(temperature)
   s_logp = jax.nn.log_softmax(as_f32(student_logits) / t, axis=-1)
@@ -255,8 +305,8 @@ def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
   when only alpha_mlm is non-zero).
 
   Args:
-    student_out: `models.ModelOutput` of the student (`logits [B, T, V]`,
-      `hidden_states[-1] [B, T, H]`).
+    student_out: `bert.ModelOutput` of the student (`logits [B, T, V]`, or `[B, M, V]`
+      at `logits_positions`; `hidden_states[-1] [B, T, H]`).
     teacher_out: the teacher's `ModelOutput`, a `CachedTeacherOutput` (offline: the
       KL is `sparse_kl_div_loss`), or None when training plain MLM.
     batch: dict with `attention_mask [B, T]` and `labels [B, T]` (-100 = none).
@@ -264,6 +314,10 @@ def distillation_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
 
   Returns:
     dict term name -> (sum, count); names: 'ce', 'mlm', 'cos', 'mse'.
+
+  Raises:
+    ValueError: alpha_cos with different student / teacher hidden sizes, or a
+      cached top-k KL with `tail_bucket` but no `logz` in the cache.
   """
   labels = batch['labels']
   token_w = batch['attention_mask']
@@ -294,8 +348,13 @@ def task_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
     student_out / teacher_out: `ModelOutput`s with `class_logits [B, C]`
       (teacher None when only `alpha_task` is set: plain fine-tuning).
     batch: `labels [B]` int32 (-100 = padding row), `attention_mask [B, T]`.
+    w: coefficients (`alpha_ce`, `alpha_task`, `alpha_cos`, `temperature`).
+
   Returns:
     dict with 'ce' (soft CE), 'task' (gold-label CE), 'cos' for non-zero alphas.
+
+  Raises:
+    ValueError: alpha_cos with different student / teacher hidden sizes.
   """
   labels = batch['labels']
   valid = (labels != IGNORE_INDEX).astype(jnp.float32)
@@ -313,6 +372,10 @@ def task_terms(student_out, teacher_out, batch: Mapping[str, jax.Array],
 
 def check_logits_restriction(w: DistillWeights, max_predictions_per_seq: int) -> None:
   """MLM heads on masked positions only leave no logits for a KL/MSE over all tokens.
+
+  Args:
+    w: the coefficients.
+    max_predictions_per_seq: `distill.max_predictions_per_seq` (0 = logits everywhere).
 
   Raises:
     ValueError: `max_predictions_per_seq > 0` with a KL/MSE term that is not
@@ -341,6 +404,15 @@ def term_counts(batch: Mapping[str, jax.Array], w: DistillWeights) -> dict:
   microbatch gradients equal the gradient of the global token-weighted mean.
   MLM batches (`labels [B, T]`) count masked or real tokens; classification
   batches (`labels [B]`, `task_terms`) count examples for 'ce' and 'task'.
+
+  Args:
+    batch: the global batch, `labels` and `attention_mask` (as the loss reads them).
+    w: the coefficients; only terms with a non-zero alpha get a count.
+
+  Returns:
+    term name -> float32 scalar count: 'mlm', 'task' = labelled positions;
+    'ce', 'mse' = labelled positions with `restrict_ce_to_mask` or for
+    classification, else real tokens; 'cos' = real tokens.
   """
   labels, mask = batch['labels'], batch['attention_mask']
   n_labels = jnp.sum(as_f32(labels != IGNORE_INDEX))  # masked tokens, or examples
@@ -353,7 +425,13 @@ def term_counts(batch: Mapping[str, jax.Array], w: DistillWeights) -> dict:
 def combine(terms: dict, counts: dict, w: DistillWeights) -> jax.Array:
   """`sum_k alpha_k * sum_k / count_k` with counts from `term_counts` (max 1).
 
+  Args:
+    terms: `distillation_terms` / `task_terms` output.
+    counts: `term_counts` of the global batch.
+    w: the coefficients.
+
   Returns:
-    The (micro)batch's share of the objective, float32 scalar, nats.
+    The (micro)batch's share of the objective, a float32 scalar (nats for the CE/KL
+    terms; the cos and mse terms are unitless / squared logits).
   """
   return weighted_total(terms, counts, term_alphas(w))

@@ -45,7 +45,7 @@ class Projection(NamedTuple):
 
 
 def has_intermediate_terms(iw: intermediate.IntermediateWeights | None) -> bool:
-  """True when any intermediate-layer alpha is non-zero."""
+  """True when `iw` is given and any of its intermediate-layer alphas is non-zero."""
   return iw is not None and any(intermediate.term_alphas(iw).values())
 
 
@@ -89,13 +89,21 @@ class Objective:
     losses.check_logits_restriction(self.weights, self.max_predictions_per_seq)
 
   def with_layer_map(self, layer_map: Sequence[int]) -> Objective:
-    """The same objective with the layer map resolved for the models' depths."""
+    """The same objective with the layer map resolved for the models' depths.
+
+    Args:
+      layer_map: Ls 0-based teacher layer indices (`intermediate.resolve_layer_map`).
+
+    Returns:
+      A new `Objective`, or `self` when there are no intermediate terms.
+    """
     if self.inter is None:
       return self
     return dataclasses.replace(self, inter=LayerTerms(self.inter.weights, tuple(layer_map)))
 
   @property
   def intermediate_weights(self) -> intermediate.IntermediateWeights | None:
+    """`inter.weights`, or None without intermediate terms."""
     return None if self.inter is None else self.inter.weights
 
   @property
@@ -121,11 +129,20 @@ class Objective:
     return out
 
   def model_kwargs(self) -> dict[str, bool]:
-    """`MaskedLM.__call__` output flags both models need (attentions, scores, values)."""
+    """`MaskedLM.__call__` output flags both models need (`intermediate.model_kwargs`).
+
+    Returns:
+      `{'output_attentions', 'output_attention_scores', 'output_values'}` -> bool, all False
+      without intermediate terms.
+    """
     return intermediate.model_kwargs(self.intermediate_weights or intermediate.IntermediateWeights())
 
   def chunked(self, student_has_mlm_head: bool) -> bool:
-    """The vocabulary terms go through `chunked_vocab` (no `[B, T, V]` logits)."""
+    """True if the vocabulary terms go through `chunked_vocab` (no `[B, T, V]` logits).
+
+    That is: `vocab_chunk_size > 0`, online, MLM (not a task), a student MLM head and
+    a non-zero alpha_mlm, alpha_ce or alpha_mse.
+    """
     w = self.weights
     return (bool(self.vocab_chunk_size) and not self.offline and not self.task
             and student_has_mlm_head and bool(w.alpha_mlm or w.alpha_ce or w.alpha_mse))
@@ -136,8 +153,17 @@ class Objective:
     MLM batches only (classification batches are returned unchanged): with
     `teacher_input='original'` adds `teacher_input_ids [B, T]` (the masked
     positions' labels put back); with `max_predictions_per_seq` adds
-    `logits_positions [B, M]` and gathers `labels` (and cached top-k targets)
-    to `[B, M]`.
+    `logits_positions [B, M]` and gathers `labels` (and, offline, the cached
+    `teacher_topk_values` / `teacher_topk_ids` / `teacher_logz`) to `[B, M]`.
+    `teacher_input_ids` is added only when the teacher runs
+    (`needs_teacher_forward`).
+
+    Args:
+      batch: the global batch (`input_ids`, `attention_mask`, `labels`, cached
+        targets if offline).
+
+    Returns:
+      A new dict; `batch` is not modified.
     """
     batch = dict(batch)
     if self.task:
@@ -157,6 +183,12 @@ class Objective:
 
     Microbatch losses are divided by these global counts, so that summed
     microbatch gradients equal the gradient of the global token-weighted mean.
+
+    Args:
+      batch: the prepared global batch (`prepare_batch`).
+
+    Returns:
+      term name -> count (`losses.term_counts` + `intermediate.intermediate_counts`).
     """
     counts = losses.term_counts(batch, self.weights)
     if self.inter is not None:

@@ -32,7 +32,13 @@ def masked_positions(labels: jax.Array, max_predictions: int) -> tuple[jax.Array
 def restrict_to_masked(batch: dict, max_predictions: int) -> dict:
   """Adds `logits_positions [B, M]` int32 and replaces `labels [B, T]` by the gathered `[B, M]`.
 
-  `max_predictions` 0 returns `batch` unchanged (logits at every position).
+  Args:
+    batch: an MLM batch with `labels [B, T]` int32 (-100 = not predicted).
+    max_predictions: M (`distill.max_predictions_per_seq`); 0 = logits at every position.
+
+  Returns:
+    A new dict with `logits_positions` and `labels` as `masked_positions` returns them (other
+    entries unchanged), or `batch` itself when `max_predictions` is 0.
   """
   if not max_predictions:
     return batch
@@ -41,5 +47,13 @@ def restrict_to_masked(batch: dict, max_predictions: int) -> dict:
 
 
 def gather_at_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-  """`x [B, T, ...]` at `positions [B, M]` along axis 1: `[B, M, ...]`."""
+  """Gathers per-row positions along axis 1.
+
+  Args:
+    x: `[B, T, ...]`, e.g. cached teacher top-k values `[B, T, k]`.
+    positions: `[B, M]` int indices into T (`logits_positions`).
+
+  Returns:
+    `[B, M, ...]` with `out[b, m] = x[b, positions[b, m]]`, dtype of `x`.
+  """
   return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), 1)

@@ -31,6 +31,10 @@ def atomic_file(path: str, mode: str = 'wb') -> Iterator[IO[Any]]:
   Yields:
     The open file object. If the block raises, the temporary file is removed
     and `path` is left as it was.
+
+  Raises:
+    OSError: the temporary cannot be created (e.g. the directory is missing)
+      or `path` cannot be replaced. Whatever the block raises is re-raised.
   """
   directory = os.path.dirname(path) or '.'
   suffix = os.path.splitext(path)[1]
@@ -47,7 +51,16 @@ def atomic_file(path: str, mode: str = 'wb') -> Iterator[IO[Any]]:
 
 
 def write_json(path: str, obj: Any, indent: int = 1) -> None:
-  """`json.dump(obj)` to `path` atomically (`atomic_file`)."""
+  """`json.dump(obj)` to `path` atomically (`atomic_file`).
+
+  Args:
+    path: the JSON file to write (its directory must exist).
+    obj: a JSON-serialisable value.
+    indent: `json.dump` indentation.
+
+  Raises:
+    TypeError: `obj` is not JSON-serialisable (`path` is left as it was).
+  """
   with atomic_file(path, 'w') as f:
     json.dump(obj, f, indent=indent)
 
@@ -66,7 +79,13 @@ def move_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
   """Makes `tmp` readable (`make_readable`) and renames it to `out_dir`.
 
   An existing `out_dir` is swapped out (renamed aside, then deleted), never
-  merged, so readers see either the old or the new directory.
+  merged, so readers see either the old or the new directory; if the second
+  rename fails the old directory is renamed back.
+
+  Args:
+    tmp: the finished temporary directory (same file system as `out_dir`).
+    out_dir: the final directory path.
+    overwrite: replace an existing `out_dir`.
 
   Raises:
     FileExistsError: `out_dir` exists and not `overwrite`.
@@ -88,7 +107,14 @@ def move_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
 
 
 def check_writable_target(out_dir: str, overwrite: bool) -> str:
-  """The absolute `out_dir`, after checking it may be written.
+  """The absolute `out_dir` (`~` expanded), after checking it may be written.
+
+  Args:
+    out_dir: the directory to be written.
+    overwrite: whether an existing directory may be replaced.
+
+  Returns:
+    `out_dir` as an absolute path.
 
   Raises:
     FileExistsError: `out_dir` exists and not `overwrite`, or it is a file.
@@ -108,8 +134,16 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
   is published with `move_into_place`, on an exception it is deleted and
   `out_dir` is untouched.
 
+  Args:
+    out_dir: the final directory; its parent is created if missing.
+    overwrite: replace an existing `out_dir` (a directory, not a file).
+
+  Yields:
+    The path of the temporary directory (a sibling of `out_dir`).
+
   Raises:
-    FileExistsError: `out_dir` exists and not `overwrite` (before anything is written).
+    FileExistsError: `out_dir` exists and not `overwrite` (checked before anything is
+      written, and again when publishing, in case it appeared meanwhile).
   """
   out_dir = check_writable_target(out_dir, overwrite)
   parent = os.path.dirname(out_dir)

@@ -23,19 +23,36 @@ def looks_like_local_path(s: str) -> bool:
 
   Existing paths, absolute paths, paths starting with '.' or '~', and paths with more
   than one '/' (or the OS separator, on Windows) are local; 'bert-base-uncased' and
-  'google-bert/bert-base-uncased' are not.
+  'google-bert/bert-base-uncased' are not (unless such a path exists on disk).
+
+  Args:
+    s: a setting's value, e.g. `teacher.path`.
+
+  Returns:
+    True if `s` must be treated as a local path, False if it may be a hub name.
   """
   return (os.path.exists(os.path.expanduser(s)) or os.path.isabs(s) or s.startswith(('.', '~'))
           or s.count('/') > 1 or (os.sep != '/' and os.sep in s))
 
 
 def hub_offline() -> bool:
-  """`HF_HUB_OFFLINE` is set to a true value (huggingface_hub's own rule)."""
+  """True if `HF_HUB_OFFLINE` is '1', 'true', 'yes' or 'on' (any case), huggingface_hub's rule."""
   return os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
 
 
 def hub_unreachable(error: BaseException | None) -> bool:
-  """True if `error`, or an exception it was raised from, says the Hub could not be reached."""
+  """True if `error`, or an exception it was raised from, says the Hub could not be reached.
+
+  Follows `__cause__` / `__context__`; an exception counts if it is a `ConnectionError`, has one
+  of the huggingface_hub / httpx / requests type names in `_UNREACHABLE_TYPES`, or its message
+  contains one of `_UNREACHABLE_TEXT`.
+
+  Args:
+    error: the exception a Hub call raised, or None (then False).
+
+  Returns:
+    Whether the failure means "offline / unreachable" rather than "no such repo".
+  """
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -48,5 +65,5 @@ def hub_unreachable(error: BaseException | None) -> bool:
 
 
 def unreachable_reason() -> str:
-  """'offline (HF_HUB_OFFLINE=1)' or 'unreachable', for error messages."""
+  """Returns 'offline (HF_HUB_OFFLINE=1)' if `hub_offline()`, else 'unreachable' (for messages)."""
   return 'offline (HF_HUB_OFFLINE=1)' if hub_offline() else 'unreachable'

@@ -34,12 +34,24 @@ CHECKPOINT_DIR = 'checkpoints'
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """`<absolute workdir>/checkpoints`, the directory of the step subdirectories."""
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
-  """`ocp.CheckpointManager` over `<workdir>/checkpoints` keeping the last K steps."""
+  """`ocp.CheckpointManager` over `<workdir>/checkpoints` keeping the last K steps.
+
+  Args:
+    workdir: the run's directory.
+    max_to_keep: K, the steps kept (older ones are deleted after a save).
+    async_save: save in a background thread (`wait_until_finished` before reading them).
+    read_only: never create, write or clean up (export, scripts).
+
+  Returns:
+    The manager; a writable one cleans up half-written steps of a killed run
+    (`cleanup_tmp_directories`).
+  """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=not read_only,
@@ -52,7 +64,17 @@ def make_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
 
 def save(manager: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
          meta: Mapping[str, Any]) -> bool:
-  """Starts (async) saving `state` and `meta` at `step`; True if a save started."""
+  """Starts (async) saving `state` and `meta` at `step`, whatever the manager's save interval.
+
+  Args:
+    manager: from `make_manager`.
+    step: the step number (the subdirectory name).
+    state: the train state (`train_state.State`; sharded arrays, every host calls this).
+    meta: JSON-able metadata (fingerprint, data position, last eval, log interval).
+
+  Returns:
+    True if a save started (`CheckpointManager.save`).
+  """
   return manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -109,7 +131,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
 
 def read_meta(workdir: str, step: int | None = None) -> dict | None:
-  """The JSON metadata of a checkpoint step (default newest), without restoring arrays."""
+  """The JSON metadata of a checkpoint step (default newest), without restoring arrays.
+
+  Args:
+    workdir: the run's directory.
+    step: a specific step, or None for the newest step that has metadata.
+
+  Returns:
+    The `meta` dict `save` wrote, or None when there is no such checkpoint.
+  """
   root = checkpoint_dir(workdir)
   if not os.path.isdir(root):
     return None
@@ -159,8 +189,17 @@ def load_student(workdir: str, step: int | None = None):
   Only the student's params (and the step) are read, so this works whatever
   the optimizer state or mesh of the run that wrote the checkpoint.
 
+  Args:
+    workdir: the run's directory.
+    step: a specific step, or None for the newest readable one.
+
+  Returns:
+    `(ModelConfig, params, meta, step)`: the student's config (from the fingerprint), its
+    params as a host numpy tree, the checkpoint's metadata, and the step (int).
+
   Raises:
     FileNotFoundError: no checkpoint in `workdir`, or `step` absent.
+    RuntimeError: checkpoints exist but none could be read (`restore_latest`).
   """
   scfg, state, meta = _restore_student(workdir, step, with_projection=False)
   return scfg, state['params'], meta, int(state['step'])
@@ -171,6 +210,17 @@ def load_student_with_projection(workdir: str, step: int | None = None):
 
   `proj` is `{'embedding': W_e, 'hidden': W_h}` (`intermediate.init_projection_params`
   layout) for a run that trained a student narrower than its teacher, else None.
+
+  Args:
+    workdir: the run's directory.
+    step: a specific step, or None for the newest readable one.
+
+  Returns:
+    `(ModelConfig, params, proj, meta, step)`, host numpy trees.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `workdir`, or `step` absent.
+    RuntimeError: checkpoints exist but none could be read (`restore_latest`).
   """
   scfg, state, meta = _restore_student(workdir, step, with_projection=True)
   return scfg, state['params'], state.get('proj'), meta, int(state['step'])
@@ -187,6 +237,11 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> No
 
   Harmless settings (eval/log/checkpoint intervals, num_train_steps, learning
   rate) are not part of the fingerprint and may change.
+
+  Args:
+    saved: the fingerprint in the checkpoint's metadata.
+    current: the fingerprint of the run now (`setup.Run.fingerprint`); a field missing from
+      either side is not compared.
 
   Raises:
     ValueError: listing each changed field with the saved and the new value.

@@ -15,19 +15,27 @@ from flaxdistil.data import glue
 from flaxdistil.objectives import IGNORE_INDEX
 from flaxdistil.objectives import losses
 from flaxdistil.objectives import positions
-from flaxdistil.training import metric_writers
 from flaxdistil.training import sharding
+from flaxdistil.training import train_log
 
 
 def make_task_eval_step(model: nn.Module):
   """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for classification.
 
-  `pairs`: `nll` (gold-label cross-entropy), `acc`, `tp`/`fp`/`fn` of label 1
-  (summed, so F1 is exact across batches and hosts) and `agree` with
-  `reference_top1 [B]`; padding rows (label -100) count nowhere.
+  Args:
+    model: a `bert.MaskedLM` built with `num_labels`.
+
+  Returns:
+    `eval_step(params, batch, reference_top1=None)`, `batch` holding `input_ids`,
+    `attention_mask` `[B, T]`, optional `token_type_ids` and `labels [B]` int32. It returns
+    `(pairs, top1)`: `pairs` maps `nll` (gold-label cross-entropy, nats), `acc`, `tp`/`fp`/`fn`
+    of label 1 (summed, so F1 is exact across batches and hosts) and, with
+    `reference_top1 [B]`, `agree` to `(sum, count)` float32 scalars; `top1 [B]` int32 are
+    the predicted labels. Padding rows (label -100) count nowhere.
   """
 
   def eval_step(params, batch, reference_top1=None):
+    """`(pairs, top1)` of one classification batch (see `make_task_eval_step`)."""
     out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                       batch.get('token_type_ids'), deterministic=True)
     labels, top1 = batch['labels'], jnp.argmax(out.class_logits, -1)
@@ -45,14 +53,23 @@ def make_task_eval_step(model: nn.Module):
 
 
 def make_eval_step(model: nn.Module, max_predictions_per_seq: int = 0):
-  """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for held-out metrics.
+  """`eval_step(params, batch, reference_top1) -> (pairs, top1)` for held-out MLM metrics.
 
-  `pairs` holds `(sum, count)` of masked-token NLL (`nll`), top-1 accuracy
-  (`acc`) and, when `reference_top1 [B, T]` (the teacher's predictions) is
-  given, top-1 agreement with it (`agree`); `top1 [B, T]` stays on device.
+  Args:
+    model: a `bert.MaskedLM` with its MLM head.
+    max_predictions_per_seq: M > 0 computes logits only at the first M masked positions of
+      each row (`positions.restrict_to_masked`, as the train step); 0 at every position.
+
+  Returns:
+    `eval_step(params, batch, reference_top1=None)` on `input_ids`, `attention_mask`,
+    `labels` `[B, T]` int32 (-100 = not masked). It returns `(pairs, top1)`: `pairs` holds
+    `(sum, count)` float32 scalars of masked-token NLL (`nll`, nats), top-1 accuracy (`acc`)
+    and, when `reference_top1` (the teacher's `top1` on the same batch) is given, top-1
+    agreement with it (`agree`); `top1` (`[B, T]`, or `[B, M]` with M) int32 stays on device.
   """
 
   def eval_step(params, batch, reference_top1=None):
+    """`(pairs, top1)` of one MLM batch (see `make_eval_step`)."""
     batch = positions.restrict_to_masked(batch, max_predictions_per_seq)
     out = model.apply({'params': params}, batch['input_ids'], batch['attention_mask'],
                       deterministic=True, logits_positions=batch.get('logits_positions'))
@@ -77,12 +94,12 @@ def evaluate(eval_fn, params, batches, reference_top1=None) -> dict:
     reference_top1: `_top1` of an earlier `evaluate` on the same batches
       (the teacher's), or None.
 
-  Returns dict with `loss` (mean masked-token NLL, nats), `perplexity`,
-  `accuracy` (top-1 on masked tokens), `num_tokens` (masked tokens scored),
-  `agreement` (top-1 agreement with `reference_top1`, if given) and `_top1`
-  (per-batch device arrays of predictions, to serve as a reference). For
-  classification (`make_task_eval_step`) the unit is the example, and `f1`
-  (of label 1) is added.
+  Returns:
+    A dict with `loss` (mean masked-token NLL, nats), `perplexity` (`exp(loss)`, loss capped
+    at 50), `accuracy` (top-1 on masked tokens), `num_tokens` (masked tokens scored),
+    `agreement` (top-1 agreement with `reference_top1`, if given) and `_top1` (per-batch
+    device arrays of predictions, to serve as a reference). For classification
+    (`make_task_eval_step`) the unit is the example, and `f1` (of label 1) is added.
   """
   sums, top1 = {}, []
   for i, b in enumerate(batches):
@@ -109,7 +126,14 @@ def make_eval_steps(run, with_teacher: bool = True):
   others `make_eval_step`. A model without the matching head (a head-less,
   MiniLM-style student, or a teacher with another label count) gets None:
   masked-token metrics need MLM heads (scripts/embedding_report.py scores
-  encoders). `with_teacher` False (no teacher params) gives no teacher step.
+  encoders).
+
+  Args:
+    run: the `setup.Run` (configs, models, `objective.max_predictions_per_seq`).
+    with_teacher: False (no teacher params) gives no teacher step.
+
+  Returns:
+    `(student_eval, teacher_eval)`: `jax.jit` of the step for each model, or None.
   """
   if run.student_config.num_labels:
     make = make_task_eval_step
@@ -153,6 +177,7 @@ class Evaluator:
 
   @property
   def teacher_metrics(self) -> dict:
+    """The teacher's metrics without `_top1`; `{}` before the first call or without a teacher."""
     return _public(self.teacher or {})
 
   def __call__(self, step: int, student_params) -> dict:
@@ -166,6 +191,6 @@ class Evaluator:
                              reference_top1=self.teacher['_top1'] if self.teacher else None))
     self.writer.write(step, res, 'eval')
     teacher = self.teacher_metrics
-    logging.info('eval step %d: student %s%s', step, metric_writers.fmt(res),
-                 f' | teacher {metric_writers.fmt(teacher)}' if teacher else '')
+    logging.info('eval step %d: student %s%s', step, train_log.fmt(res),
+                 f' | teacher {train_log.fmt(teacher)}' if teacher else '')
     return res

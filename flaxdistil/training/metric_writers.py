@@ -1,18 +1,16 @@
-"""What a run reports: metrics.jsonl, TensorBoard, the console, and interval means.
+"""What a run records: metrics.jsonl, TensorBoard events, and interval means of train metrics.
 
 `MetricWriter` writes one record per logged step to `<workdir>/metrics.jsonl`
 and TensorBoard events (process 0 only). `IntervalMeans` accumulates the train
 step's metrics on device between log steps, so a logged train record is the
 mean over every step since the previous one, not a sample of one step. The
-remaining functions format the console lines a run starts and ends with.
+console lines are `train_log.py`'s.
 """
 
 import json
 import math
 import os
-import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +32,13 @@ class MetricWriter:
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict, kind: str = 'train'):
+    """Appends one record to metrics.jsonl and each scalar as TensorBoard `<kind>/<name>`.
+
+    Args:
+      step: the train step the record belongs to.
+      scalars: `{name: number}`; every value is written as a float.
+      kind: 'train', 'eval' or 'eval_teacher'.
+    """
     if not self.enabled:
       return
     rec = {'step': int(step), 'kind': kind}
@@ -44,6 +49,7 @@ class MetricWriter:
       self._tb.add_scalar(f'{kind}/{k}', float(v), int(step))
 
   def close(self):
+    """Closes metrics.jsonl and the TensorBoard writer (process 0)."""
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
@@ -102,6 +108,10 @@ class IntervalMeans:
     A run resumed from a checkpoint taken between log steps `load`s these, so
     its next record covers the same steps, with the same sums, as an
     uninterrupted run's.
+
+    Returns:
+      `{'sums': {name: float, 'terms': {term: (sum, count)}}, 'num_skipped': int}`, or `{}`
+      when nothing was added since the last `pop`.
     """
     if self._acc is None:
       return {}
@@ -109,7 +119,12 @@ class IntervalMeans:
     return {'sums': jax.tree.map(float, acc), 'num_skipped': int(skipped)}
 
   def load(self, state: dict, sharding: jax.sharding.Sharding) -> None:
-    """Continues the interval saved by `state()` (`{}`: a fresh interval), on `sharding`."""
+    """Continues the interval saved by `state()` (`{}`: a fresh interval), on `sharding`.
+
+    Args:
+      state: what `state()` returned (from a checkpoint's metadata).
+      sharding: where to put the sums (the train state's replicated sharding).
+    """
     if not state:
       self._acc = self._num_skipped = None
       return
@@ -119,11 +134,20 @@ class IntervalMeans:
     self._num_skipped = put(state['num_skipped'], np.int32)
 
   def add(self, metrics: dict) -> None:
+    """Adds one train step's device metrics (`train_step.make_train_step`) without waiting."""
     self._acc = _first(metrics) if self._acc is None else _add(self._acc, metrics)
     self._num_skipped = metrics['num_skipped']
 
   def pop(self) -> dict:
-    """The interval's means (host floats); resets. Raises ValueError if nothing was added."""
+    """The interval's means (host floats), then starts a new interval.
+
+    Returns:
+      `loss`, `loss_<term>`, `grad_norm`, `num_skipped`, `nonfinite_steps`, `num_steps`,
+      `tokens` (class docstring); a mean over no finite step is NaN.
+
+    Raises:
+      ValueError: nothing was added since the last `pop`.
+    """
     if self._acc is None:
       raise ValueError('IntervalMeans.pop() before any add()')
     acc, skipped = jax.device_get((self._acc, self._num_skipped))
@@ -136,64 +160,3 @@ class IntervalMeans:
                num_steps=int(acc['finite_steps'] + acc['nonfinite_steps']),
                tokens=float(acc['tokens']))
     return out
-
-
-# ----------------------------------------------------------------------------- console
-
-class TrainLog:
-  """The train loop's log steps: interval means, throughput, metrics.jsonl and the console line.
-
-  `add` every step, `log` at log steps; `exclude(seconds)` keeps eval time out of tokens/s. The
-  first interval (compilation) is labelled on the console and left out of `tokens_per_sec`.
-  """
-
-  def __init__(self, writer: MetricWriter, interval: IntervalMeans, num_steps: int):
-    self.writer, self.interval, self.num_steps = writer, interval, num_steps
-    self.t_log, self.tokens, self.steps = time.time(), 0.0, 0
-    self.measured_tokens, self.measured_seconds, self.first = 0.0, 0.0, True
-
-  def add(self, metrics: dict, tokens: float) -> None:
-    """One step's device metrics and its non-padding tokens (all hosts)."""
-    self.interval.add(metrics)
-    self.tokens, self.steps = self.tokens + tokens, self.steps + 1
-
-  def exclude(self, seconds: float) -> None:
-    self.t_log += seconds
-
-  def log(self, step: int, lr: float) -> dict:
-    """Writes and prints the interval ending at `step`; returns its scalars (interval means,
-    `lr`, `tokens_per_sec`, `steps_per_sec`, `nonfinite_steps`, `num_skipped`, ...)."""
-    dt = time.time() - self.t_log
-    if not self.first:
-      self.measured_tokens += self.tokens
-      self.measured_seconds += dt
-    scalars = self.interval.pop()
-    scalars.update(lr=lr, tokens_per_sec=self.tokens / max(dt, 1e-9),
-                   steps_per_sec=self.steps / max(dt, 1e-9))
-    self.writer.write(step, scalars)
-    eta = (self.num_steps - step) / scalars['steps_per_sec']
-    console = {k: v for k, v in scalars.items()
-               if k not in ('num_steps', 'tokens', 'nonfinite_steps', 'num_skipped')}
-    logging.info('step %d/%d %s%s | ETA %s', step, self.num_steps, fmt(console),
-                 ' (first interval: includes compilation, tokens/s is not steady-state)'
-                 if self.first else '', time.strftime('%H:%M:%S', time.gmtime(eta)))
-    self.first = False
-    self.t_log, self.tokens, self.steps = time.time(), 0.0, 0
-    return scalars
-
-  @property
-  def tokens_per_sec(self) -> float | None:
-    """Train tokens/s over the logged intervals after the first (None before the second log)."""
-    return self.measured_tokens / self.measured_seconds if self.measured_seconds else None
-
-
-def fmt(d: dict) -> str:
-  """`k=v` pairs, floats to 4 significant digits."""
-  return ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in d.items())
-
-
-def output_locations(workdir: str, checkpoint_dir: str) -> str:
-  """Where a run's outputs are and how to export it (the line every run ends with)."""
-  return (f'Outputs: checkpoints {checkpoint_dir}, metrics {os.path.join(workdir, "metrics.jsonl")}'
-          f', summary {os.path.join(workdir, "summary.json")}. Export to Hugging Face: '
-          f'python -m flaxdistil.export --workdir {workdir} --out OUT')

@@ -11,7 +11,14 @@ import optax
 
 
 def decay_mask(params) -> Any:
-  """True for weight matrices/embeddings; LayerNorm and biases get no weight decay."""
+  """True for weight matrices/embeddings; LayerNorm and biases get no weight decay.
+
+  Args:
+    params: the trainable tree (arrays or `ShapeDtypeStruct`s).
+
+  Returns:
+    A tree of bools of the same structure: True where the leaf's key is `kernel` or `embedding`.
+  """
   return jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], 'key', None) in ('kernel', 'embedding'), params)
 
@@ -22,6 +29,8 @@ def make_optimizer(optim, num_train_steps: int) -> tuple[optax.GradientTransform
   Args:
     optim: the config's `optim` group (learning_rate, warmup_steps, b1, b2,
       eps, weight_decay, grad_clip_norm).
+    num_train_steps: the step at which the learning rate has decayed to 0.
+
   Returns:
     `(tx, schedule)`; `schedule(step)` gives the learning rate.
   """

@@ -48,6 +48,14 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
                        num_devices: int) -> dict[str, int]:
   """`{axis: size}` of `mesh_shape` over `num_devices` devices, its -1 resolved.
 
+  Args:
+    mesh_shape: one size per axis (`mesh.shape`); at most one -1 ("the rest").
+    mesh_axes: the axis names (`mesh.axes`), as many as sizes.
+    num_devices: devices the mesh must cover exactly.
+
+  Returns:
+    `{axis name: size}` in axis order, the sizes multiplying to `num_devices`.
+
   Raises:
     ValueError: lengths differ, more than one -1, or the product does not
       equal the number of devices.
@@ -78,6 +86,10 @@ def create_mesh(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
     mesh_axes: axis names, e.g. ('data', 'fsdp', 'tensor').
     devices: defaults to `jax.devices()` (all hosts).
 
+  Returns:
+    The `Mesh`, devices in `mesh_utils.create_device_mesh`'s topology-aware order (else in the
+    given order), every axis `AxisType.Auto` where JAX has axis types.
+
   Raises:
     ValueError: as `resolve_mesh_shape`.
   """
@@ -96,13 +108,25 @@ def create_mesh(mesh_shape: Sequence[int], mesh_axes: Sequence[str],
 
 
 def single_device_mesh(device=None) -> Mesh:
-  """A (1, 1, 1) mesh over `device` (default: the first local one), for restore and export."""
+  """A (1, 1, 1) mesh over `device` (default: the first local one), for restore and export.
+
+  Returns:
+    A `Mesh` with axes `DEFAULT_MESH_AXES`, so the default rules apply unchanged.
+  """
   return create_mesh((1, 1, 1), DEFAULT_MESH_AXES,
                      devices=[device if device is not None else jax.local_devices()[0]])
 
 
 def rules_tuple(rules) -> tuple:
-  """Normalises config rules (lists from ConfigDict) into a hashable tuple."""
+  """Normalises config rules (lists from ConfigDict) into a hashable tuple.
+
+  Args:
+    rules: `(logical axis, mesh axes)` pairs; mesh axes are a name, a list/tuple of names,
+      or None (replicated).
+
+  Returns:
+    A tuple of `(logical axis, mesh axes)` pairs, list axes turned into tuples.
+  """
   out = []
   for name, axes in rules:
     if isinstance(axes, (list, tuple)):
@@ -113,7 +137,13 @@ def rules_tuple(rules) -> tuple:
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules):
-  """Mesh + logical rules active while tracing, so `with_logical_constraint` applies."""
+  """Mesh + logical rules active while tracing, so `with_logical_constraint` applies.
+
+  Args:
+    mesh: entered with `jax.set_mesh` (or `jax.sharding.use_mesh`, or as a context manager on
+      older JAX).
+    rules: logical axis rules (`rules_tuple` input), for `nn.logical_axis_rules`.
+  """
   set_mesh = getattr(jax, 'set_mesh', None) or getattr(jax.sharding, 'use_mesh', None)
   with contextlib.ExitStack() as stack:
     stack.enter_context(set_mesh(mesh) if set_mesh else mesh)
@@ -122,7 +152,16 @@ def mesh_context(mesh: Mesh, rules):
 
 
 def logical_to_shardings(logical_specs, mesh: Mesh, rules) -> Any:
-  """Tree of logical `PartitionSpec`s -> tree of `NamedSharding`s."""
+  """Tree of logical `PartitionSpec`s -> tree of `NamedSharding`s.
+
+  Args:
+    logical_specs: tree of `PartitionSpec`s of logical axis names (`nn.get_partition_spec`).
+    mesh: the mesh to place onto.
+    rules: logical axis rules mapping those names to `mesh` axes.
+
+  Returns:
+    The same tree of `NamedSharding`s on `mesh` (`nn.logical_to_mesh_sharding`).
+  """
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules_tuple(rules))
 
 
@@ -131,7 +170,13 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules) -> Any:
 
   Args:
     abstract_boxed_params: `jax.eval_shape` of `model.init(...)['params']`,
-      still holding `nn.LogicallyPartitioned` boxes (`models.abstract_params`).
+      still holding `nn.LogicallyPartitioned` boxes (`bert.abstract_params`).
+    mesh: the mesh to place onto.
+    rules: logical axis rules.
+
+  Returns:
+    Unboxed tree of `NamedSharding`s; a dimension its mesh axes do not divide evenly is
+    replicated instead (e.g. vocab 30522 over 4 tensor shards).
   """
   shardings = logical_to_shardings(nn.get_partition_spec(abstract_boxed_params), mesh, rules)
   shapes = nn.meta.unbox(abstract_boxed_params)
@@ -142,14 +187,32 @@ def model_param_layout(model_config, mesh: Mesh, rules) -> tuple[Any, Any]:
   """`(shardings, abstract params)` of a `bert.MaskedLM` of `model_config` on `mesh`.
 
   No memory is allocated: the abstract params are `ShapeDtypeStruct`s (unboxed).
+
+  Args:
+    model_config: the `bert.ModelConfig` of the model.
+    mesh: the mesh to place onto.
+    rules: logical axis rules.
+
+  Returns:
+    `(shardings, abstract_params)`: `param_shardings` of the model, and its unboxed
+    `ShapeDtypeStruct` tree (without shardings; see `abstract_like`).
   """
   boxed = bert.abstract_params(model_config)
   return param_shardings(boxed, mesh, rules), nn.meta.unbox(boxed)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
-  """`ShapeDtypeStruct` tree of `tree`'s shapes and dtypes carrying `shardings` (to restore into,
-  or to lower a step for a mesh without allocating it)."""
+  """`tree`'s shapes and dtypes carrying `shardings`, to restore into or to lower a step for.
+
+  Nothing is allocated, so a step can be lowered for a mesh whose devices are absent.
+
+  Args:
+    tree: arrays or `ShapeDtypeStruct`s.
+    shardings: a tree of the same structure, one `jax.sharding.Sharding` per leaf.
+
+  Returns:
+    The tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`.
+  """
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -173,7 +236,18 @@ def _fit(named: NamedSharding, shape) -> NamedSharding:
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, p_shardings,
                         mesh: Mesh) -> Any:
-  """Optimizer state sharded like the parameters it mirrors, scalars replicated."""
+  """Optimizer state sharded like the parameters it mirrors, scalars replicated.
+
+  Args:
+    tx: the optimizer.
+    abstract_params: the trainable tree (arrays or `ShapeDtypeStruct`s) `tx` is initialised on.
+    p_shardings: its `NamedSharding`s, same structure.
+    mesh: the mesh of the replicated leaves.
+
+  Returns:
+    The tree of `NamedSharding`s of `tx.init(abstract_params)`: parameter-shaped leaves (Adam
+    moments) take their parameter's sharding, the rest (counts) are replicated.
+  """
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, PartitionSpec())
   return optax.tree_map_params(
@@ -183,7 +257,15 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, p_sha
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-  """Sharding of `[batch, seq_len]` inputs: rows over ('data', 'fsdp')."""
+  """Sharding of `[batch, seq_len]` inputs: rows over ('data', 'fsdp') by the default rules.
+
+  Args:
+    mesh: the mesh to place onto.
+    rules: logical axis rules (`act_batch`, `act_len` are read).
+
+  Returns:
+    The `NamedSharding` of the logical axes `('act_batch', 'act_len')`.
+  """
   spec = nn.logical_to_mesh_axes(('act_batch', 'act_len'), rules_tuple(rules))
   return NamedSharding(mesh, spec)
 
@@ -193,6 +275,10 @@ def num_batch_shards(mesh_or_shape: Mesh | Mapping[str, int], rules) -> int:
 
   Args:
     mesh_or_shape: a `Mesh`, or its `{axis: size}` shape.
+    rules: logical axis rules (the mesh axes of `act_batch` are read).
+
+  Returns:
+    The product of the sizes of the mesh axes `act_batch` maps to; 1 if it maps to none.
   """
   shape = dict(getattr(mesh_or_shape, 'shape', mesh_or_shape))
   spec = nn.logical_to_mesh_axes(('act_batch', 'act_len'), rules_tuple(rules))
@@ -211,6 +297,15 @@ def make_global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedShard
   of them, in process order); `jax.make_array_from_process_local_data`
   assembles the global `[global_batch_size, seq_len]` array without any host
   holding all of it.
+
+  Args:
+    host_batch: `{name: [global_batch_size / process_count, ...]}` numpy arrays of this host.
+    sharding: the batch sharding (`batch_sharding`); a leaf of lower rank (labels `[B]`) keeps
+      only its leading axes, the extra dimensions of a higher-rank leaf are not split.
+    global_batch_size: rows of the global batch, over all hosts.
+
+  Returns:
+    `{name: jax.Array [global_batch_size, ...]}`, same dtypes, sharded by `sharding`.
   """
   out = {}
   for k, v in host_batch.items():
@@ -224,10 +319,17 @@ def make_global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedShard
 
 def check_batch_divisibility(global_batch_size: int, num_microbatches: int,
                              mesh_or_shape: Mesh | Mapping[str, int], rules) -> None:
-  """Raises ValueError unless every microbatch splits evenly over the batch shards.
+  """Checks that every microbatch splits evenly over the batch shards.
 
   Args:
+    global_batch_size: `data.global_batch_size`.
+    num_microbatches: `optim.num_microbatches`.
     mesh_or_shape: a `Mesh`, or its `{axis: size}` shape (`resolve_mesh_shape`).
+    rules: logical axis rules (`num_batch_shards`).
+
+  Raises:
+    ValueError: the global batch is not divisible by `num_microbatches`, or a microbatch not
+      by the batch shards (the message names the multiple to use).
   """
   mesh_shape = dict(getattr(mesh_or_shape, 'shape', mesh_or_shape))
   shards = num_batch_shards(mesh_shape, rules)

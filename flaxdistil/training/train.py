@@ -9,8 +9,8 @@ never-differentiated argument and are never checkpointed. With all teacher
 alphas at 0 the same loop trains plain MLM (no teacher forward), which is the
 from-scratch baseline and a way to pretrain a teacher.
 
-Evaluation is in `evaluation.py`, what gets written and printed in
-`metric_writers.py`, checkpoints in `checkpointing.py`.
+Evaluation is in `evaluation.py`, what gets written in `metric_writers.py` and printed in
+`train_log.py`, checkpoints in `checkpointing.py`.
 """
 
 import dataclasses
@@ -29,6 +29,7 @@ from flaxdistil.training import metric_writers
 from flaxdistil.training import optimizer
 from flaxdistil.training import setup
 from flaxdistil.training import sharding
+from flaxdistil.training import train_log
 from flaxdistil.training import train_state
 from flaxdistil.training import train_step
 
@@ -54,6 +55,13 @@ class _Preemption:
     until the device catches up, so it happens only at `sync_point` steps (log
     and checkpoint steps, which wait for the device anyway) and every host
     must pass the same `sync_point` for the same step.
+
+    Args:
+      sync_point: whether this step is one where all hosts may agree (log or checkpoint step).
+
+    Returns:
+      True when a SIGTERM reached this process (one process) or any process (several, at a
+      sync point); False otherwise.
     """
     if jax.process_count() == 1:
       return self.requested
@@ -63,6 +71,7 @@ class _Preemption:
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
   def restore(self):
+    """Puts back the SIGTERM handler that was installed before."""
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
@@ -84,8 +93,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     `<workdir>/summary.json`. A SIGTERM stop returns `{'step', 'preempted'}`.
 
   Raises:
-    setup.ConfigError (a ValueError) for bad configs or inputs, with the fix.
+    ConfigError: (a ValueError, `training/errors.py`; `setup.ConfigError`) a bad config or
+      input, with the fix.
     ValueError: resuming with a config that changes shapes or data.
+    RuntimeError: checkpoints exist in `workdir` but none can be read.
     FloatingPointError: a non-finite step with `optim.on_nonfinite='stop'`.
   """
   setup.prepare_workdir(workdir)
@@ -142,7 +153,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                start_step + 1, stop_step, num_steps, config.log_every_steps)
   interval = metric_writers.IntervalMeans()
   interval.load(saved.get('log_interval', {}), state_shard['step'])  # resumed mid-interval
-  log = metric_writers.TrainLog(writer, interval, num_steps)
+  log = train_log.TrainLog(writer, interval, num_steps)
   batches = run.train_batches(start_step)
   preempt = _Preemption()
   last_eval = {}
@@ -184,7 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           manager.wait_until_finished()
           logging.warning('SIGTERM received: checkpoint for step %d written to %s. Resume with the '
                           'same command (same --workdir).', step, manager.directory)
-          logging.info('%s', metric_writers.output_locations(workdir, manager.directory))
+          logging.info('%s', train_log.output_locations(workdir, manager.directory))
           return {'step': step, 'preempted': True}
     if step == num_steps:
       last_eval = run_eval(step, state['params'])
@@ -203,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
   logging.info('%s at step %d/%d. %s', 'Done' if summary['done'] else 'Stopped (steps_per_run)',
-               step, num_steps, metric_writers.output_locations(workdir, manager.directory))
+               step, num_steps, train_log.output_locations(workdir, manager.directory))
   return summary
 
 
@@ -232,5 +243,5 @@ def _already_complete(run: setup.Run, manager, workdir: str, latest: int, num_st
   logging.info('The run in %s is complete (checkpoint at step %d, num_train_steps=%d): nothing to '
                'train; metrics.jsonl and summary.json are unchanged. Raise '
                '--config.num_train_steps to train on, or pass a new --workdir. %s', workdir, latest,
-               num_steps, metric_writers.output_locations(workdir, manager.directory))
+               num_steps, train_log.output_locations(workdir, manager.directory))
   return summary

@@ -18,7 +18,11 @@ State = dict  # {'step', 'params', 'opt_state', 'rng', 'num_skipped'} [+ 'proj']
 
 
 def trainable_tree(state: State) -> dict:
-  """What the optimizer updates: the student, plus projections if any."""
+  """What the optimizer updates: the student, plus projections if any.
+
+  Returns:
+    `{'student': state['params']}`, plus `'proj': state['proj']` when the state has it.
+  """
   return {'student': state['params'], **({'proj': state['proj']} if 'proj' in state else {})}
 
 
@@ -30,10 +34,17 @@ def state_layout(student_config: bert.ModelConfig, tx, mesh, rules, projection=N
   their target sharding (`sharding.abstract_like`).
 
   Args:
-    student_config: the student's shapes; tx: the optimizer (`optimizer.make_optimizer`);
-    mesh / rules: the mesh and its logical axis rules.
+    student_config: the student's shapes.
+    tx: the optimizer (`optimizer.make_optimizer`).
+    mesh: the mesh to lay the state out on.
+    rules: its logical axis rules.
     projection: `(student_hidden, teacher_hidden)` when the state holds
       TinyBERT projections (`state['proj']`), else None.
+
+  Returns:
+    `(shardings, abstract_state)`: a `State`-shaped tree of `NamedSharding`s (step, rng and
+    num_skipped replicated; params and optimizer state by the rules), and the same tree of
+    `ShapeDtypeStruct`s (`step`, `num_skipped` int32 scalars, `rng` uint32 `[2]`).
   """
   p_shard, params = sharding.model_param_layout(student_config, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -58,10 +69,15 @@ def init_state(params, tx, rng, shardings=None, proj=None) -> State:
   """A fresh train state (step 0) from student params (host or device arrays).
 
   Args:
-    params: student params; proj: projection params or None.
+    params: student params.
+    tx: the optimizer; its state is initialised on `trainable_tree(state)`.
     rng: `jax.random.PRNGKey` for dropout (folded with the step).
     shardings: `state_layout(...)[0]` to place everything, or None (default
       device).
+    proj: projection params, or None.
+
+  Returns:
+    The `State`: `step` and `num_skipped` int32 0, `params`, `rng`, `opt_state` (and `proj`).
   """
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'rng': rng,
            'num_skipped': jnp.zeros((), jnp.int32)}

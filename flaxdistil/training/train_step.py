@@ -39,18 +39,23 @@ def _split_microbatches(x, num_microbatches: int):
 def make_loss_fn(student: nn.Module, teacher: nn.Module | None, objective: Objective):
   """`loss_fn(trainable, teacher_params, mb, counts, rng) -> (loss, terms)` of one microbatch.
 
+  The terms are those of `losses.py` (DistilBERT's triple loss, Sanh et al., 2019, Sec. 2;
+  TinyBERT's prediction-layer loss for tasks, Eq. 10), their vocabulary-chunked form
+  (`chunked_vocab.py`) and `intermediate.py`'s (TinyBERT Sec. 3.1, MiniLM Sec. 3.1-3.2).
+
   Args:
-    student / teacher: `bert.MaskedLM` modules; teacher None trains plain MLM
-      (or fine-tunes on gold labels). Offline (`objective.offline`) the teacher
-      module only gives its layer count: its targets come with the batch.
+    student: the student's `bert.MaskedLM`.
+    teacher: the teacher's `bert.MaskedLM`; None trains plain MLM (or fine-tunes on gold
+      labels). Offline (`objective.offline`) the teacher module only gives its layer count:
+      its targets come with the batch.
     objective: what to compute.
 
-  The returned function takes `trainable` (`{'student': params[, 'proj']}`),
-  the teacher's params, a prepared microbatch (`Objective.prepare_batch`), the
-  global `counts` (`Objective.counts`) and a dropout rng. It returns the
-  microbatch's share of the objective `loss` (float32 scalar, nats; summed over
-  microbatches it is the global-batch objective) and `terms`
-  `{name: (sum, count)}` with the microbatch's own counts.
+  Returns:
+    `loss_fn`. It takes `trainable` (`{'student': params[, 'proj']}`), the teacher's params,
+    a prepared microbatch (`Objective.prepare_batch`), the global `counts`
+    (`Objective.counts`) and a dropout rng, and returns the microbatch's share of the
+    objective `loss` (float32 scalar, nats; summed over microbatches it is the global-batch
+    objective) and `terms` `{name: (sum, count)}` with the microbatch's own counts.
   """
   weights, inter = objective.weights, objective.inter
   need_teacher = teacher is not None and objective.needs_teacher_forward
@@ -58,6 +63,7 @@ def make_loss_fn(student: nn.Module, teacher: nn.Module | None, objective: Objec
   hidden_only = objective.chunked(student.config.with_mlm_head)
 
   def loss_fn(trainable, teacher_params, mb, counts, rng):
+    """`(loss, terms)` of microbatch `mb` (see `make_loss_fn`)."""
     pos, types = mb.get('logits_positions'), mb.get('token_type_ids')
     s_out = student.apply({'params': trainable['student']}, mb['input_ids'], mb['attention_mask'],
                           types, deterministic=False, rngs={'dropout': rng}, logits_positions=pos,
@@ -104,8 +110,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx: optax.Gra
   """Builds `train_step(state, teacher_params, batch) -> (state, metrics)`.
 
   Args:
-    student / teacher: `bert.MaskedLM` modules (teacher None = plain MLM; see
-      `make_loss_fn`).
+    student: the student's `bert.MaskedLM`.
+    teacher: the teacher's `bert.MaskedLM` (None = plain MLM; see `make_loss_fn`).
     tx: optax transformation (`optimizer.make_optimizer`).
     objective: the run's objective (`setup.Run.objective`).
     num_microbatches: gradient-accumulation factor A; the global batch
@@ -115,6 +121,10 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx: optax.Gra
     skip_nonfinite: a non-finite loss or gradient leaves params and optimizer
       state unchanged and increments `num_skipped` (the host decides whether
       to stop, `optim.on_nonfinite`).
+
+  Returns:
+    `train_step(state, teacher_params, batch) -> (state, metrics)`, pure, to jit
+    (`jit_train_step`); the new state has `step + 1`.
 
   The state: `train_state.State`; the optimizer state is over the trainable
   tree `{'student': params[, 'proj': proj]}`. The batch: dict of `input_ids`,
@@ -134,12 +144,14 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx: optax.Gra
   grad_fn = jax.value_and_grad(make_loss_fn(student, teacher, objective), has_aux=True)
 
   def train_step(state: State, teacher_params, batch):
+    """One optimizer step on the global `batch` (see `make_train_step`)."""
     batch = objective.prepare_batch(batch)
     counts = objective.counts(batch)  # global normalisers
     step_rng = jax.random.fold_in(state['rng'], state['step'])
     mbs = jax.tree.map(lambda x: _split_microbatches(x, num_microbatches), batch)
 
     def body(carry, xs):
+      """Adds microbatch `xs = (i, mb)`'s gradients, loss and term sums to `carry`."""
       i, mb = xs
       mb = jax.tree.map(lambda x: nn.with_logical_constraint(
           x, (('act_batch', 'act_len') + (None,) * x.ndim)[:x.ndim]), mb)
@@ -195,6 +207,9 @@ def jit_train_step(train_step, state_shardings: dict, teacher_shardings=None):
     state_shardings: `train_state.state_layout(...)[0]`.
     teacher_shardings: the teacher params' shardings, or None when the step
       gets `teacher_params=None` (plain MLM, offline).
+
+  Returns:
+    The jitted `train_step(state, teacher_params, batch) -> (state, metrics)`.
   """
   replicated = state_shardings['step']
   return jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, None),

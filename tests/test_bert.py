@@ -11,8 +11,9 @@ import pytest
 import torch
 import transformers
 
-from flaxdistil import models
-from flaxdistil.models import MaskedLM, ModelConfig
+from flaxdistil.model import bert
+from flaxdistil.model.bert import MaskedLM
+from flaxdistil.model.bert import ModelConfig
 
 SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, intermediate_size=64,
@@ -35,7 +36,7 @@ def _inputs(batch=3, seq=9, vocab=97, seed=0):
 
 @pytest.fixture(scope='module')
 def bert_params():
-  return models.init_params(_cfg('bert'), jax.random.PRNGKey(0))
+  return bert.init_params(_cfg('bert'), jax.random.PRNGKey(0))
 
 
 def _torch_count(model):
@@ -43,7 +44,7 @@ def _torch_count(model):
 
 
 def test_param_count_bert_base_matches_transformers():
-  ours = models.count_params(models.abstract_params(ModelConfig()))
+  ours = bert.count_params(bert.abstract_params(ModelConfig()))
   with torch.device('meta'):  # shapes only: no memory, no init time
     theirs = _torch_count(transformers.BertForMaskedLM(transformers.BertConfig()))
   assert ours == theirs == 109_514_298
@@ -52,7 +53,7 @@ def test_param_count_bert_base_matches_transformers():
 def test_param_count_distilbert_base_matches_transformers():
   cfg = ModelConfig(model_type='distilbert', num_hidden_layers=6,
                     type_vocab_size=0)
-  ours = models.count_params(models.abstract_params(cfg))
+  ours = bert.count_params(bert.abstract_params(cfg))
   with torch.device('meta'):
     theirs = _torch_count(
         transformers.DistilBertForMaskedLM(transformers.DistilBertConfig()))
@@ -64,7 +65,7 @@ def test_param_count_encoder_only_matches_bertmodel_without_pooler():
       vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
       intermediate_size=64, max_position_embeddings=16)
   theirs = _torch_count(transformers.BertModel(hf, add_pooling_layer=False))
-  ours = models.count_params(models.abstract_params(_cfg(with_mlm_head=False)))
+  ours = bert.count_params(bert.abstract_params(_cfg(with_mlm_head=False)))
   assert ours == theirs
 
 
@@ -90,7 +91,7 @@ def test_param_tree_names_and_shapes(bert_params):
 
 
 def test_distilbert_has_same_tree_minus_token_types(bert_params):
-  d = models.init_params(_cfg('distilbert'), jax.random.PRNGKey(0))
+  d = bert.init_params(_cfg('distilbert'), jax.random.PRNGKey(0))
   assert 'token_type_embeddings' not in d['embeddings']
   b = dict(bert_params, embeddings={
       k: v for k, v in bert_params['embeddings'].items()
@@ -99,7 +100,7 @@ def test_distilbert_has_same_tree_minus_token_types(bert_params):
 
 
 def test_logical_axis_names():
-  specs = nn.get_partition_spec(models.abstract_params(_cfg()))
+  specs = nn.get_partition_spec(bert.abstract_params(_cfg()))
   P = jax.sharding.PartitionSpec
   emb, layer, head = specs['embeddings'], specs['encoder']['layer_0'], specs['mlm_head']
   assert emb['word_embeddings']['embedding'] == P('vocab', 'embed')
@@ -119,7 +120,7 @@ def test_logical_axis_names():
   assert head['bias'] == P('vocab')
   # Every leaf is boxed, so sharding code sees no unannotated params.
   boxed = jax.tree_util.tree_leaves(
-      models.abstract_params(_cfg()), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      bert.abstract_params(_cfg()), is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert all(isinstance(x, nn.Partitioned) for x in boxed)
 
 
@@ -177,7 +178,7 @@ def test_token_type_ids_matter_for_bert_only(bert_params):
   assert np.abs(np.asarray(a - b)).max() > 1e-3
   np.testing.assert_array_equal(np.asarray(a), np.asarray(z))
   dcfg = _cfg('distilbert')
-  dp = models.init_params(dcfg, jax.random.PRNGKey(0))
+  dp = bert.init_params(dcfg, jax.random.PRNGKey(0))
   d1 = MaskedLM(dcfg).apply({'params': dp}, ids, mask).logits
   d2 = MaskedLM(dcfg).apply({'params': dp}, ids, mask, tt).logits
   np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
@@ -230,7 +231,7 @@ def test_bf16_compute_close_to_fp32(bert_params):
 
 def test_encoder_only_has_no_head_and_no_logits():
   cfg = _cfg(with_mlm_head=False)
-  p = models.init_params(cfg, jax.random.PRNGKey(0))
+  p = bert.init_params(cfg, jax.random.PRNGKey(0))
   assert 'mlm_head' not in p
   out = MaskedLM(cfg).apply({'params': p}, *_inputs())
   assert out.logits is None and out.hidden_states[-1].shape == (3, 9, 32)
@@ -239,15 +240,9 @@ def test_encoder_only_has_no_head_and_no_logits():
 @pytest.mark.parametrize('name', ['gelu', 'gelu_new', 'relu'])
 def test_activations_match_transformers(name):
   x = np.linspace(-6, 6, 101, dtype=np.float32)
-  ours = np.asarray(models._ACTIVATIONS[name](jnp.asarray(x)))  # pylint: disable=protected-access
+  ours = np.asarray(bert._ACTIVATIONS[name](jnp.asarray(x)))  # pylint: disable=protected-access
   theirs = transformers.activations.ACT2FN[name](torch.from_numpy(x)).numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-6)
-
-
-def test_exact_and_tanh_gelu_differ():
-  x = jnp.linspace(-3, 3, 61)
-  diff = models._ACTIVATIONS['gelu'](x) - models._ACTIVATIONS['gelu_new'](x)  # pylint: disable=protected-access
-  assert float(jnp.abs(diff).max()) > 1e-4
 
 
 def test_logical_constraints_work_under_mesh_and_rules(bert_params):
@@ -291,10 +286,10 @@ def test_config_validation(kw, match):
 
 def test_count_params_on_boxed_unboxed_and_abstract(bert_params):
   cfg = _cfg()
-  n = models.count_params(bert_params)
-  assert n == models.count_params(models.abstract_params(cfg))
+  n = bert.count_params(bert_params)
+  assert n == bert.count_params(bert.abstract_params(cfg))
   boxed = MaskedLM(cfg).init(jax.random.PRNGKey(0), *_inputs())['params']
-  assert n == models.count_params(boxed)
+  assert n == bert.count_params(boxed)
   # 97*32 + 16*32 + 2*32 + 64 + 2 layers + head
   layer = 4 * (32 * 32 + 32) + 64 + (32 * 64 + 64) + (64 * 32 + 32) + 64
   head = 32 * 32 + 32 + 64 + 97
@@ -317,7 +312,7 @@ def test_fused_attention_path_equals_explicit_probs_path(bert_params, model_type
   # Without output_attentions the core runs through jax.nn.dot_product_attention; asking for
   # the probabilities forces the explicit einsum/softmax path. Both must agree, padding included.
   cfg = _cfg(model_type)
-  params = bert_params if model_type == 'bert' else models.init_params(cfg, jax.random.PRNGKey(3))
+  params = bert_params if model_type == 'bert' else bert.init_params(cfg, jax.random.PRNGKey(3))
   ids, mask = _inputs()
   fused = MaskedLM(cfg).apply({'params': params}, ids, mask)
   explicit = MaskedLM(cfg).apply({'params': params}, ids, mask, output_attentions=True)
@@ -335,5 +330,5 @@ def test_mlm_hidden_and_vocab_projection_rebuild_logits(bert_params):
   logits = model.apply({'params': bert_params}, ids, mask).logits
   out = model.apply({'params': bert_params}, ids, mask, return_mlm_hidden=True)
   assert out.logits is None and out.mlm_hidden.shape == (3, 9, 32)
-  emb, bias = models.vocab_projection(bert_params)
+  emb, bias = bert.vocab_projection(bert_params)
   np.testing.assert_allclose(out.mlm_hidden @ emb.T + bias, logits, rtol=1e-5, atol=1e-5)

@@ -12,21 +12,21 @@ import numpy as np
 import pytest
 import transformers
 
-from configs import tiny
-from flaxdistil import export
-from flaxdistil import models
-from flaxdistil import train
+from flaxdistil.export import hf_export
+from flaxdistil.model import bert
+from flaxdistil.training import checkpointing
+from flaxdistil.training import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+from conftest import subprocess_env
+from conftest import tiny_config
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   wd = tmp_path_factory.mktemp('run')
-  c = tiny.get_config()
-  c.num_train_steps = 6
-  c.eval_every_steps = 0
-  c.mesh.shape = (2, 2, 2)  # a sharded run: data x fsdp x tensor over 8 host devices
+  # a sharded run: data x fsdp x tensor over 8 host devices
+  c = tiny_config(num_train_steps=6, eval_every_steps=0, **{'mesh.shape': (2, 2, 2)})
   train.train_and_evaluate(c, str(wd))
   return wd
 
@@ -52,7 +52,7 @@ def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(t
   r = subprocess.run([sys.executable, '-m', 'flaxdistil.export', '--workdir', str(trained),
                       '--out', str(out), '--onnx'], cwd=ROOT, capture_output=True, text=True,
                      timeout=600,
-                     env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+                     env=subprocess_env(1))
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads(r.stdout.strip().splitlines()[-1])
   assert report['step'] == 6 and report['max_abs_diff'] <= 1e-4
@@ -80,9 +80,9 @@ def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(t
   text = ' '.join(words[:5]) + f' {tok.mask_token} ' + ' '.join(words[5:9]) + ' .'
   torch_top5 = [p['token'] for p in fill(text)]
 
-  scfg, params, _, _ = export.load_student(str(trained))
+  scfg, params, _, _ = checkpointing.load_student(str(trained))
   enc = tok(text, return_tensors='np')
-  logits = models.MaskedLM(scfg).apply({'params': params}, jnp.asarray(enc['input_ids']),
+  logits = bert.MaskedLM(scfg).apply({'params': params}, jnp.asarray(enc['input_ids']),
                                        jnp.asarray(enc['attention_mask'])).logits
   pos = int(np.where(enc['input_ids'][0] == tok.mask_token_id)[0][0])
   flax_top5 = list(np.argsort(-np.asarray(logits[0, pos]))[:5])
@@ -90,57 +90,37 @@ def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(t
 
 
 def test_export_is_readable_whatever_the_umask(tmp_path):
-  cfg = models.ModelConfig(model_type='distilbert', vocab_size=40, hidden_size=16,
+  cfg = bert.ModelConfig(model_type='distilbert', vocab_size=40, hidden_size=16,
                            num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                            max_position_embeddings=32)
-  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  params = bert.init_params(cfg, jax.random.PRNGKey(0))
   old = os.umask(0o077)  # a private umask would make every new file 0600 and directory 0700
   try:
-    export.export_hf(params, cfg, str(tmp_path / 'hf'), model_card='card\n')
+    hf_export.export_hf(params, cfg, str(tmp_path / 'hf'), model_card='card\n')
   finally:
     os.umask(old)
   assert {'config.json', 'model.safetensors', 'README.md'} <= set(os.listdir(tmp_path / 'hf'))
   _assert_readable(tmp_path / 'hf')
 
 
-def test_model_card_paths_are_absolute_or_hub_names(tmp_path, monkeypatch):
-  cfg = models.ModelConfig(model_type='distilbert', vocab_size=40, hidden_size=16,
-                           num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-  train_file = str(tmp_path / 'data' / 'train.txt')
-  meta = {'info': {'teacher': '../models/teacher', 'tokenizer': '/srv/models/teacher',
-                   'train_files': [train_file], 'dataset': 'someorg/wiki',
-                   'student_init': 'teacher', 'distill': {}},
-          'fingerprint': {'global_batch_size': 8, 'max_seq_length': 32}}
-  monkeypatch.chdir(tmp_path)  # somewhere else than where training ran
-  card = export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
-  # The relative teacher path is the one training resolved into info['tokenizer'].
-  assert '`/srv/models/teacher`' in card and '../models' not in card
-  assert f'`{train_file}`' in card and '`someorg/wiki`' in card  # full path; hub name as given
-  # Without a matching absolute path, relative paths resolve against the current directory.
-  meta['info'].update(teacher='./t', tokenizer='bert-base-uncased')
-  assert f'`{tmp_path / "t"}`' in export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
-  meta['info'].update(teacher='bert-base-uncased')
-  assert '`bert-base-uncased`' in export._model_card(meta, 6, cfg)  # pylint: disable=protected-access
-
-
 def test_onnx_failure_keeps_the_verified_hf_export_and_says_how_to_retry(trained, tmp_path,
                                                                          monkeypatch):
-  from flaxdistil import onnx_export  # pylint: disable=g-import-not-at-top
+  from flaxdistil.export import onnx_export  # pylint: disable=g-import-not-at-top
 
   def broken(hf_dir, *a, **kw):
     raise ValueError('ONNX verification failed: max |logits(onnxruntime) - logits(torch)| = 1')
   monkeypatch.setattr(onnx_export, 'export_onnx', broken)
   out = tmp_path / 'hf'
   with pytest.raises(ValueError, match=r'verified HF export is in place.*onnx_export --hf'):
-    export.export(str(trained), str(out), onnx=True)
+    hf_export.export(str(trained), str(out), onnx=True)
   assert (out / 'model.safetensors').is_file() and not (out / 'onnx').exists()
 
 
 def test_export_of_a_specific_and_a_missing_step(trained, tmp_path):
-  rep = export.export(str(trained), str(tmp_path / 'hf'), step=6)
+  rep = hf_export.export(str(trained), str(tmp_path / 'hf'), step=6)
   assert rep['step'] == 6
   with pytest.raises(FileNotFoundError, match='available steps'):
-    export.export(str(trained), str(tmp_path / 'hf2'), step=3)
+    hf_export.export(str(trained), str(tmp_path / 'hf2'), step=3)
   assert not os.path.exists(tmp_path / 'hf2')
 
 
@@ -152,11 +132,11 @@ def test_export_with_a_bare_bert_tokenizer_dir_keeps_special_tokens(tmp_path):
   bare.mkdir()
   (bare / 'vocab.txt').write_text('\n'.join(words) + '\n')
   (bare / 'tokenizer_config.json').write_text('{"do_lower_case": true}')
-  cfg = models.ModelConfig(model_type='distilbert', vocab_size=len(words), hidden_size=16,
+  cfg = bert.ModelConfig(model_type='distilbert', vocab_size=len(words), hidden_size=16,
                            num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                            max_position_embeddings=32)
-  params = models.init_params(cfg, jax.random.PRNGKey(0))
-  export.export_hf(params, cfg, str(tmp_path / 'hf'), tokenizer_path=str(bare))
+  params = bert.init_params(cfg, jax.random.PRNGKey(0))
+  hf_export.export_hf(params, cfg, str(tmp_path / 'hf'), tokenizer_path=str(bare))
   tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
   assert (tok.mask_token_id, tok.pad_token_id, tok.cls_token_id) == (4, 0, 2)
   assert tok.model_max_length == 32

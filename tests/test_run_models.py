@@ -1,0 +1,45 @@
+"""flaxdistil.training.run_models: the student's shape follows the teacher (0 = the teacher's
+value), a pretrained checkpoint of the same type keeps its shape, and bad dtypes are refused."""
+
+import jax.numpy as jnp
+import pytest
+
+from flaxdistil.model import bert
+from flaxdistil.training import run_models
+from flaxdistil.training.errors import ConfigError
+
+from conftest import tiny_config
+
+TEACHER = bert.ModelConfig(model_type='bert', vocab_size=120, hidden_size=64, num_hidden_layers=4,
+                           num_attention_heads=4, intermediate_size=128,
+                           max_position_embeddings=64, with_mlm_head=False)
+
+
+def test_zero_fields_take_the_teachers_values_and_given_fields_win():
+  c = tiny_config(**{'student.num_hidden_layers': 2, 'student.hidden_size': 0,
+                     'student.intermediate_size': 96, 'dtype': 'bfloat16'})
+  s = run_models.student_config(c, TEACHER, vocab_size=999)
+  assert (s.model_type, s.vocab_size, s.hidden_size, s.num_hidden_layers, s.intermediate_size,
+          s.num_attention_heads, s.max_position_embeddings) == ('distilbert', 120, 64, 2, 96, 4, 64)
+  assert s.dtype == jnp.bfloat16 and not s.with_mlm_head  # a head-less teacher: head-less student
+  task = run_models.student_config(c, TEACHER, vocab_size=999, num_labels=2)
+  assert task.num_labels == 2 and not task.with_mlm_head
+  alone = run_models.student_config(tiny_config(**{'student.num_hidden_layers': 0}), None, 77)
+  assert (alone.vocab_size, alone.num_hidden_layers, alone.hidden_size) == (77, 6, 768)
+
+
+def test_a_same_type_pretrained_student_keeps_its_depth():
+  pretrained = bert.ModelConfig(model_type='distilbert', vocab_size=120, hidden_size=64,
+                                num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                                max_position_embeddings=64)
+  c = tiny_config(**{'student.init': 'pretrained', 'student.num_hidden_layers': 1})
+  assert run_models.student_config(c, TEACHER, 120, pretrained=pretrained).num_hidden_layers == 3
+  bert_ckpt = bert.ModelConfig(**{**pretrained.__dict__, 'model_type': 'bert'})
+  # BERT -> DistilBERT picks student.num_hidden_layers of its layers
+  assert run_models.student_config(c, TEACHER, 120, pretrained=bert_ckpt).num_hidden_layers == 1
+
+
+def test_compute_dtype_names_the_choices():
+  assert run_models.compute_dtype('float32') == jnp.float32
+  with pytest.raises(ConfigError, match='use "float32" or "bfloat16"'):
+    run_models.compute_dtype('fp8')
