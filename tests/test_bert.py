@@ -343,8 +343,8 @@ def test_cudnn_attention_gets_a_full_mask_and_equals_explicit_path(bert_params, 
   explicit = MaskedLM(_cfg('bert')).apply({'params': bert_params}, ids, mask,
                                           output_attentions=True)
   assert [(c[0], c[1]) for c in calls] == [('cudnn', (3, 1, 9, 9))] * cfg.num_hidden_layers
-  np.testing.assert_array_equal(calls[0][2],
-                                np.broadcast_to(np.asarray(mask)[:, None, None, :] > 0, (3, 1, 9, 9)))
+  key_mask = np.asarray(mask)[:, None, None, :] > 0  # [B, 1, 1, T]
+  np.testing.assert_array_equal(calls[0][2], np.broadcast_to(key_mask, (3, 1, 9, 9)))
   valid = np.asarray(mask)[..., None] > 0
   np.testing.assert_allclose(np.where(valid, fused.logits, 0), np.where(valid, explicit.logits, 0),
                              rtol=1e-5, atol=1e-5)

@@ -274,8 +274,9 @@ def build_run(config, workdir: str) -> Run:
   num_labels = len(task.label_names) if task else 0
   tcfg, tparams = run_models.load_teacher(config, obj, vocab_size, num_labels)
   if tcfg is not None:
-    tcfg = dataclasses.replace(tcfg, dtype=run_models.compute_dtype(config.dtype), remat=config.remat,
-                               attention_implementation=run_models.attention_implementation(config))
+    tcfg = dataclasses.replace(
+        tcfg, dtype=run_models.compute_dtype(config.dtype), remat=config.remat,
+        attention_implementation=run_models.attention_implementation(config))
   pcfg, pparams = run_models.load_pretrained_student(config, num_labels)
   scfg = run_models.student_config(config, tcfg, vocab_size, num_labels, pcfg)
   run_models.check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg)
