@@ -24,12 +24,15 @@ from flaxdistil.training import train_state
 from flaxdistil.training import train_step
 
 
-def model_configs(a) -> tuple[bert.ModelConfig, bert.ModelConfig]:
+def model_configs(a, attention_implementation: str | None = None
+                  ) -> tuple[bert.ModelConfig, bert.ModelConfig]:
   """`(teacher, student)` configs of `--hidden_size`, `--vocab_size`, `--teacher_layers`,
-  `--student_layers` and `--dtype` (heads of 64 dims, FFN 4 x hidden, as BERT)."""
+  `--student_layers` and `--dtype` (heads of 64 dims, FFN 4 x hidden, as BERT), both with
+  `attention_implementation` (`bert.ATTENTION_IMPLEMENTATIONS`)."""
   tcfg = bert.ModelConfig(
       model_type='bert', vocab_size=a.vocab_size, hidden_size=a.hidden_size,
       dtype=getattr(jnp, a.dtype), num_hidden_layers=a.teacher_layers,
+      attention_implementation=attention_implementation,
       num_attention_heads=max(1, a.hidden_size // 64), intermediate_size=4 * a.hidden_size)
   return tcfg, dataclasses.replace(tcfg, model_type='distilbert', num_hidden_layers=a.student_layers)
 
@@ -107,15 +110,16 @@ class StepSetup:
     return compiled, time.perf_counter() - t0
 
 
-def step_setup(a) -> StepSetup:
-  """The recipe's data-parallel layout over this host's devices for the shapes of `a`.
+def step_setup(a, attention_implementation: str | None = None) -> StepSetup:
+  """The recipe's data-parallel layout over this host's devices for the shapes of `a`, the
+  models' attention core being `attention_implementation` (None = JAX's default).
 
   Raises:
     ValueError: `a.batch_size` does not split into `a.num_microbatches` (if given) microbatches
       over the devices.
   """
   cfg = distilbert_config.get_config()
-  tcfg, scfg = model_configs(a)
+  tcfg, scfg = model_configs(a, attention_implementation)
   mesh = sharding.create_mesh((-1, 1, 1), sharding.DEFAULT_MESH_AXES, devices=jax.local_devices())
   rules = sharding.rules_tuple(cfg.mesh.logical_axis_rules)
   sharding.check_batch_divisibility(a.batch_size, getattr(a, 'num_microbatches', 1), mesh, rules)

@@ -37,6 +37,7 @@ import os
 import platform
 import resource
 import time
+import traceback
 
 # Let PyTorch and JAX share one GPU; peak_bytes_in_use is exact either way.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
@@ -48,6 +49,7 @@ import numpy as np
 
 from configs import distilbert as distilbert_config  # pylint: disable=wrong-import-position
 from flaxdistil.model import bert
+from flaxdistil.storage import atomic
 
 # Dense peak TFLOP/s by device_kind substring: (bfloat16, float32). float32 on GPU = TF32
 # tensor cores (JAX's default matmul precision there); TPUs run float32 dots as bf16 passes.
@@ -73,6 +75,11 @@ def parse_args(argv=None):
   p.add_argument('--vocab_chunk_size', default='0',
                  help='comma list of distill.vocab_chunk_size values to time on the JAX side, '
                       'e.g. "0,32" (0 = dense [B, T, V] logits)')
+  p.add_argument('--attention_implementation', default='default',
+                 help='comma list of attention implementations to time on the JAX side (each with '
+                      'every --vocab_chunk_size): default (= jax\'s None, XLA), xla, cudnn (GPU, '
+                      'bfloat16; the teacher forward only: the student trains with attention '
+                      'dropout, which keeps the explicit softmax)')
   p.add_argument('--repeats', type=int, default=2,
                  help='timing windows of --steps steps per side; min and median are reported')
   p.add_argument('--peak_tflops', type=float, default=0.0,
@@ -80,7 +87,12 @@ def parse_args(argv=None):
   p.add_argument('--skip_torch', action='store_true', help='time only the JAX step')
   p.add_argument('--memory_only', action='store_true',
                  help="compile the JAX step(s) and print XLA's memory analysis; no timing, no torch")
-  p.add_argument('--json_out', default='', help='write all results to this JSON file')
+  p.add_argument('--json_out', default='',
+                 help='write all results to this JSON file (rewritten after every variant)')
+  p.add_argument('--profile_dir', default='',
+                 help='after timing, trace --profile_steps steps of the first JAX variant with '
+                      'jax.profiler (xplane + perfetto trace) into this directory')
+  p.add_argument('--profile_steps', type=int, default=3)
   a = p.parse_args(argv)
   if a.hidden_size % 64:
     p.error(f'--hidden_size {a.hidden_size} must be a multiple of 64 (head size 64, as bert-base).')
@@ -94,6 +106,13 @@ def parse_args(argv=None):
     p.error(f'--vocab_chunk_size {a.vocab_chunk_size!r}: give integers, e.g. "0,32".')
   if any(c < 0 for c in a.vocab_chunk_sizes):
     p.error('--vocab_chunk_size values must be >= 0.')
+  names = a.attention_implementation.split(',')
+  if any(n not in ('default', 'xla', 'cudnn') for n in names):
+    p.error(f'--attention_implementation {a.attention_implementation!r}: use a comma list of '
+            'default, xla, cudnn.')
+  a.attention_implementations = [None if n == 'default' else n for n in names]
+  # every chunk size with the first implementation, then the same with the next one
+  a.variants = [(c, i) for i in a.attention_implementations for c in a.vocab_chunk_sizes]
   return a
 
 
@@ -143,8 +162,28 @@ def _summarise(times: list[float]) -> dict:
           'step_times_s': times}
 
 
-def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
-  bench = common.step_setup(a)
+def _peak_bytes() -> int | None:
+  """Max over devices of `peak_bytes_in_use` since the process started (None on CPU)."""
+  stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
+  return max(s['peak_bytes_in_use'] for s in stats) if all(
+      'peak_bytes_in_use' in s for s in stats) else None
+
+
+def unavailable(a, attention_implementation) -> str:
+  """Why a JAX variant cannot run on this backend ('' if it can)."""
+  if attention_implementation == 'cudnn':
+    if jax.default_backend() != 'gpu':
+      return f'cudnn attention needs an NVIDIA GPU (backend here: {jax.default_backend()})'
+    if a.dtype != 'bfloat16':
+      return 'cudnn attention needs --dtype bfloat16'
+  return ''
+
+
+def run_jax(a, host_batch, vocab_chunk_size: int = 0, attention_implementation=None,
+            profile_dir: str = '') -> dict:
+  """One JAX variant: compile, warm up, `a.repeats` windows of `a.steps` steps (+ a trace)."""
+  peak_before = _peak_bytes()
+  bench = common.step_setup(a, attention_implementation)
   t_params = bench.teacher_params()
   state = bench.fresh_state()
   batch = bench.global_batch(host_batch, a.batch_size)
@@ -153,6 +192,7 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
   ma = compiled.memory_analysis()
   if a.memory_only:
     return {'vocab_chunk_size': vocab_chunk_size, 'compile_s': compile_s,
+            'attention_implementation': attention_implementation,
             'memory_analysis': {k: int(getattr(ma, f'{k}_size_in_bytes', 0))
                                 for k in ('temp', 'argument', 'output', 'alias', 'generated_code')}}
 
@@ -166,14 +206,18 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
       state, metrics = compiled(state, t_params, batch)
     jax.block_until_ready((state, metrics))
 
-  out = {**_summarise(_windows(a, steps)), 'compile_s': compile_s,
-         'vocab_chunk_size': vocab_chunk_size, 'loss': float(metrics['loss']),
+  out = {**_summarise(_windows(a, steps)), 'compile_s': compile_s, 'status': 'ok',
+         'vocab_chunk_size': vocab_chunk_size, 'attention_implementation': attention_implementation,
+         'loss': float(metrics['loss']),
          'finite': bool(metrics['finite']), 'teacher_params': bert.count_params(t_params),
          'student_params': bert.count_params(state['params'])}
-  stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
-  if all('peak_bytes_in_use' in s for s in stats):
-    out['peak_memory_bytes'] = max(s['peak_bytes_in_use'] for s in stats)
+  peak = _peak_bytes()
+  if peak is not None:
+    out['peak_memory_bytes'] = peak
     out['peak_memory_source'] = "max over devices of memory_stats()['peak_bytes_in_use']"
+    # The allocator's peak never resets: it is this variant's own only if it rose above the
+    # peak left by the variants (and PyTorch-free JAX work) before it.
+    out['peak_memory_exact'] = peak_before is None or peak > peak_before
   elif ma is not None:
     out['peak_memory_bytes'] = int(ma.temp_size_in_bytes + ma.argument_size_in_bytes)
     out['peak_memory_source'] = 'compiled.memory_analysis() temp + argument (per device)'
@@ -186,15 +230,36 @@ def run_jax(a, host_batch, vocab_chunk_size: int = 0) -> dict:
     out['xla_cost_analysis_flops'] = float(cost['flops'])
   except Exception:  # pylint: disable=broad-except
     pass
-  del state, t_params, batch, compiled
-  gc.collect()
-  return out
+  if profile_dir:
+    out['profile'] = _trace(a, profile_dir, steps)
+  return out  # the arrays die with this frame; the caller collects
+
+
+def _trace(a, profile_dir: str, steps) -> dict:
+  """Traces `a.profile_steps` more steps (xplane.pb + perfetto_trace.json.gz under profile_dir)."""
+  try:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      steps(a.profile_steps)
+  except Exception as e:  # pylint: disable=broad-except  (e.g. no CUPTI in a sandbox)
+    return {'status': 'failed', 'error': f'{type(e).__name__}: {e}'[:2000]}
+  return {'status': 'ok', 'dir': profile_dir, 'steps': a.profile_steps}
 
 
 # ----------------------------------------------------------------------------- PyTorch
 
 def run_torch(a, host_batch) -> dict:
-  """The same step as HF distiller.py `Distiller.step` + `optimize` (fp32 or bf16 autocast)."""
+  """The same step as HF distiller.py `Distiller.step` + `optimize` (fp32 or bf16 autocast);
+  its models and optimizer are freed (and the CUDA cache emptied) before it returns."""
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    return _torch_step(a, host_batch)
+  finally:
+    gc.collect()
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()  # hand the memory back before JAX runs
+
+
+def _torch_step(a, host_batch) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -290,14 +355,30 @@ def run_torch(a, host_batch) -> dict:
   out.update(device=str(torch.cuda.get_device_name() if cuda else 'cpu'),
              num_threads=torch.get_num_threads(), version=torch.__version__,
              transformers_version=transformers.__version__)
-  del teacher, student, torch_opt, micro, full
-  gc.collect()
-  if cuda:
-    torch.cuda.empty_cache()  # hand the memory back before JAX runs
   return out
 
 
 # ----------------------------------------------------------------------------- report
+
+def label(r: dict) -> str:
+  """Column name of a JAX variant."""
+  c, impl = r['vocab_chunk_size'], r.get('attention_implementation')
+  return ('JAX, dense logits' if not c else f'JAX, vocab chunks of {c}') + (
+      f', {impl} attention' if impl else '')
+
+
+def derive(r: dict, flops: dict, peak_total: float) -> None:
+  """Adds tokens/s, model TFLOP/s, MFU and hours per billion tokens to a timed run `r`."""
+  r['tokens_per_s'] = flops['tokens_per_step'] / r['step_time_s']
+  r['model_tflops_per_s'] = flops['flops_per_step'] / r['step_time_s'] / 1e12
+  r['mfu'] = flops['flops_per_step'] / r['step_time_s'] / peak_total
+  r['hours_per_billion_tokens'] = 1e9 / r['tokens_per_s'] / 3600
+
+
+def _failed(e: Exception, **fields) -> dict:
+  traceback.print_exc()
+  return {'status': 'failed', 'error': f'{type(e).__name__}: {e}'[:2000], **fields}
+
 
 def main(argv=None):
   a = parse_args(argv)
@@ -312,86 +393,123 @@ def main(argv=None):
         f'teacher {a.teacher_layers}x{a.hidden_size} -> student {a.student_layers}x{a.hidden_size}, '
         f'vocab {a.vocab_size}, {a.num_microbatches} microbatch(es)', flush=True)
 
-  torch_res = None
-  if not a.skip_torch and not a.memory_only:
-    print('timing PyTorch (HF distiller.py-style step) ...', flush=True)
-    torch_res = run_torch(a, host_batch)
   if a.memory_only:
-    print('| vocab_chunk_size | XLA temp buffers (GiB) | arguments (GiB) | compile (s) |\n|---|---|---|---|')
-    for chunk in a.vocab_chunk_sizes:
-      r = run_jax(a, host_batch, chunk)
+    print('| vocab_chunk_size | attention | XLA temp buffers (GiB) | arguments (GiB) | '
+          'compile (s) |\n|---|---|---|---|---|')
+    for chunk, impl in a.variants:
+      if unavailable(a, impl):
+        print(f"| {chunk or 'dense'} | {impl} | skipped: {unavailable(a, impl)} | | |")
+        continue
+      r = run_jax(a, host_batch, chunk, impl)
       m = r['memory_analysis']
-      print(f"| {chunk or 'dense'} | {m['temp'] / GIB:.3f} | {m['argument'] / GIB:.3f} | "
-            f"{r['compile_s']:.1f} |", flush=True)
+      print(f"| {chunk or 'dense'} | {impl or 'default'} | {m['temp'] / GIB:.3f} | "
+            f"{m['argument'] / GIB:.3f} | {r['compile_s']:.1f} |", flush=True)
     print(f'full-vocab logits per microbatch: [{mb}, {a.seq_len}, {a.vocab_size}] x '
           f'{jnp.dtype(a.dtype).itemsize} B = {logits_bytes / 2 / GIB:.3f} GiB per model')
     return
 
-  jax_runs = []
-  for chunk in a.vocab_chunk_sizes:
-    print(f'timing JAX (flaxdistil train_step, vocab_chunk_size={chunk}) ...', flush=True)
-    jax_runs.append(run_jax(a, host_batch, chunk))
-  jax_res = jax_runs[0]
   peak, peak_src = peak_flops(a, device)
   peak_total = peak * jax.local_device_count()  # MFU over every device of the mesh
+  jax_runs, torch_res = [], None
+  result = {'args': {k: v for k, v in vars(a).items() if k != 'variants'},
+            'device_kind': device.device_kind, 'platform': device.platform,
+            'num_devices': jax.local_device_count(), 'jax_version': jax.__version__,
+            'host': platform.node(), 'cpu_count': os.cpu_count(), 'loadavg_before': load0,
+            'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'flops': flops,
+            'peak_flops_per_device': peak, 'peak_flops_source': peak_src,
+            'logits_bytes_per_microbatch': logits_bytes, 'complete': False}
 
-  for r in filter(None, (*jax_runs, torch_res)):
-    r['tokens_per_s'] = flops['tokens_per_step'] / r['step_time_s']
-    r['model_tflops_per_s'] = flops['flops_per_step'] / r['step_time_s'] / 1e12
-    r['mfu'] = flops['flops_per_step'] / r['step_time_s'] / peak_total
-  if torch_res is not None and (torch_res['device'] == 'cpu') != (device.platform == 'cpu'):
-    torch_res['mfu'] = None  # e.g. a CPU-only torch beside a GPU JAX: one peak does not fit both
-    print('WARNING: PyTorch ran on', torch_res['device'], 'but JAX on', device.platform)
-  ratios = [r['tokens_per_s'] / torch_res['tokens_per_s'] if torch_res else None for r in jax_runs]
-  ratio = ratios[0]
+  def publish():
+    """Derived numbers and ratios of what ran so far, and the JSON file rewritten."""
+    ok = [r for r in jax_runs if r['status'] == 'ok']
+    torch_ok = torch_res is not None and torch_res.get('status') == 'ok'
+    ratios = [r['tokens_per_s'] / torch_res['tokens_per_s'] if torch_ok and r['status'] == 'ok'
+              else None for r in jax_runs]
+    result.update(jax=ok[0] if ok else None, jax_runs=jax_runs, torch=torch_res,
+                  jax_runs_over_torch_tokens_per_s=ratios,
+                  jax_over_torch_tokens_per_s=next((q for q in ratios if q), None),
+                  loadavg_after=os.getloadavg())
+    if a.json_out:
+      os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
+      atomic.write_json(a.json_out, json.loads(json.dumps(result, default=str)))
 
+  if not a.skip_torch:
+    print('timing PyTorch (HF distiller.py-style step) ...', flush=True)
+    try:
+      torch_res = {'status': 'ok', **run_torch(a, host_batch)}
+      derive(torch_res, flops, peak_total)
+      if (torch_res['device'] == 'cpu') != (device.platform == 'cpu'):
+        torch_res['mfu'] = None  # e.g. a CPU-only torch beside a GPU JAX: one peak does not fit
+        print('WARNING: PyTorch ran on', torch_res['device'], 'but JAX on', device.platform)
+    except Exception as e:  # pylint: disable=broad-except  (the JAX variants still run)
+      torch_res = _failed(e)
+    publish()
+
+  profile_dir = a.profile_dir
+  for chunk, impl in a.variants:
+    fields = {'vocab_chunk_size': chunk, 'attention_implementation': impl}
+    why = unavailable(a, impl)
+    if why:
+      print(f'skipping JAX vocab_chunk_size={chunk}, attention {impl}: {why}', flush=True)
+      jax_runs.append({'status': 'skipped', 'reason': why, **fields})
+      continue
+    print(f'timing JAX (flaxdistil train_step, vocab_chunk_size={chunk}, attention '
+          f'{impl or "default"}) ...', flush=True)
+    try:
+      r = run_jax(a, host_batch, chunk, impl, profile_dir)
+      derive(r, flops, peak_total)
+      profile_dir = ''  # one trace: the first variant's
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: the rest run)
+      r = _failed(e, **fields)
+    gc.collect()  # free this variant's buffers before the next one compiles
+    jax_runs.append(r)
+    publish()
+
+  ok = [r for r in jax_runs if r['status'] == 'ok']
   rows = [('step time (ms), min / median', lambda r: f"{r['step_time_s'] * 1e3:.1f} / "
                                                       f"{r['step_time_median_s'] * 1e3:.1f}"),
           ('tokens/s', lambda r: f"{r['tokens_per_s']:,.0f}"),
           ('model TFLOP/s', lambda r: f"{r['model_tflops_per_s']:.3f}"),
           ('MFU', lambda r: '-' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"),
-          ('peak memory (GiB)', lambda r: f"{r.get('peak_memory_bytes', float('nan')) / GIB:.2f}"),
+          ('peak memory (GiB)', lambda r: f"{r.get('peak_memory_bytes', float('nan')) / GIB:.2f}"
+           + ('' if r.get('peak_memory_exact', True) else ' (<=)')),
           ('XLA temp buffers (GiB)', lambda r: f"{r['memory_analysis']['temp'] / GIB:.3f}"
            if 'memory_analysis' in r else '-'),
           ('loss (last step)', lambda r: f"{r['loss']:.4f}"),
           ('params teacher / student', lambda r: f"{r['teacher_params']:,} / {r['student_params']:,}")]
-  label = lambda c: 'JAX, dense logits' if not c else f'JAX, vocab chunks of {c}'
-  cols = [(label(r['vocab_chunk_size']), r) for r in jax_runs]
-  cols += [('PyTorch HF distiller-style', torch_res)] if torch_res else []
+  cols = [(label(r), r) for r in ok]
+  torch_ok = torch_res is not None and torch_res['status'] == 'ok'
+  cols += [('PyTorch HF distiller-style', torch_res)] if torch_ok else []
   print('\n| metric | ' + ' | '.join(c for c, _ in cols) + ' |\n|---|' + '---|' * len(cols))
   for name, fmt in rows:
     print(f'| {name} | ' + ' | '.join(fmt(r) for _, r in cols) + ' |')
   print()
-  for r, q in zip(jax_runs, ratios):
-    print((f"{label(r['vocab_chunk_size'])} / PyTorch tokens/s (min step times): {q:.2f}x; "
-           if q else '') + f"JAX compile (excluded from timing): {r['compile_s']:.1f} s")
+  for r, q in zip(jax_runs, result['jax_runs_over_torch_tokens_per_s']):
+    if r['status'] != 'ok':
+      print(f"{label(r)}: {r['status']} ({r.get('reason') or r.get('error')})")
+      continue
+    print((f'{label(r)} / PyTorch tokens/s (min step times): {q:.2f}x; ' if q else '')
+          + f"JAX compile (excluded from timing): {r['compile_s']:.1f} s")
+  if torch_res is not None and not torch_ok:
+    print(f"PyTorch: failed ({torch_res['error']})")
   print(f"model FLOPs/step: {flops['flops_per_step'] / 1e9:,.1f} GFLOP (teacher fwd "
         f"{flops['teacher_fwd_flops'] / 1e9:,.1f} + student fwd+bwd "
         f"{flops['student_fwd_bwd_flops'] / 1e9:,.1f}); N_t={flops['teacher_matmul_params']:,}, "
         f"N_s={flops['student_matmul_params']:,} matmul params incl. vocab projection")
-  if 'xla_cost_analysis_flops' in jax_res:
-    print(f"XLA cost_analysis FLOPs/step (cross-check): {jax_res['xla_cost_analysis_flops'] / 1e9:,.1f} GFLOP")
+  if ok and 'xla_cost_analysis_flops' in ok[0]:
+    print('XLA cost_analysis FLOPs/step (cross-check): '
+          f"{ok[0]['xla_cost_analysis_flops'] / 1e9:,.1f} GFLOP")
   print(f'peak: {peak / 1e12:.3f} TFLOP/s per device ({peak_src}); host load average '
         f'{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after (CPU timings are noisy when > cores)')
-  print(f"JAX peak memory source: {jax_res.get('peak_memory_source')}"
-        + (f"; PyTorch: {torch_res['peak_memory_source']}" if torch_res else ''))
+  if ok:
+    print(f"JAX peak memory source: {ok[0].get('peak_memory_source')}"
+          + (f"; PyTorch: {torch_res['peak_memory_source']}" if torch_ok else ''))
   print(f'full-vocab logits per microbatch (peak driver): [{mb}, {a.seq_len}, {a.vocab_size}] x '
         f'{jnp.dtype(a.dtype).itemsize} B x 2 models = {logits_bytes / GIB:.3f} GiB '
         f'(+ float32 copies in the losses)')
-
+  result['complete'] = True
+  publish()
   if a.json_out:
-    result = {'args': vars(a), 'device_kind': device.device_kind, 'platform': device.platform,
-              'num_devices': jax.local_device_count(), 'jax_version': jax.__version__,
-              'host': platform.node(), 'cpu_count': os.cpu_count(),
-              'loadavg_before': load0, 'loadavg_after': os.getloadavg(),
-              'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'flops': flops,
-              'peak_flops_per_device': peak, 'peak_flops_source': peak_src,
-              'logits_bytes_per_microbatch': logits_bytes, 'jax': jax_res, 'jax_runs': jax_runs,
-              'torch': torch_res, 'jax_over_torch_tokens_per_s': ratio,
-              'jax_runs_over_torch_tokens_per_s': ratios}
-    os.makedirs(os.path.dirname(os.path.abspath(a.json_out)), exist_ok=True)
-    with open(a.json_out, 'w') as f:
-      json.dump(result, f, indent=1, default=str)
     print(f'wrote {a.json_out}')
 
 

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1_000  # Orbax save interval
   c.dtype = 'float32'               # compute dtype: 'float32' | 'bfloat16' (params stay fp32)
   c.remat = False                   # rematerialise each layer in the backward pass
+  c.attention_implementation = ''   # jax.nn.dot_product_attention where no attention dropout
+                                    # applies (teacher forward, eval): '' = JAX's default (XLA) |
+                                    # 'xla' | 'cudnn' (cuDNN flash attention: GPU + bfloat16)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = 'bert-base-uncased'  # HF dir or hub name (config.json + safetensors/bin)

@@ -278,6 +278,7 @@ def test_bad_inputs_raise_clear_errors(bert_params):
     (dict(hidden_act='swish'), 'hidden_act'),
     (dict(hidden_size=30), 'divisible'),
     (dict(type_vocab_size=0), 'type_vocab_size'),
+    (dict(attention_implementation='flash'), "attention_implementation 'flash' is not supported"),
 ])
 def test_config_validation(kw, match):
   with pytest.raises(ValueError, match=match):
@@ -307,11 +308,12 @@ def test_logits_positions_equal_gathered_full_logits(bert_params):
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('model_type', ['bert', 'distilbert'])
-def test_fused_attention_path_equals_explicit_probs_path(bert_params, model_type):
+@pytest.mark.parametrize('model_type, implementation',
+                         [('bert', None), ('distilbert', None), ('bert', 'xla')])
+def test_fused_attention_path_equals_explicit_probs_path(bert_params, model_type, implementation):
   # Without output_attentions the core runs through jax.nn.dot_product_attention; asking for
   # the probabilities forces the explicit einsum/softmax path. Both must agree, padding included.
-  cfg = _cfg(model_type)
+  cfg = _cfg(model_type, attention_implementation=implementation)
   params = bert_params if model_type == 'bert' else bert.init_params(cfg, jax.random.PRNGKey(3))
   ids, mask = _inputs()
   fused = MaskedLM(cfg).apply({'params': params}, ids, mask)
@@ -319,6 +321,31 @@ def test_fused_attention_path_equals_explicit_probs_path(bert_params, model_type
   valid = np.asarray(mask)[..., None] > 0
   for a, b in zip(fused.hidden_states, explicit.hidden_states):
     np.testing.assert_allclose(np.where(valid, a, 0), np.where(valid, b, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.where(valid, fused.logits, 0), np.where(valid, explicit.logits, 0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_attention_gets_a_full_mask_and_equals_explicit_path(bert_params, monkeypatch):
+  # cuDNN runs only on NVIDIA GPUs (benchmarks/attention_parity.py checks it there); on CPU this
+  # checks what the model hands it: implementation='cudnn' and the key mask broadcast to
+  # [B, 1, T, T] (cuDNN refuses a [B, 1, 1, T] one), computed here by the XLA implementation.
+  calls = []
+  xla_attention = jax.nn.dot_product_attention
+
+  def fake_cudnn(q, k, v, mask=None, implementation=None):
+    calls.append((implementation, mask.shape, np.asarray(mask)))
+    return xla_attention(q, k, v, mask=mask, implementation='xla')
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake_cudnn)
+  cfg = _cfg('bert', attention_implementation='cudnn')
+  ids, mask = _inputs()
+  fused = MaskedLM(cfg).apply({'params': bert_params}, ids, mask)
+  explicit = MaskedLM(_cfg('bert')).apply({'params': bert_params}, ids, mask,
+                                          output_attentions=True)
+  assert [(c[0], c[1]) for c in calls] == [('cudnn', (3, 1, 9, 9))] * cfg.num_hidden_layers
+  key_mask = np.asarray(mask)[:, None, None, :] > 0  # [B, 1, 1, T]
+  np.testing.assert_array_equal(calls[0][2], np.broadcast_to(key_mask, (3, 1, 9, 9)))
+  valid = np.asarray(mask)[..., None] > 0
   np.testing.assert_allclose(np.where(valid, fused.logits, 0), np.where(valid, explicit.logits, 0),
                              rtol=1e-5, atol=1e-5)
 

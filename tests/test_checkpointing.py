@@ -22,7 +22,7 @@ SCFG = bert.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
 
 def _student_config(cfg):
   """The fingerprint's `student_config`, as setup writes it."""
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ('dtype', 'remat')}
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in bert.COMPUTE_FIELDS}
 
 
 # ----------------------------------------------------------------------------- check_compatible

@@ -1,5 +1,6 @@
 """flaxdistil.training.run_models: the student's shape follows the teacher (0 = the teacher's
-value), a pretrained checkpoint of the same type keeps its shape, and bad dtypes are refused."""
+value), a pretrained checkpoint of the same type keeps its shape, bad dtypes and attention
+implementations are refused."""
 
 import jax.numpy as jnp
 import pytest
@@ -43,3 +44,11 @@ def test_compute_dtype_names_the_choices():
   assert run_models.compute_dtype('float32') == jnp.float32
   with pytest.raises(ConfigError, match='use "float32" or "bfloat16"'):
     run_models.compute_dtype('fp8')
+
+
+def test_attention_implementation_reaches_the_student_config():
+  assert run_models.student_config(tiny_config(), TEACHER, 120).attention_implementation is None
+  c = tiny_config(attention_implementation='xla')
+  assert run_models.student_config(c, TEACHER, 120).attention_implementation == 'xla'
+  with pytest.raises(ConfigError, match='attention_implementation=\'sdpa\': use "" '):
+    run_models.attention_implementation(tiny_config(attention_implementation='sdpa'))

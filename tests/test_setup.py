@@ -40,6 +40,10 @@ BAD = [  # (overrides on top of MISSING_TEACHER, expected message)
     ({'student.init': 'pretrained'}, 'needs student.path'),
     ({'student.model_type': 'roberta'}, "model_type='roberta'"),
     ({'dtype': 'float8'}, "dtype='float8'"),
+    ({'attention_implementation': 'flash'}, "attention_implementation='flash': use"),
+    ({'attention_implementation': 'cudnn'}, r'needs dtype="bfloat16" \(cuDNN'),
+    ({'attention_implementation': 'cudnn', 'dtype': 'bfloat16'},
+     'needs NVIDIA GPUs, but this run\'s devices are cpu'),
     ({'data.streaming': True, 'distill.mlm_smoothing': 0.7}, 'mlm_smoothing'),
     ({'teacher.cache': '/c', 'data.streaming': True}, 'teacher.cache needs packed MLM data'),
     ({'teacher.cache': '/c', 'distill.alpha_mse': 1.0}, 'not the full logits distill.alpha_mse'),
@@ -80,8 +84,14 @@ def test_missing_teacher_is_found_by_build_run(tmp_path):
 def test_run_is_typed_and_immutable(tmp_path):
   run = setup.build_run(tiny_config(**{'distill.alpha_hidden': 1.0, 'student.hidden_size': 16,
                                 'student.num_attention_heads': 2, 'student.intermediate_size': 32,
-                                'student.init': 'random', 'distill.alpha_cos': 0.0}),
+                                'student.init': 'random', 'distill.alpha_cos': 0.0,
+                                'attention_implementation': 'xla'}),
                         str(tmp_path))
+  # the attention implementation reaches both models but not the fingerprint (a run may resume
+  # with another one)
+  assert run.student_config.attention_implementation == 'xla'
+  assert run.teacher_config.attention_implementation == 'xla'
+  assert 'attention_implementation' not in run.fingerprint['student_config']
   obj = run.objective
   assert isinstance(obj, objective.Objective) and not obj.task and not obj.offline
   assert obj.needs_teacher_forward

@@ -50,6 +50,10 @@ import numpy as np
 # HF ``_init_weights``: normal(initializer_range=0.02) for Linear/Embedding weights.
 _INIT_STD = 0.02
 
+# `implementation` of `jax.nn.dot_product_attention`: None = JAX's choice (XLA on every backend in
+# jax 0.10 and 0.11), 'xla', or 'cudnn' (cuDNN fused flash attention; NVIDIA GPUs, bf16/fp16).
+ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf formulation (torch.nn.functional.gelu default).
     'gelu': functools.partial(jax.nn.gelu, approximate=False),
@@ -67,11 +71,13 @@ class ModelConfig:
   ``model_type='bert'`` has token-type embeddings (HF BertForMaskedLM/BertModel);
   ``'distilbert'`` has none (HF DistilBertForMaskedLM/DistilBertModel) and
   ``type_vocab_size`` is ignored. ``dtype`` is the compute dtype (e.g.
-  ``jnp.bfloat16``); parameters are always float32.
+  ``jnp.bfloat16``); parameters are always float32. ``dtype``, ``remat`` and
+  ``attention_implementation`` change how, not what, the model computes.
 
   Raises:
-    ValueError: unknown model_type / hidden_act, hidden_size not divisible by
-      num_attention_heads, num_labels < 0, or 'bert' with type_vocab_size < 1.
+    ValueError: unknown model_type / hidden_act / attention_implementation,
+      hidden_size not divisible by num_attention_heads, num_labels < 0, or 'bert'
+      with type_vocab_size < 1.
   """
   model_type: str = 'bert'
   vocab_size: int = 30522
@@ -91,6 +97,9 @@ class ModelConfig:
   classifier_dropout: float = 0.1   # HF BERT: hidden_dropout_prob; DistilBERT: seq_classif_dropout
   dtype: Any = jnp.float32
   remat: bool = False
+  # `jax.nn.dot_product_attention(implementation=...)` where no probabilities or attention dropout
+  # are needed (see SelfAttention); one of ATTENTION_IMPLEMENTATIONS.
+  attention_implementation: str | None = None
 
   def __post_init__(self):
     if self.model_type not in ('bert', 'distilbert'):
@@ -107,6 +116,10 @@ class ModelConfig:
           f'num_attention_heads ({self.num_attention_heads}); change one of them.')
     if self.num_labels < 0:
       raise ValueError(f'num_labels must be >= 0 (0 = no classification head), got {self.num_labels}.')
+    if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+          f'ModelConfig.attention_implementation {self.attention_implementation!r} is not '
+          f"supported; use None (JAX's default), 'xla' or 'cudnn'.")
     if self.model_type == 'bert' and self.type_vocab_size < 1:
       raise ValueError(
           "model_type 'bert' needs type_vocab_size >= 1 (token-type embeddings); "
@@ -121,6 +134,11 @@ class ModelConfig:
   def has_token_types(self) -> bool:
     """True for 'bert' (token-type embeddings), False for 'distilbert'."""
     return self.model_type == 'bert'
+
+
+# ModelConfig fields that change how, not what, the model computes: left out of run fingerprints
+# (a run may resume with another choice) and reset by the export, which verifies on CPU in float32.
+COMPUTE_FIELDS = ('dtype', 'remat', 'attention_implementation')
 
 
 class ModelOutput(flax.struct.PyTreeNode):
@@ -246,9 +264,11 @@ class SelfAttention(nn.Module):
   Scores and softmax are computed in float32 even for bf16 compute. When the
   probabilities are not needed as outputs and no attention dropout applies
   (eval, the teacher forward, or ``attention_probs_dropout_prob=0``), the core
-  goes through ``jax.nn.dot_product_attention`` with its default
-  ``implementation=None``, which in jax 0.10 is its XLA implementation on every
-  backend (not cuDNN: that needs ``implementation='cudnn'``).
+  goes through ``jax.nn.dot_product_attention`` with
+  ``implementation=config.attention_implementation``: None (the default) is its
+  XLA implementation on every backend in jax 0.10 and 0.11; ``'cudnn'`` is cuDNN's
+  fused flash attention (NVIDIA GPUs, bf16/fp16 compute only). The student's
+  training forward keeps the explicit softmax: jax's API takes no dropout.
   """
   config: ModelConfig
 
@@ -272,7 +292,13 @@ class SelfAttention(nn.Module):
     if not need_probs and (deterministic or cfg.attention_probs_dropout_prob == 0.0):
       # jax's API takes no dropout, hence the condition. A boolean key mask
       # gives the same softmax as the additive finfo.min bias (exp underflows to 0).
-      ctx = jax.nn.dot_product_attention(q, k, v, mask=bias > jnp.finfo(jnp.float32).min / 2)
+      mask = bias > jnp.finfo(jnp.float32).min / 2  # [B, 1, 1, T]
+      if cfg.attention_implementation == 'cudnn':
+        # cuDNN takes a mask only as a bias of the full [T, T] extent; right-padding-only
+        # sequence lengths would be faster but wrong for any other mask.
+        mask = jnp.broadcast_to(mask, (b, 1, t, t))
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                         implementation=cfg.attention_implementation)
       probs = scores = None
     else:
       scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,

@@ -40,6 +40,30 @@ def compute_dtype(name: str):
     raise ConfigError(f'dtype={name!r}: use "float32" or "bfloat16".') from None
 
 
+def attention_implementation(config) -> str | None:
+  """`bert.ModelConfig.attention_implementation` of `config.attention_implementation`.
+
+  Returns:
+    None for '' (JAX's default), else the name ('xla' or 'cudnn').
+
+  Raises:
+    ConfigError: an unknown name, or 'cudnn' without bfloat16/float16 compute or without GPUs.
+  """
+  name = config.attention_implementation
+  if name not in ('', 'xla', 'cudnn'):
+    raise ConfigError(f'attention_implementation={name!r}: use "" (JAX\'s default), "xla" or '
+                      '"cudnn".')
+  if name == 'cudnn':
+    if config.dtype not in ('bfloat16', 'float16'):
+      raise ConfigError(f'attention_implementation="cudnn" needs dtype="bfloat16" (cuDNN\'s fused '
+                        f'attention takes bf16/fp16 inputs), got dtype={config.dtype!r}; set '
+                        '--config.dtype=bfloat16 or attention_implementation="".')
+    if jax.default_backend() != 'gpu':
+      raise ConfigError(f'attention_implementation="cudnn" needs NVIDIA GPUs, but this run\'s '
+                        f'devices are {jax.default_backend()}; use attention_implementation="".')
+  return name or None
+
+
 def teacher_loaded(config, obj: Objective) -> bool:
   """True when the run loads a teacher: a term or `student.init='teacher'` needs it, or a path."""
   # A teacher given by path is always loaded: it defines the student's default shape (so an
@@ -115,7 +139,7 @@ def student_config(config, tcfg: bert.ModelConfig | None, vocab_size: int,
   `num_labels > 0` gives a sequence-classification head and no MLM head.
 
   Args:
-    config: the run's ConfigDict (`student`, `dtype`, `remat`).
+    config: the run's ConfigDict (`student`, `dtype`, `remat`, `attention_implementation`).
     tcfg: the teacher's config, or None.
     vocab_size: the tokenizer's size; used only when there is neither teacher nor
       pretrained student.
@@ -148,7 +172,8 @@ def student_config(config, tcfg: bert.ModelConfig | None, vocab_size: int,
       with_mlm_head=not num_labels and (tcfg.with_mlm_head if tcfg else True),
       num_labels=num_labels,
       classifier_dropout=s.classifier_dropout,
-      dtype=compute_dtype(config.dtype), remat=config.remat)
+      dtype=compute_dtype(config.dtype), remat=config.remat,
+      attention_implementation=attention_implementation(config))
 
 
 def load_pretrained_student(config, num_labels: int):

@@ -164,6 +164,7 @@ def validate(config) -> Objective:
   d, dist, t, s = config.data, config.distill, config.teacher, config.student
   obj = objective_from_config(config)
   run_models.compute_dtype(config.dtype)
+  run_models.attention_implementation(config)
 
   # Data source.
   tok_path = d.tokenizer or t.path or s.path
@@ -273,7 +274,9 @@ def build_run(config, workdir: str) -> Run:
   num_labels = len(task.label_names) if task else 0
   tcfg, tparams = run_models.load_teacher(config, obj, vocab_size, num_labels)
   if tcfg is not None:
-    tcfg = dataclasses.replace(tcfg, dtype=run_models.compute_dtype(config.dtype), remat=config.remat)
+    tcfg = dataclasses.replace(
+        tcfg, dtype=run_models.compute_dtype(config.dtype), remat=config.remat,
+        attention_implementation=run_models.attention_implementation(config))
   pcfg, pparams = run_models.load_pretrained_student(config, num_labels)
   scfg = run_models.student_config(config, tcfg, vocab_size, num_labels, pcfg)
   run_models.check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg)
@@ -297,7 +300,7 @@ def build_run(config, workdir: str) -> Run:
                                                 mesh, rules)
 
   strip = lambda c: None if c is None else {k: v for k, v in dataclasses.asdict(c).items()
-                                            if k not in ('dtype', 'remat')}
+                                            if k not in bert.COMPUTE_FIELDS}
   tokenizer_fp = hashlib.sha1(' '.join(sorted(tokenizer.get_vocab())).encode()).hexdigest()[:16]
   if obj.offline:
     features, targets = run_data.open_teacher_cache(config, tparams, packed, tokenizer_fp, obj.inter,
