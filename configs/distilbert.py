@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1_000  # Orbax save interval
   c.dtype = 'float32'               # compute dtype: 'float32' | 'bfloat16' (params stay fp32)
   c.remat = False                   # rematerialise each layer in the backward pass
+  c.scan_layers = False             # encoder layers as one lax.scan: compiles one layer, not L
+                                    # (same params and results; layers of unequal shapes unroll)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = 'bert-base-uncased'  # HF dir or hub name (config.json + safetensors/bin)
