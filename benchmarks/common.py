@@ -15,6 +15,7 @@ import numpy as np
 
 from configs import distilbert as distilbert_config
 from flaxdistil.model import bert
+from flaxdistil.model import flops
 from flaxdistil.objectives import IGNORE_INDEX
 from flaxdistil.objectives.objective import Objective
 from flaxdistil.training import optimizer
@@ -59,18 +60,12 @@ def make_batch(a) -> dict:
 
 
 def model_flops(a) -> dict:
-  """Analytic model FLOPs of one step (matmuls only; benchmarks/README.md "MFU")."""
-  h, v, t = a.hidden_size, a.vocab_size, a.seq_len
-  per_layer = 4 * h * h + 2 * h * (4 * h)          # q, k, v, o + FFN in/out
-  head = h * h + h * v                             # MLM transform + tied vocab projection
-  n_t, n_s = a.teacher_layers * per_layer + head, a.student_layers * per_layer + head
-  attn = 4 * t * h                                 # QK^T and PV per token per layer (fwd)
-  tokens = a.batch_size * t
-  teacher = tokens * (2 * n_t + a.teacher_layers * attn)
-  student = tokens * 3 * (2 * n_s + a.student_layers * attn)
-  return {'teacher_matmul_params': n_t, 'student_matmul_params': n_s, 'tokens_per_step': tokens,
-          'teacher_fwd_flops': teacher, 'student_fwd_bwd_flops': student,
-          'flops_per_step': teacher + student}
+  """Analytic model FLOPs of one step of the shapes of `a` (`flops.step_flops`: matmuls only,
+  teacher forward + student forward/backward, every position through both MLM heads;
+  benchmarks/README.md "MFU")."""
+  tcfg, scfg = model_configs(a)
+  return flops.step_flops(scfg, tcfg, batch_size=a.batch_size, seq_len=a.seq_len,
+                          num_microbatches=getattr(a, 'num_microbatches', 1))
 
 
 @dataclasses.dataclass

@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.attention_implementation = ''   # jax.nn.dot_product_attention where no attention dropout
                                     # applies (teacher forward, eval): '' = JAX's default (XLA) |
                                     # 'xla' | 'cudnn' (cuDNN flash attention: GPU + bfloat16)
+  c.scan_layers = False             # encoder layers as one lax.scan: compiles one layer, not L
+                                    # (same params and results; layers of unequal shapes unroll)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = 'bert-base-uncased'  # HF dir or hub name (config.json + safetensors/bin)

@@ -172,13 +172,11 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   values_dtype, hidden_dtype = tc_lib.storage_dtype(tc.cache_values_dtype), (
       tc_lib.storage_dtype(tc.cache_hidden_dtype) if tc.cache_hidden_dtype else None)
   n_layers = run.teacher_config.num_hidden_layers
-  layers = tc_lib.needed_layers(run.objective.inter, n_layers, tuple(tc.cache_hidden_layers))
+  layers = tc_lib.stored_layers(run.objective.inter, n_layers, tuple(tc.cache_hidden_layers),
+                                tc.cache_hidden_dtype)  # the last hidden state: the `hidden` column
   if layers and hidden_dtype is None:
     raise setup.ConfigError(f'the intermediate terms need teacher {layers} stored, in '
                             'teacher.cache_hidden_dtype, which is empty; set it to "bfloat16".')
-  if hidden_dtype is not None and n_layers in layers.get('hidden_states', ()):
-    layers['hidden_states'].remove(n_layers)  # it is the `hidden` column
-    layers = {f: v for f, v in layers.items() if v}
   packed, gbs = run.train_packed, int(config.data.global_batch_size)
   masked = tc.cache_teacher_input == 'masked'
   it = run.train_batches(0)

@@ -16,8 +16,9 @@ error); the groups:
   checkpoint  Orbax checkpointing (max_to_keep, async saves)
 
 Top-level fields: seed, num_train_steps, steps_per_run, log_every_steps,
-eval_every_steps, checkpoint_every_steps, dtype, remat, attention_implementation.
-Rerunning a command resumes from the newest checkpoint in --workdir. On a multi-host TPU slice or
+eval_every_steps, checkpoint_every_steps, dtype, remat, scan_layers,
+attention_implementation. Rerunning a command resumes from the newest checkpoint in --workdir.
+On a multi-host TPU slice or
 GPU cluster jax.distributed.initialize() is called first (auto-detected from
 the environment; --multihost forces it). Offline machines: HF_HUB_OFFLINE=1
 and local directories for teacher.path / data.tokenizer.

@@ -359,3 +359,45 @@ def test_mlm_hidden_and_vocab_projection_rebuild_logits(bert_params):
   assert out.logits is None and out.mlm_hidden.shape == (3, 9, 32)
   emb, bias = bert.vocab_projection(bert_params)
   np.testing.assert_allclose(out.mlm_hidden @ emb.T + bias, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scan_layers_same_outputs_and_grads_as_unrolled(bert_params, remat):
+  ids, mask = _inputs()
+
+  def loss(p, cfg):
+    out = MaskedLM(cfg).apply({'params': p}, ids, mask, output_attentions=True,
+                              output_attention_scores=True, output_values=True)
+    extra = sum(jnp.sum(jnp.where(jnp.isfinite(s), s, 0.0) * 1e-9) for s in out.attention_scores)
+    return (jnp.sum(out.logits ** 2) * 1e-3 + sum(jnp.sum(h ** 2) for h in out.hidden_states) * 1e-3
+            + sum(jnp.sum(a * v.mean()) for a, v in zip(out.attentions, out.values)) + extra)
+
+  f = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  v1, g1 = f(bert_params, _cfg(remat=remat))
+  v2, g2 = f(bert_params, _cfg(remat=remat, scan_layers=True))
+  np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
+  # Same parameter tree: scanning is a compute option, not a layout.
+  assert jax.tree.structure(bert.init_params(_cfg(scan_layers=True), jax.random.PRNGKey(0))) == (
+      jax.tree.structure(bert_params))
+
+
+def test_scan_layers_dropout_and_the_unrolled_fallback(bert_params):
+  ids, mask = _inputs()
+  cfg = _cfg(scan_layers=True)
+  a = MaskedLM(cfg).apply({'params': bert_params}, ids, mask, deterministic=False,
+                          rngs={'dropout': jax.random.PRNGKey(1)})
+  b = MaskedLM(cfg).apply({'params': bert_params}, ids, mask, deterministic=False,
+                          rngs={'dropout': jax.random.PRNGKey(2)})
+  c = MaskedLM(cfg).apply({'params': bert_params}, ids, mask)
+  assert len(a.hidden_states) == 3 and a.attentions is None
+  assert not np.allclose(a.logits, b.logits) and not np.allclose(a.logits, c.logits)
+  # Layers of unequal shapes (as pruned ones) cannot be stacked: the stack runs unrolled.
+  enc = bert.Encoder(cfg)
+  params = dict(bert_params['encoder'])
+  assert enc.bind({'params': params})._stacked_layer_params() is not None
+  layer = jax.tree.map(lambda x: x, params['layer_1'])
+  layer['intermediate'] = {'kernel': jnp.zeros((32, 40)), 'bias': jnp.zeros((40,))}
+  assert enc.bind({'params': dict(params, layer_1=layer)})._stacked_layer_params() is None

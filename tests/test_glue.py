@@ -165,3 +165,11 @@ def test_task_config_errors_name_the_fix(tmp_path):
   cfg.data.train_files = (str(tmp_path / 'train.tsv'), str(tmp_path / 'dev.tsv'))
   with pytest.raises(setup.ConfigError, match='one train TSV'):
     setup.build_run(cfg, str(tmp_path / 'w'))
+
+
+def test_batch_spec_is_what_the_batches_hold():
+  arrays = {k: np.zeros((10, 6), np.int32) for k in ('input_ids', 'attention_mask',
+                                                      'token_type_ids')}
+  arrays['labels'] = np.zeros((10,), np.int32)
+  batch = next(glue.ClassificationBatches(arrays, global_batch_size=4, seed=0))
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == glue.batch_spec(4, 6)

@@ -550,3 +550,22 @@ def test_student_init_copies_the_teachers_classification_head(tmp_path):
     student_init.init_student_from_teacher(tparams, tcfg, bert.ModelConfig(
         model_type='distilbert', vocab_size=50, hidden_size=16, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=32, num_labels=3, with_mlm_head=False))
+
+
+@pytest.mark.parametrize('kind, with_head', [('bert', True), ('distilbert', True),
+                                             ('bert', False)])
+def test_read_hf_config_equals_the_loaded_models_config_without_weights(kind, with_head, tmp_path,
+                                                                         monkeypatch):
+  path = _save_random(kind, 'b', tmp_path / kind, with_head=with_head)
+  want, _ = hc.load_hf_model(path)
+  monkeypatch.setattr(hc, '_read_state_dict', lambda d: pytest.fail('read the weights'))
+  assert hc.read_hf_config(path) == want
+  assert hc.read_hf_config(path, with_mlm_head=False).with_mlm_head is False
+
+
+def test_read_hf_config_of_a_classifier_counts_its_labels(tmp_path):
+  cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32, num_labels=3)
+  transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / 'cls')
+  want, _ = hc.load_hf_model(str(tmp_path / 'cls'), with_mlm_head=False)
+  assert hc.read_hf_config(str(tmp_path / 'cls')) == want and want.num_labels == 3

@@ -306,3 +306,12 @@ def test_streaming_matches_packed_order_and_resumes(tok, tmp_path):
   host1 = next(ip.streaming_batches([f1, f2], tok, 16, process_index=1, process_count=2, **kw))
   for k in host1:
     np.testing.assert_array_equal(host1[k], full[0][k][2:])
+
+
+def test_batch_spec_is_what_the_iterator_yields():
+  packed = np.arange(40 * 8, dtype=np.int32).reshape(40, 8) % 90 + 5
+  it = ip.BatchIterator(packed, global_batch_size=8, seed=0, mask_token_id=MASK, vocab_size=100,
+                        special_token_ids=[0, 1, 2, 3, 4])
+  batch = next(it)
+  it.close()
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == ip.batch_spec(8, 8)

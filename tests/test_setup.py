@@ -126,3 +126,54 @@ def test_objective_from_config_reads_every_field():
   tiny.distill.teacher_input = 'clean'
   with pytest.raises(setup.ConfigError, match='teacher_input'):
     setup.objective_from_config(tiny)
+
+
+def _configs(run_or_shapes):
+  return run_or_shapes.teacher_config, run_or_shapes.student_config
+
+
+@pytest.mark.parametrize('overrides', [
+    {},                                                        # random-init teacher, synthetic
+    {'distill.alpha_hidden': 1.0, 'student.hidden_size': 16,  # TinyBERT projection
+     'distill.alpha_cos': 0.0, 'student.init': 'random'},
+])
+def test_run_shapes_equal_build_runs_models_without_loading(tmp_path, overrides, monkeypatch):
+  cfg = tiny_config(**overrides)
+  run = setup.build_run(cfg, str(tmp_path))
+  for module, name in ((hf_conversion, 'load_hf_model'), (input_pipeline, 'load_packed'),
+                       (synthetic, 'write_corpus')):
+    monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(f'loaded {a}'))
+  shapes = setup.run_shapes(cfg)
+  assert _configs(shapes) == _configs(run) and shapes.objective == run.objective
+  assert shapes.projection == run.projection and shapes.vocab_size == 307
+  assert shapes.rules == run.rules and shapes.teacher_rules == run.teacher_rules
+
+
+def test_run_shapes_of_a_teacher_checkpoint_read_its_config_json_only(tmp_path, monkeypatch):
+  import transformers  # pylint: disable=g-import-not-at-top
+  tok = synthetic.write_corpus(str(tmp_path / 'syn'))['tokenizer']
+  hf = transformers.BertConfig(vocab_size=307, hidden_size=32, num_hidden_layers=3,
+                               num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=64)
+  transformers.BertForMaskedLM(hf).save_pretrained(tmp_path / 'teacher')
+  cfg = tiny_config(**{'teacher.random_init': False, 'teacher.path': str(tmp_path / 'teacher'),
+                       'data.tokenizer': tok})
+  run = setup.build_run(cfg, str(tmp_path / 'w'))
+  monkeypatch.setattr(hf_conversion, '_read_state_dict', lambda d: pytest.fail('read weights'))
+  shapes = setup.run_shapes(cfg)
+  assert _configs(shapes) == _configs(run) and shapes.objective == run.objective
+
+
+def test_validate_takes_the_targets_device_count():
+  cfg = tiny_config(**{'data.global_batch_size': 48, 'optim.num_microbatches': 1})
+  setup.validate(cfg, num_devices=16)  # 48 rows over 16 chips: 3 each
+  with pytest.raises(setup.ConfigError, match='not divisible by the 32 batch shards'):
+    setup.validate(cfg, num_devices=32)
+  with pytest.raises(setup.ConfigError, match='not divisible by 5 hosts'):
+    setup.validate(cfg, num_devices=16, num_processes=5)
+
+
+def test_run_shapes_refuses_a_student_init_cannot_make(no_loading):
+  cfg = tiny_config(**{'student.hidden_size': 16, 'distill.alpha_cos': 0.0})
+  with pytest.raises(setup.ConfigError, match='student.init="teacher".*hidden_size differs'):
+    setup.run_shapes(cfg)

@@ -1,6 +1,7 @@
 """The teacher cache's format and reader: bit-exact shards, the top-k of the stored targets, and
 refusal of a cache built for another run (the builder: test_cache_teacher.py)."""
 
+import json
 import os
 
 import numpy as np
@@ -71,3 +72,40 @@ def test_resume_refuses_other_teacher_targets(built_cache):
   checkpointing.check_compatible(offline, offline)
   with pytest.raises(ValueError, match='teacher_targets'):
     checkpointing.check_compatible(online, offline)
+
+
+def test_feature_spec_and_planned_manifest_match_the_built_cache(built_cache):
+  # What the ahead-of-time compile feeds the offline step is what the reader gives it.
+  root, m, c = built_cache
+  inter = setup.objective_from_config(c).inter
+  planned = teacher_cache.planned_manifest(c, m['teacher_config'], m['top_k'], inter)
+  assert planned == {k: m[k] for k in planned}
+  kw = {'top_k': 4, 'hidden': True, 'logz': True}
+  real = teacher_cache.TeacherCache(str(root / 'cache'), **kw).features(np.asarray(m['rows'][:3]))
+  assert {k: (v.shape[1:], v.dtype) for k, v in real.items()} == teacher_cache.feature_spec(m, **kw)
+
+
+def test_feature_spec_of_intermediate_layers(tmp_path):
+  t, k, h, heads, n = 6, 3, 8, 2, 4
+  layers = {'hidden_states': [0, 2], 'attentions': [1], 'values': [3]}
+  m = {'format_version': teacher_cache.FORMAT_VERSION, 'complete': True, 'top_k': k,
+       'max_seq_length': t, 'hidden_size': h, 'values_dtype': 'bfloat16',
+       'hidden_dtype': 'float16', 'layers': layers, 'rows_per_shard': 2, 'num_shards': 1,
+       'rows': [0, 1], 'data_shape': [2, t], 'index': 'row',
+       'teacher_config': {'hidden_size': h, 'num_attention_heads': heads, 'num_hidden_layers': n}}
+  r = np.random.default_rng(0)
+  arrays = {'row': np.array([0, 1], np.int64),
+            'topk_values': r.normal(size=(2, t, k)).astype(teacher_cache._DTYPES['bfloat16']),
+            'topk_ids': r.integers(0, 9, (2, t, k)).astype(np.int32),
+            'logz': np.zeros((2, t), np.float32), 'hidden': np.zeros((2, t, h), np.float16),
+            'hidden_states_0': np.zeros((2, t, h), np.float16),
+            'hidden_states_2': np.zeros((2, t, h), np.float16),
+            'attentions_1': np.zeros((2, heads, t, t), np.float16),
+            'values_3': np.zeros((2, heads, t, h // heads), np.float16)}
+  teacher_cache.write_shard(str(tmp_path / teacher_cache.shard_name(0)), arrays)
+  with open(tmp_path / teacher_cache.MANIFEST, 'w') as f:
+    json.dump(m, f)
+  want = {'hidden_states': [0, 2, n], 'attentions': [1], 'values': [3]}  # n: the `hidden` column
+  kw = {'hidden': True, 'logz': True, 'layers': want}
+  real = teacher_cache.TeacherCache(str(tmp_path), **kw).features(np.array([1, 0]))
+  assert {k_: (v.shape[1:], v.dtype) for k_, v in real.items()} == teacher_cache.feature_spec(m, **kw)

@@ -250,3 +250,26 @@ def test_task_step_sharded_and_accumulated_equal_single_device():
     for k in ('loss', 'loss_ce', 'loss_task', 'loss_cos'):
       np.testing.assert_allclose(m[k], ref_m[k], rtol=2e-5, err_msg=f'{mesh_shape} {nmb} {k}')
     assert_trees_close(params, ref_params)  # rtol=2e-5, atol=2e-6
+
+
+def test_scan_layers_step_equals_unrolled_step(single_device):
+  # config.scan_layers only changes how the layers are compiled: same losses and update, also
+  # with accumulation and the jit wiring of the train loop (`jit_run_step`).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  ref_params, ref_metrics, _ = single_device
+  tcfg, scfg, tparams, sparams, batch = _setup()
+  tcfg = dataclasses.replace(tcfg, scan_layers=True)
+  scfg = dataclasses.replace(scfg, num_hidden_layers=1, scan_layers=True)
+  tx, _ = optimizer.make_optimizer(tiny_config().optim, 10)
+  mesh = sharding.create_mesh((2, 2, 2), AXES)
+  objective = Objective(losses.DistillWeights(alpha_mse=0.1))
+  shard, _ = train_state.state_layout(scfg, tx, mesh, RULES)
+  t_shard, _ = sharding.model_param_layout(tcfg, mesh, RULES)
+  fn, reads_teacher = train_step.jit_run_step(scfg, tcfg, tx, objective, 2, shard, t_shard)
+  assert reads_teacher
+  state = train_state.init_state(sparams, tx, jax.random.PRNGKey(0), shard)
+  with sharding.mesh_context(mesh, RULES):
+    new_state, metrics = fn(state, jax.device_put(tparams, t_shard),
+                            jax.device_put(batch, sharding.batch_sharding(mesh, RULES)))
+  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
+  assert_trees_close(jax.device_get(new_state['params']), ref_params)

@@ -123,6 +123,22 @@ def encode(tokenizer, texts_a: Sequence[str], texts_b: Sequence[str] | None,
           for k in ('input_ids', 'attention_mask', 'token_type_ids')}
 
 
+def batch_spec(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of a classification batch (`ClassificationBatches`, `eval_batches`).
+
+  Args:
+    batch_size: rows.
+    seq_len: `data.max_seq_length`.
+
+  Returns:
+    `input_ids`, `attention_mask`, `token_type_ids` -> `((batch_size, seq_len), int32)` and
+    `labels` -> `((batch_size,), int32)`.
+  """
+  spec = {k: ((batch_size, seq_len), np.dtype(np.int32))
+          for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  return dict(spec, labels=((batch_size,), np.dtype(np.int32)))
+
+
 def load_split(path: str, task: GlueTask, tokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
   """A labelled split as arrays (`read_tsv` then `encode`).
 

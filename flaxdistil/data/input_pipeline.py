@@ -192,6 +192,23 @@ def padded_batches(arrays: dict[str, np.ndarray], batch_size: int,
   return out
 
 
+# The MLM batch of every iterator here (`_batch`): name -> (shape after the batch axis, dtype).
+MLM_BATCH_KEYS = ('input_ids', 'attention_mask', 'labels')
+
+
+def batch_spec(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of an MLM batch (`BatchIterator`, `streaming_batches`, `eval_batches`).
+
+  Args:
+    batch_size: rows.
+    seq_len: `data.max_seq_length`.
+
+  Returns:
+    `{'input_ids', 'attention_mask', 'labels'}` -> `((batch_size, seq_len), int32)`.
+  """
+  return {k: ((batch_size, seq_len), np.dtype(np.int32)) for k in MLM_BATCH_KEYS}
+
+
 def _batch(ids: np.ndarray, rng, pad_token_id: int, mask_kwargs: dict,
            **slice_kwargs) -> dict[str, np.ndarray]:
   kwargs = dict(mask_kwargs, **slice_kwargs)

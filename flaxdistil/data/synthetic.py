@@ -13,6 +13,11 @@ import numpy as np
 SPECIAL_TOKENS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
 
 
+def vocab_size(vocab_words: int = 300) -> int:
+  """Tokens in the tokenizer `write_corpus(..., vocab_words=vocab_words)` writes."""
+  return len(SPECIAL_TOKENS) + 2 + vocab_words  # '.' and ','
+
+
 def _words(rng: np.random.Generator, n: int) -> list[str]:
   letters = np.array(list('abcdefghijklmnopqrstuvwxyz'))
   out = set()

@@ -94,6 +94,80 @@ def needed_layers(inter, num_teacher_layers: int, extra_hidden=()) -> dict[str, 
   return {f: sorted(v) for f, v in out.items() if v}
 
 
+def stored_layers(inter, num_teacher_layers: int, extra_hidden=(), hidden_dtype: str | None = None
+                  ) -> dict[str, list[int]]:
+  """The `layers` entry of a cache's manifest: `needed_layers` less the last hidden state, which
+  is the `hidden` column when hidden states are stored (`hidden_dtype`).
+
+  Args:
+    inter: as `needed_layers`.
+    num_teacher_layers: L.
+    extra_hidden: as `needed_layers` (`teacher.cache_hidden_layers`).
+    hidden_dtype: `teacher.cache_hidden_dtype` ('' or None: no hidden states stored).
+
+  Returns:
+    `{field: sorted indices}`, fields without indices left out.
+  """
+  layers = needed_layers(inter, num_teacher_layers, extra_hidden)
+  if hidden_dtype and num_teacher_layers in layers.get('hidden_states', ()):
+    layers['hidden_states'].remove(num_teacher_layers)
+  return {f: v for f, v in layers.items() if v}
+
+
+def planned_manifest(config, teacher_config: dict, vocab_size: int, inter) -> dict:
+  """The shape fields of the manifest `cache_teacher.build` writes for `config`.
+
+  For shapes before the cache exists (an ahead-of-time compile of an offline run).
+
+  Args:
+    config: the run's ConfigDict (`teacher.cache_*`, `data.max_seq_length`).
+    teacher_config: the teacher's `ModelConfig` fields as a dict (`hidden_size`,
+      `num_attention_heads`, `num_hidden_layers`).
+    vocab_size: the teacher's vocabulary (k when `teacher.cache_top_k` is 0).
+    inter: the objective's `LayerTerms`, or None.
+
+  Returns:
+    `{'top_k', 'values_dtype', 'hidden_dtype', 'hidden_size', 'teacher_config', 'layers',
+    'max_seq_length'}`.
+  """
+  tc = config.teacher
+  return {'top_k': int(tc.cache_top_k) or vocab_size, 'values_dtype': tc.cache_values_dtype,
+          'hidden_dtype': tc.cache_hidden_dtype or None,
+          'hidden_size': teacher_config['hidden_size'], 'teacher_config': dict(teacher_config),
+          'layers': stored_layers(inter, teacher_config['num_hidden_layers'],
+                                  tuple(tc.cache_hidden_layers), tc.cache_hidden_dtype),
+          'max_seq_length': int(config.data.max_seq_length)}
+
+
+def feature_spec(manifest: dict, top_k: int | None = None, hidden: bool = False,
+                 logz: bool = False, layers: dict | None = None) -> dict[str, tuple]:
+  """Shapes and dtypes of the batch entries `TeacherCache(...).features(rows)` returns.
+
+  Args:
+    manifest: a cache's manifest (or `planned_manifest`).
+    top_k / hidden / logz / layers: as `TeacherCache`.
+
+  Returns:
+    `{batch key: (per-row shape, numpy dtype)}`: `teacher_topk_values` / `teacher_topk_ids`
+    `(T, k)`, `teacher_logz` `(T,)`, `teacher_hidden` `(T, H)`, `teacher_{field}_{i}` in the
+    `ModelOutput` layout.
+  """
+  m = manifest
+  t, k = m['max_seq_length'], top_k or m['top_k']
+  out = {'teacher_topk_values': ((t, k), np.dtype(storage_dtype(m['values_dtype']))),
+         'teacher_topk_ids': ((t, k), np.dtype(np.int32))}
+  if logz:
+    out['teacher_logz'] = ((t,), np.dtype(np.float32))
+  hidden_dtype = np.dtype(storage_dtype(m['hidden_dtype'])) if m['hidden_dtype'] else None
+  if hidden:
+    out['teacher_hidden'] = ((t, m['hidden_size']), hidden_dtype)
+  for f, idx in (layers or {}).items():
+    for i in idx:
+      out[cached_teacher.cached_layer_key(f, i)] = (_layer_shape(f, m['teacher_config'], t),
+                                                    hidden_dtype)
+  return out
+
+
 def _layer_columns(layers: dict, num_teacher_layers: int, last_hidden: bool) -> dict:
   """(field, index) -> column name; the last hidden state is the `hidden` column when stored."""
   cols = {}

@@ -68,7 +68,7 @@ def _verify_export(model_dir: str, params, config: ModelConfig, dtype: str,
       lambda x: jnp.asarray(x, jnp.float32).astype(dtype).astype(jnp.float32),
       bert.unbox(params))
   flax_cfg = dataclasses.replace(config, dtype=jnp.float32, remat=False,
-                                 attention_implementation=None)
+                                 attention_implementation=None, scan_layers=False)
   out = bert.MaskedLM(flax_cfg).apply({'params': stored}, ids, mask)
   if config.num_labels:  # [2, num_labels]
     max_diff = float(np.abs(np.asarray(out.class_logits) - ref).max())

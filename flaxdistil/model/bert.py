@@ -100,6 +100,7 @@ class ModelConfig:
   # `jax.nn.dot_product_attention(implementation=...)` where no probabilities or attention dropout
   # are needed (see SelfAttention); one of ATTENTION_IMPLEMENTATIONS.
   attention_implementation: str | None = None
+  scan_layers: bool = False         # encoder layers as one lax.scan (see Encoder); same params
 
   def __post_init__(self):
     if self.model_type not in ('bert', 'distilbert'):
@@ -138,7 +139,7 @@ class ModelConfig:
 
 # ModelConfig fields that change how, not what, the model computes: left out of run fingerprints
 # (a run may resume with another choice) and reset by the export, which verifies on CPU in float32.
-COMPUTE_FIELDS = ('dtype', 'remat', 'attention_implementation')
+COMPUTE_FIELDS = ('dtype', 'remat', 'attention_implementation', 'scan_layers')
 
 
 class ModelOutput(flax.struct.PyTreeNode):
@@ -342,12 +343,32 @@ class TransformerLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Stack of ``num_hidden_layers`` TransformerLayers named ``layer_{i}``."""
+  """Stack of ``num_hidden_layers`` TransformerLayers named ``layer_{i}``.
+
+  ``config.scan_layers`` runs the layers as one ``jax.lax.scan`` over their params stacked on a
+  new leading axis (stacked at each call, so the parameter tree stays ``layer_{i}`` for
+  checkpoints, HF conversion and student init): XLA compiles one layer instead of L, and with
+  ``config.remat`` each layer's activations are recomputed in the backward pass from the
+  layer's input (``jax.checkpoint`` with no saved residuals). Same function and gradients as the
+  unrolled stack; with dropout the masks come from another rng stream (the layer's rng is split
+  from one draw per call instead of being derived from the module path). Layers whose params
+  differ in shape (e.g. pruned heads or FFN units) cannot be stacked and run unrolled.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool, need_probs: bool = True):
+  def __call__(self, x, bias, deterministic: bool, need_probs: bool = True,
+               need_values: bool = True):
+    """x: [B, T, H] -> (hidden_states, (probs, scores, values)), each a tuple over layers.
+
+    ``need_values=False`` lets the scanned stack skip collecting the value vectors (the
+    unrolled one leaves unused outputs to XLA's dead-code elimination); they are then None.
+    """
     cfg = self.config
+    if cfg.scan_layers and not self.is_initializing():
+      stacked = self._stacked_layer_params()
+      if stacked is not None:
+        return self._scan(stacked, x, bias, deterministic, need_probs, need_values)
     layer_cls = TransformerLayer
     if cfg.remat:
       # Argument 0 is the module itself, so `deterministic` and `need_probs` are argnums 3, 4.
@@ -360,6 +381,42 @@ class Encoder(nn.Module):
     # (probs, scores, values), each a tuple over layers.
     per_kind = tuple(tuple(a) for a in zip(*attn_outputs)) or ((), (), ())
     return tuple(hidden_states), per_kind
+
+  def _stacked_layer_params(self):
+    """The layers' params stacked on a leading `[L]` axis, or None if their shapes differ."""
+    params = self.variables.get('params', {})
+    layers = [params.get(f'layer_{i}') for i in range(self.config.num_hidden_layers)]
+    if not layers or any(p is None for p in layers):
+      return None
+    shapes = [jax.tree.map(jnp.shape, p) for p in layers]
+    if any(s != shapes[0] for s in shapes[1:]):
+      return None
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+
+  def _scan(self, stacked, x, bias, deterministic, need_probs, need_values):
+    """The stack as `lax.scan` over `stacked` layer params (`_stacked_layer_params`)."""
+    cfg = self.config
+    n = cfg.num_hidden_layers
+    layer = TransformerLayer(cfg, parent=None)
+    use_dropout = not deterministic
+    keys = jax.random.split(self.make_rng('dropout'), n) if use_dropout else jnp.zeros((n, 2),
+                                                                                          jnp.uint32)
+
+    def body(h, xs):
+      p, key = xs
+      rngs = {'dropout': key} if use_dropout else {}
+      h, (probs, scores, values) = layer.apply({'params': p}, h, bias, deterministic, need_probs,
+                                               rngs=rngs)
+      return h, (h, probs if need_probs else None, scores if need_probs else None,
+                 values if need_values else None)
+
+    if cfg.remat:
+      body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    _, (hs, probs, scores, values) = jax.lax.scan(body, x, (stacked, keys))
+    unstack = lambda a: None if a is None else tuple(a[i] for i in range(n))
+    per_kind = (unstack(probs) or (None,) * n, unstack(scores) or (None,) * n,
+                unstack(values) or (None,) * n)
+    return (x,) + unstack(hs), per_kind
 
 
 class MLMHead(nn.Module):
@@ -498,7 +555,7 @@ class MaskedLM(nn.Module):
                      jnp.finfo(jnp.float32).min).astype(jnp.float32)
     x = self.embeddings(input_ids, token_type_ids, deterministic)
     hidden_states, (attentions, scores, values) = self.encoder(
-        x, bias, deterministic, output_attentions or output_attention_scores)
+        x, bias, deterministic, output_attentions or output_attention_scores, output_values)
     logits = mlm_hidden = None
     if cfg.with_mlm_head:
       h = hidden_states[-1]

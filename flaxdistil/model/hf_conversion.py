@@ -391,7 +391,13 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def _resolve_model_dir(path_or_name: str) -> str:
+_WEIGHT_FILES = ['config.json', '*.safetensors', '*.safetensors.index.json', 'pytorch_model.bin',
+                 'pytorch_model.bin.index.json']
+
+
+def _resolve_model_dir(path_or_name: str, allow_patterns=None) -> str:
+  """The local directory of a model: `path_or_name` itself, or its hub snapshot (the files of
+  `allow_patterns`, default config + weights)."""
   path = os.path.expanduser(path_or_name)
   if os.path.isdir(path):
     return path
@@ -405,10 +411,8 @@ def _resolve_model_dir(path_or_name: str) -> str:
         f'Hugging Face Hub name like "bert-base-uncased".')
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
-    return huggingface_hub.snapshot_download(
-        path_or_name,
-        allow_patterns=['config.json', '*.safetensors', '*.safetensors.index.json',
-                        'pytorch_model.bin', 'pytorch_model.bin.index.json'])
+    return huggingface_hub.snapshot_download(path_or_name,
+                                             allow_patterns=allow_patterns or _WEIGHT_FILES)
   except Exception as e:  # pylint: disable=broad-except
     # LocalEntryNotFoundError / OfflineModeIsEnabled: the name was never checked online, so
     # "check the name" would mislead; the fix is a local directory.
@@ -475,6 +479,41 @@ def _read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
       f'No weights in {model_dir!r}: expected model.safetensors (or a '
       f'model.safetensors.index.json, or pytorch_model.bin). Found: '
       f'{sorted(os.listdir(model_dir))}.')
+
+
+def read_hf_config(path_or_name: str, *, with_mlm_head: bool | None = None) -> ModelConfig:
+  """The `ModelConfig` of a HF BERT/DistilBERT checkpoint from its config.json alone (no weights).
+
+  What `load_hf_model` would return as the config, for shapes without loading the weights
+  (ahead-of-time compilation): the heads are read from `architectures` instead of the tensors
+  (`*ForMaskedLM` / `*ForPreTraining`: an MLM head; `*ForSequenceClassification`: a classifier
+  of `len(id2label)` labels); a config.json without `architectures` is taken for a masked LM.
+  A hub name fetches config.json only.
+
+  Args:
+    path_or_name: as `load_hf_model`.
+    with_mlm_head: None = from `architectures`; False drops the head; True requires one.
+
+  Returns:
+    The `ModelConfig` (compute dtype float32, no remat).
+
+  Raises:
+    FileNotFoundError: the directory or config.json is missing, or the hub is unreachable.
+    ValueError: as `config_from_hf`, or a head requested that `architectures` does not have.
+  """
+  model_dir = _resolve_model_dir(path_or_name, allow_patterns=['config.json'])
+  hf_config = _read_config(model_dir)
+  archs = list(hf_config.get('architectures') or [])
+  has_head = not archs or any('MaskedLM' in a or 'ForPreTraining' in a for a in archs)
+  if with_mlm_head is None:
+    with_mlm_head = has_head
+  elif with_mlm_head and not has_head:
+    raise ValueError(f'{model_dir} has no MLM head (architectures={archs}); use a *ForMaskedLM '
+                     'checkpoint.')
+  num_labels = 0
+  if any('ForSequenceClassification' in a for a in archs):
+    num_labels = len(hf_config.get('id2label') or {}) or int(hf_config.get('num_labels', 2))
+  return config_from_hf(hf_config, with_mlm_head=with_mlm_head, num_labels=num_labels)
 
 
 def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,

@@ -52,6 +52,54 @@ def select_teacher_layers(num_teacher_layers: int,
   return layers
 
 
+def check_from_teacher(teacher_config: ModelConfig, student_config: ModelConfig, layers=None
+                       ) -> list[int]:
+  """The checks of `init_student_from_teacher` that need only the two configs.
+
+  Args:
+    teacher_config / student_config / layers: as `init_student_from_teacher`.
+
+  Returns:
+    The teacher layer indices the student's layers are copied from.
+
+  Raises:
+    ValueError: as `init_student_from_teacher` (the MLM head judged by
+      `teacher_config.with_mlm_head`).
+  """
+  t, s = teacher_config, student_config
+  # Only shapes must agree; activation / dropout / dtype are the student's own.
+  for field in ('hidden_size', 'num_attention_heads', 'intermediate_size',
+                'vocab_size'):
+    if getattr(t, field) != getattr(s, field):
+      raise ValueError(
+          f'Cannot initialise the student from the teacher: {field} differs '
+          f'(teacher {getattr(t, field)}, student {getattr(s, field)}). Use '
+          f"random init (student.init='random') or a student with the "
+          f"teacher's width.")
+  if s.max_position_embeddings > t.max_position_embeddings:
+    raise ValueError(
+        f'Student max_position_embeddings {s.max_position_embeddings} > teacher '
+        f'{t.max_position_embeddings}; the extra positions cannot be copied.')
+  if layers is None:
+    layers = select_teacher_layers(t.num_hidden_layers, s.num_hidden_layers)
+  layers = [int(i) for i in layers]
+  if (len(layers) != s.num_hidden_layers
+      or any(not 0 <= i < t.num_hidden_layers for i in layers)):
+    raise ValueError(
+        f'layers={layers} must list {s.num_hidden_layers} teacher layer '
+        f'indices in [0, {t.num_hidden_layers}).')
+  if s.with_mlm_head and not t.with_mlm_head:
+    raise ValueError('The student has an MLM head but the teacher params have '
+                     'none; load the teacher with its MLM head.')
+  if s.has_token_types and (not t.has_token_types or t.type_vocab_size != s.type_vocab_size):
+    raise ValueError("A 'bert' student needs the teacher's token-type "
+                     "embeddings (same type_vocab_size); use 'distilbert'.")
+  if s.num_labels and t.num_labels != s.num_labels:
+    raise ValueError(f'The student has {s.num_labels} labels but the teacher '
+                     f'{t.num_labels}; distil from a teacher fine-tuned on the task.')
+  return layers
+
+
 def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
                               student_config: ModelConfig, layers=None):
   """DistilBERT-style student initialisation from teacher weights.
@@ -83,27 +131,7 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
       a different ``num_labels``.
   """
   t, s = teacher_config, student_config
-  # Only shapes must agree; activation / dropout / dtype are the student's own.
-  for field in ('hidden_size', 'num_attention_heads', 'intermediate_size',
-                'vocab_size'):
-    if getattr(t, field) != getattr(s, field):
-      raise ValueError(
-          f'Cannot initialise the student from the teacher: {field} differs '
-          f'(teacher {getattr(t, field)}, student {getattr(s, field)}). Use '
-          f"random init (student.init='random') or a student with the "
-          f"teacher's width.")
-  if s.max_position_embeddings > t.max_position_embeddings:
-    raise ValueError(
-        f'Student max_position_embeddings {s.max_position_embeddings} > teacher '
-        f'{t.max_position_embeddings}; the extra positions cannot be copied.')
-  if layers is None:
-    layers = select_teacher_layers(t.num_hidden_layers, s.num_hidden_layers)
-  layers = [int(i) for i in layers]
-  if (len(layers) != s.num_hidden_layers
-      or any(not 0 <= i < t.num_hidden_layers for i in layers)):
-    raise ValueError(
-        f'layers={layers} must list {s.num_hidden_layers} teacher layer '
-        f'indices in [0, {t.num_hidden_layers}).')
+  layers = check_from_teacher(t, s, layers)
   if s.with_mlm_head and 'mlm_head' not in teacher_params:
     raise ValueError('The student has an MLM head but the teacher params have '
                      'none; load the teacher with its MLM head.')
@@ -176,7 +204,8 @@ def with_head(params, scfg: ModelConfig, seed: int):
   return params
 
 
-def load_pretrained_student(path: str, student_model_type: str, num_labels: int):
+def load_pretrained_student(path: str, student_model_type: str, num_labels: int,
+                            weights: bool = True):
   """Loads the HF checkpoint `student.path` for `student.init='pretrained'`.
 
   Args:
@@ -184,23 +213,57 @@ def load_pretrained_student(path: str, student_model_type: str, num_labels: int)
     student_model_type: `student.model_type`, 'bert' or 'distilbert'.
     num_labels: > 0 for a classification student, which is loaded without MLM
       head (an MLM head is otherwise kept if the checkpoint has one).
+    weights: False reads config.json only (`hf_conversion.read_hf_config`) and returns no
+      params: the shape of the student for an ahead-of-time compile.
 
   Returns:
-    `(ModelConfig, params)` of the checkpoint, params float32 host numpy.
+    `(ModelConfig, params)` of the checkpoint, params float32 host numpy (None when
+    `weights=False`).
 
   Raises:
     ValueError: the checkpoint cannot be loaded (the loader's FileNotFoundError,
       ValueError or OSError, message prefixed with `student.path`), or it is a
       DistilBERT while the student is a 'bert'.
   """
+  head = False if num_labels else None
   try:
-    pcfg, params = hf_conversion.load_hf_model(path, with_mlm_head=False if num_labels else None)
+    if weights:
+      pcfg, params = hf_conversion.load_hf_model(path, with_mlm_head=head)
+    else:
+      pcfg, params = hf_conversion.read_hf_config(path, with_mlm_head=head), None
   except (FileNotFoundError, ValueError, OSError) as e:
     raise ValueError(f'Cannot load student.path {path!r}: {e}') from e
   if pcfg.model_type == 'distilbert' and student_model_type == 'bert':
     raise ValueError(f'student.path {path!r} is a DistilBERT model; set '
                      'student.model_type="distilbert".')
   return pcfg, params
+
+
+def check_init(init: str, scfg: ModelConfig, *, teacher: ModelConfig | None = None,
+               pretrained: ModelConfig | None = None, layers=None) -> None:
+  """What `init_student` checks before it reads any weight: the configs can make this student.
+
+  Args:
+    init / scfg / layers: as `init_student`.
+    teacher / pretrained: the configs of `init_student`'s `teacher` / `pretrained` (or None).
+
+  Raises:
+    ValueError: as `init_student`.
+  """
+  tcfg = teacher
+  if init == 'pretrained' and not same_type(pretrained, scfg):
+    tcfg, init = pretrained, 'teacher'  # a BERT checkpoint for a DistilBERT student
+  if init == 'teacher':
+    if tcfg is None:
+      raise ValueError('student.init="teacher" needs teacher.path.')
+    body_cfg = scfg if scfg.num_labels == tcfg.num_labels else dataclasses.replace(scfg,
+                                                                                   num_labels=0)
+    try:
+      check_from_teacher(tcfg, body_cfg, layers or None)
+    except ValueError as e:
+      raise ValueError(f'student.init="teacher": {e}') from e
+  elif init not in ('pretrained', 'random'):
+    raise ValueError(f'student.init={init!r}: use "teacher", "random" or "pretrained".')
 
 
 def init_student(init: str, scfg: ModelConfig, seed: int, *, teacher=(None, None),
@@ -229,13 +292,12 @@ def init_student(init: str, scfg: ModelConfig, seed: int, *, teacher=(None, None
       a student the source cannot initialise (message starts 'student.init=...').
   """
   (tcfg, tparams), (pcfg, pretrained_params) = teacher, pretrained
+  check_init(init, scfg, teacher=tcfg, pretrained=pcfg, layers=layers)
   if init == 'pretrained' and not same_type(pcfg, scfg):
     # A BERT checkpoint (e.g. the pretrained, not fine-tuned, teacher) initialises a DistilBERT
     # student the DistilBERT way: student.layers of it.
     tcfg, tparams, init = pcfg, pretrained_params, 'teacher'
   if init == 'teacher':
-    if tcfg is None:
-      raise ValueError('student.init="teacher" needs teacher.path.')
     head_ok = scfg.num_labels == tcfg.num_labels
     body_cfg = scfg if head_ok else dataclasses.replace(scfg, num_labels=0)
     try:

@@ -1,7 +1,8 @@
 """The teacher and the student of a run: loaded or derived from the config, checked, initialised.
 
 `build_run` (setup.py) calls these in order: `load_teacher` (a HF checkpoint, or a random-init
-shape), `load_pretrained_student`, `student_config` (0 in a field = the teacher's value),
+shape; `weights=False` reads the shape alone, for `setup.run_shapes`), `load_pretrained_student`,
+`student_config` (0 in a field = the teacher's value),
 `check_loaded` (the checks that need the loaded configs), `resolve_objective` (the layer map and
 TinyBERT projections for these depths and widths) and `init_student` (`student_init`). Every
 problem is a `ConfigError` naming the key and the fix.
@@ -77,7 +78,8 @@ NEEDS_TEACHER = ('The objective needs a teacher (alpha_ce/alpha_cos/alpha_mse > 
                   'or set those alphas to 0 and student.init="random" for plain MLM.')
 
 
-def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0):
+def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0,
+                 weights: bool = True):
   """The teacher of `teacher.path` (HF checkpoint or hub name) or of `teacher.random_init`.
 
   `num_labels > 0` (a GLUE task): logit terms need a teacher fine-tuned on the
@@ -88,10 +90,13 @@ def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0):
     obj: the run's `Objective` (`validate`), which says whether a teacher is needed.
     vocab_size: the tokenizer's size, the vocabulary of a random-init teacher.
     num_labels: the task's label count; 0 for MLM.
+    weights: False reads only the shape (config.json, `hf_conversion.read_hf_config`, or the
+      random-init shape) and returns no params: what an ahead-of-time compile needs.
 
   Returns:
     `(ModelConfig, params)` (host numpy float32 tree; a random-init teacher is drawn from
-    `PRNGKey(seed + 1)`), or `(None, None)` when `teacher_loaded` is False.
+    `PRNGKey(seed + 1)`; None with `weights=False`), or `(None, None)` when `teacher_loaded` is
+    False.
 
   Raises:
     ConfigError: `teacher.path` is a missing local path or cannot be loaded, no teacher is
@@ -106,7 +111,10 @@ def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0):
       raise ConfigError(f'teacher.path {t.path!r} does not exist; pass a Hugging Face BERT directory '
                         '(config.json + model.safetensors or pytorch_model.bin) or a hub name.')
     try:
-      tcfg, tparams = hf_conversion.load_hf_model(t.path)
+      if weights:
+        tcfg, tparams = hf_conversion.load_hf_model(t.path)
+      else:
+        tcfg, tparams = hf_conversion.read_hf_config(t.path), None
     except (FileNotFoundError, ValueError, OSError) as e:
       raise ConfigError(f'Cannot load teacher from {t.path!r}: {e}') from e
   elif t.random_init:
@@ -114,7 +122,8 @@ def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0):
         model_type='bert', vocab_size=vocab_size, hidden_size=t.hidden_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
         intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings)
-    tparams = jax.device_get(bert.init_params(tcfg, jax.random.PRNGKey(config.seed + 1)))
+    tparams = jax.device_get(bert.init_params(tcfg, jax.random.PRNGKey(config.seed + 1))) if (
+        weights) else None
   else:
     raise ConfigError(NEEDS_TEACHER)
   if num_labels:
@@ -139,7 +148,8 @@ def student_config(config, tcfg: bert.ModelConfig | None, vocab_size: int,
   `num_labels > 0` gives a sequence-classification head and no MLM head.
 
   Args:
-    config: the run's ConfigDict (`student`, `dtype`, `remat`, `attention_implementation`).
+    config: the run's ConfigDict (`student`, `dtype`, `remat`, `scan_layers`,
+      `attention_implementation`).
     tcfg: the teacher's config, or None.
     vocab_size: the tokenizer's size; used only when there is neither teacher nor
       pretrained student.
@@ -171,17 +181,35 @@ def student_config(config, tcfg: bert.ModelConfig | None, vocab_size: int,
       # logits exist to distil, and an export of an untrained head would mislead.
       with_mlm_head=not num_labels and (tcfg.with_mlm_head if tcfg else True),
       num_labels=num_labels,
-      classifier_dropout=s.classifier_dropout,
-      dtype=compute_dtype(config.dtype), remat=config.remat,
-      attention_implementation=attention_implementation(config))
+      classifier_dropout=s.classifier_dropout, **compute_options(config))
 
 
-def load_pretrained_student(config, num_labels: int):
+def compute_options(config) -> dict:
+  """The `ModelConfig` fields the run sets on both models (`bert.COMPUTE_FIELDS`).
+
+  Args:
+    config: the run's ConfigDict (`dtype`, `remat`, `scan_layers`, `attention_implementation`).
+
+  Returns:
+    `{'dtype': jnp dtype, 'remat': bool, 'scan_layers': bool, 'attention_implementation': str |
+    None}`.
+
+  Raises:
+    ConfigError: an unknown `dtype` (`compute_dtype`) or attention implementation
+      (`attention_implementation`).
+  """
+  return {'dtype': compute_dtype(config.dtype), 'remat': bool(config.remat),
+          'scan_layers': bool(config.get('scan_layers', False)),
+          'attention_implementation': attention_implementation(config)}
+
+
+def load_pretrained_student(config, num_labels: int, weights: bool = True):
   """`(ModelConfig, params)` of `student.path` for `student.init='pretrained'`, or (None, None).
 
   Args:
     config: the run's ConfigDict (`student` group).
     num_labels: the task's label count (> 0 loads the checkpoint without its MLM head).
+    weights: False reads config.json only (params None).
 
   Returns:
     `(ModelConfig, host numpy params)` of the checkpoint, or `(None, None)` for another init.
@@ -193,7 +221,7 @@ def load_pretrained_student(config, num_labels: int):
   if s.init != 'pretrained':
     return None, None
   try:
-    return student_init.load_pretrained_student(s.path, s.model_type, num_labels)
+    return student_init.load_pretrained_student(s.path, s.model_type, num_labels, weights)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -218,6 +246,19 @@ def init_student(config, scfg, tcfg, tparams, pretrained=(None, None)):
     return student_init.init_student(config.student.init, scfg, config.seed,
                                      teacher=(tcfg, tparams), pretrained=pretrained,
                                      layers=list(config.student.layers) or None)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def check_student_init(config, scfg, tcfg, pcfg) -> None:
+  """`student.init` can make this student from these configs (`student_init.check_init`).
+
+  Raises:
+    ConfigError: the source cannot initialise the student (names the fix).
+  """
+  try:
+    student_init.check_init(config.student.init, scfg, teacher=tcfg, pretrained=pcfg,
+                            layers=list(config.student.layers) or None)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 

@@ -143,13 +143,20 @@ def objective_from_config(config) -> Objective:
     raise ConfigError(str(e)) from e
 
 
-def validate(config) -> Objective:
+def validate(config, num_devices: int | None = None, num_processes: int | None = None
+             ) -> Objective:
   """Checks everything `config` alone decides, before any file is read or model loaded.
 
   Pure: reads no path (a nonexistent teacher.path or data file is found by
   `build_run`), only the number of devices and processes. What needs a loaded
   model or tokenizer (vocabulary sizes, max_position_embeddings, heads, layer
   counts, cache identity) is checked by `build_run` right after loading.
+
+  Args:
+    config: the run's ConfigDict.
+    num_devices: devices the mesh covers; None = `jax.device_count()` (another number: a
+      topology compiled for ahead of time, `train_compile`).
+    num_processes: hosts sharing the global batch; None = `jax.process_count()`.
 
   Returns:
     The run's `Objective` (`objective_from_config`; layer map not yet resolved).
@@ -223,18 +230,122 @@ def validate(config) -> Objective:
 
   # Batch layout.
   gbs = d.global_batch_size
-  hosts = jax.process_count()
+  hosts = jax.process_count() if num_processes is None else num_processes
   if gbs % hosts:
     raise ConfigError(f'data.global_batch_size={gbs} is not divisible by {hosts} hosts; use a '
                       f'multiple of {hosts}.')
   try:
-    mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, config.mesh.axes,
-                                             jax.device_count())
+    mesh_shape = sharding.resolve_mesh_shape(
+        config.mesh.shape, config.mesh.axes,
+        jax.device_count() if num_devices is None else num_devices)
     sharding.check_batch_divisibility(gbs, config.optim.num_microbatches, mesh_shape,
                                       sharding.rules_tuple(config.mesh.logical_axis_rules))
   except ValueError as e:
     raise ConfigError(str(e)) from e
   return obj
+
+
+def resolve_models(config, obj: Objective, tcfg, pcfg, vocab_size: int, num_labels: int,
+                   tok_path: str | None):
+  """From the teacher's and a pretrained student's configs to the run's models and objective.
+
+  What `build_run` and `run_shapes` (no weights) share: the compute options on the teacher,
+  the student's shape, the checks that need both configs, the layer map and projections.
+
+  Args:
+    config: the run's ConfigDict.
+    obj: the `Objective` of `validate`.
+    tcfg: the teacher's `ModelConfig` (`run_models.load_teacher`), or None.
+    pcfg: the `student.path` config (`run_models.load_pretrained_student`), or None.
+    vocab_size: the tokenizer's size.
+    num_labels: the task's label count; 0 for MLM.
+    tok_path: where the tokenizer comes from (for messages).
+
+  Returns:
+    `(teacher config, student config, objective with its layer map, projection or None)`,
+    both configs with the run's compute options (`run_models.compute_options`).
+
+  Raises:
+    ConfigError: as `run_models.check_loaded`, `run_models.check_student_init` and
+      `run_models.resolve_objective`.
+  """
+  if tcfg is not None:
+    tcfg = dataclasses.replace(tcfg, **run_models.compute_options(config))
+  scfg = run_models.student_config(config, tcfg, vocab_size, num_labels, pcfg)
+  run_models.check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg)
+  run_models.check_student_init(config, scfg, tcfg, pcfg)
+  obj, projection = run_models.resolve_objective(config, obj, scfg, tcfg)
+  return tcfg, scfg, obj, projection
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShapes:
+  """What a run's train step is made of, without weights or data (`run_shapes`).
+
+  `mesh_shape` is `{axis: size}` over the devices it was derived for; `task` the GLUE task or
+  None; `vocab_size` the tokenizer's size the run would use.
+  """
+  objective: Objective
+  teacher_config: bert.ModelConfig | None
+  student_config: bert.ModelConfig
+  projection: Projection | None
+  mesh_shape: dict
+  rules: tuple
+  teacher_rules: tuple
+  task: Any
+  vocab_size: int
+
+
+def run_shapes(config, num_devices: int | None = None, num_processes: int | None = None
+               ) -> RunShapes:
+  """The models, objective and mesh `build_run` would build, from shapes alone.
+
+  No weights are loaded and no data is read: the teacher's shape comes from `teacher.path`'s
+  config.json (`hf_conversion.read_hf_config`) or `teacher.random_init`'s fields, a pretrained
+  student's from its config.json; the tokenizer is loaded only when nothing else gives the
+  vocabulary (a random-init teacher; `data.synthetic` needs none: its size is fixed). The same
+  checks as `build_run` run on them (`validate`, `resolve_models`).
+
+  Args:
+    config: the run's ConfigDict.
+    num_devices: devices of the mesh (None: `jax.device_count()`).
+    num_processes: hosts (None: `jax.process_count()`).
+
+  Returns:
+    The `RunShapes`.
+
+  Raises:
+    ConfigError: as `validate` and `resolve_models`, or a teacher/student/tokenizer path that
+      cannot be read.
+  """
+  obj = validate(config, num_devices, num_processes)
+  d = config.data
+  task = glue.get_task(d.task) if d.task else None
+  num_labels = len(task.label_names) if task else 0
+  tok_path = d.tokenizer or config.teacher.path or config.student.path
+  from_checkpoint = bool(run_models.teacher_loaded(config, obj) and config.teacher.path)
+  vocab_size = None
+  if d.synthetic:
+    vocab_size, tok_path = synthetic.vocab_size(), 'data.synthetic'
+  elif not from_checkpoint:  # a random-init teacher, or no teacher: the tokenizer's size
+    try:
+      vocab_size = len(tokenization.load_tokenizer(tok_path))
+    except (OSError, ValueError) as e:
+      raise ConfigError(f'Cannot load tokenizer from {tok_path!r}: {e}') from e
+  tcfg, _ = run_models.load_teacher(config, obj, vocab_size or 0, num_labels, weights=False)
+  pcfg, _ = run_models.load_pretrained_student(config, num_labels, weights=False)
+  if vocab_size is None:  # the teacher's vocabulary (build_run checks its tokenizer against it)
+    vocab_size = tcfg.vocab_size
+  tcfg, scfg, obj, projection = resolve_models(config, obj, tcfg, pcfg, vocab_size, num_labels,
+                                               tok_path)
+  rules = sharding.rules_tuple(config.mesh.logical_axis_rules)
+  mesh_shape = sharding.resolve_mesh_shape(
+      config.mesh.shape, config.mesh.axes,
+      jax.device_count() if num_devices is None else num_devices)
+  return RunShapes(objective=obj, teacher_config=tcfg, student_config=scfg, projection=projection,
+                   mesh_shape=mesh_shape, rules=rules,
+                   teacher_rules=sharding.rules_tuple(config.teacher.logical_axis_rules or rules),
+                   task=task, vocab_size=vocab_size)
 
 
 def build_run(config, workdir: str) -> Run:
@@ -273,14 +384,9 @@ def build_run(config, workdir: str) -> Run:
   task = glue.get_task(d.task) if d.task else None
   num_labels = len(task.label_names) if task else 0
   tcfg, tparams = run_models.load_teacher(config, obj, vocab_size, num_labels)
-  if tcfg is not None:
-    tcfg = dataclasses.replace(
-        tcfg, dtype=run_models.compute_dtype(config.dtype), remat=config.remat,
-        attention_implementation=run_models.attention_implementation(config))
   pcfg, pparams = run_models.load_pretrained_student(config, num_labels)
-  scfg = run_models.student_config(config, tcfg, vocab_size, num_labels, pcfg)
-  run_models.check_loaded(config, tok_path, vocab_size, tcfg, scfg, pcfg)
-  obj, projection = run_models.resolve_objective(config, obj, scfg, tcfg)
+  tcfg, scfg, obj, projection = resolve_models(config, obj, tcfg, pcfg, vocab_size, num_labels,
+                                               tok_path)
   sparams = run_models.init_student(config, scfg, tcfg, tparams, (pcfg, pparams))
   proj_params = None
   if projection is not None:

@@ -310,11 +310,19 @@ def make_global_batch(host_batch: Mapping[str, np.ndarray], sharding: NamedShard
   out = {}
   for k, v in host_batch.items():
     global_shape = (global_batch_size,) + tuple(v.shape[1:])
-    # Rank-1 leaves (one label per example) keep only the batch axis of the spec.
-    spec = tuple(sharding.spec)[:v.ndim] + (None,) * max(0, v.ndim - len(sharding.spec))
-    leaf = NamedSharding(sharding.mesh, PartitionSpec(*spec))
-    out[k] = jax.make_array_from_process_local_data(leaf, v, global_shape)
+    out[k] = jax.make_array_from_process_local_data(leaf_sharding(sharding, v.ndim), v,
+                                                    global_shape)
   return out
+
+
+def leaf_sharding(batch_sharding_: NamedSharding, ndim: int) -> NamedSharding:
+  """The sharding of a batch leaf of rank `ndim` under the `[batch, seq_len]` `batch_sharding`.
+
+  Rank-1 leaves (one label per example) keep only the batch axis of the spec; the extra
+  dimensions of a higher-rank leaf (cached teacher targets `[B, T, k]`) are not split.
+  """
+  spec = tuple(batch_sharding_.spec)[:ndim] + (None,) * max(0, ndim - len(batch_sharding_.spec))
+  return NamedSharding(batch_sharding_.mesh, PartitionSpec(*spec))
 
 
 def check_batch_divisibility(global_batch_size: int, num_microbatches: int,

@@ -134,12 +134,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # the host copies are on devices now: drop them (the old Run is the only other reference)
   run = dataclasses.replace(run, student_params=None, teacher_params=None, proj_params=None)
 
-  step_fn = train_step.make_train_step(
-      run.student_model, run.teacher_model if t_params is not None else None, tx, objective,
-      config.optim.num_microbatches)
-  step_t_params = None if objective.offline else t_params  # offline: the step never reads it
-  p_train_step = train_step.jit_train_step(step_fn, state_shard,
-                                           None if step_t_params is None else t_shard)
+  p_train_step, reads_teacher = train_step.jit_run_step(
+      run.student_config, run.teacher_config if t_params is not None else None, tx, objective,
+      config.optim.num_microbatches, state_shard, t_shard)
+  step_t_params = t_params if reads_teacher else None  # offline: the step never reads it
   shard_batch = lambda b: sharding.make_global_batch(
       b, b_shard, b['input_ids'].shape[0] * jax.process_count())
   writer = metric_writers.MetricWriter(workdir)

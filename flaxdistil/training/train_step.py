@@ -216,3 +216,29 @@ def jit_train_step(train_step, state_shardings: dict, teacher_shardings=None):
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
+
+
+def jit_run_step(student_config: bert.ModelConfig, teacher_config: bert.ModelConfig | None, tx,
+                 objective: Objective, num_microbatches: int, state_shardings: dict,
+                 teacher_shardings=None):
+  """The jitted step of a run, as the train loop builds it (and `train_compile` compiles it).
+
+  Args:
+    student_config: the student's config.
+    teacher_config: the teacher's config, or None (no teacher loaded).
+    tx: the optimizer.
+    objective: the run's objective.
+    num_microbatches: `optim.num_microbatches`.
+    state_shardings: `train_state.state_layout(...)[0]`.
+    teacher_shardings: the teacher params' shardings (None without a teacher).
+
+  Returns:
+    `(jitted step, reads_teacher)`: `reads_teacher` is False when the step takes
+    `teacher_params=None` (no teacher, or offline: the teacher module only gives its depth).
+  """
+  teacher = bert.MaskedLM(teacher_config) if teacher_config is not None else None
+  step_fn = make_train_step(bert.MaskedLM(student_config), teacher, tx, objective,
+                            num_microbatches)
+  reads_teacher = teacher is not None and not objective.offline
+  return jit_train_step(step_fn, state_shardings,
+                        teacher_shardings if reads_teacher else None), reads_teacher
