@@ -44,7 +44,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required.')
-  console.quiet_libraries()
+  console.setup()
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the checks
   try:
