@@ -5,7 +5,7 @@
 #   ./launch_tpu.sh my-v4-32 us-central2-b configs/distilbert.py /mnt/gcs/runs/distil1
 #
 # Copies this repo to each worker (~/flaxdistil), creates/reuses a venv there,
-# installs requirements.txt plus jax[tpu], and starts the same command on all
+# installs the package with its tpu extra (jax[tpu]), and starts the same command on all
 # workers at once; jax.distributed.initialize() inside main.py finds the other
 # hosts from the TPU metadata. WORKDIR must be a shared filesystem path (a gcsfuse
 # mount or NFS) so that every host writes its checkpoint shards to the same place.
@@ -36,7 +36,7 @@ echo ">> venv + requirements (reused when present)"
 gssh "set -e; mkdir -p ~/flaxdistil && tar -xzf /tmp/flaxdistil.tgz -C ~/flaxdistil;
   [ -d $VENV ] || python3 -m venv $VENV;
   $VENV/bin/pip install -q -U pip;
-  $VENV/bin/pip install -q -r ~/flaxdistil/requirements.txt 'jax[tpu]' \
+  $VENV/bin/pip install -q -e ~/flaxdistil'[tpu]' \
     -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
 printf -v EXTRA_Q '%q ' "${EXTRA[@]}"

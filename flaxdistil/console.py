@@ -144,7 +144,7 @@ def summary_table(summary: dict, workdir: str) -> str:
   """
   models = summary.get('models') or {}
   cols = []  # (header, model key, metrics)
-  if 'teacher' in models:
+  if 'teacher' in models or summary.get('teacher'):
     cols.append(('teacher', 'teacher', summary.get('teacher') or {}))
   if summary.get('student_initial'):
     cols.append(('student, step 0', 'student', summary['student_initial']))

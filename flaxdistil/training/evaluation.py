@@ -207,8 +207,8 @@ def make_eval_steps(run, with_teacher: bool = True):
   Classification students (`num_labels`) get `make_task_eval_step`, the
   others `make_eval_step`. A model without the matching head (a head-less,
   MiniLM-style student, or a teacher with another label count) gets None:
-  masked-token metrics need MLM heads (scripts/embedding_report.py scores
-  encoders).
+  masked-token metrics need MLM heads (`Evaluator` scores a head-less student
+  against its teacher with `make_encoder_eval_step` instead).
 
   Args:
     run: the `setup.Run` (configs, models, `objective.max_predictions_per_seq`).
