@@ -156,9 +156,9 @@ def summary_table(summary: dict, workdir: str) -> str:
   if models:
     shape = lambda m: f'{m["layers"]} x {m["hidden_size"]}' if m else ''
     table.add_row('layers x hidden', *[shape(models.get(key)) for _, key, _ in cols])
-    table.add_row('parameters',
-                  *[f'{models[key]["params"] / 1e6:.1f}M' if key in models else ''
-                    for _, key, _ in cols])
+    count = lambda n: f'{n / 1e6:.1f}M' if n >= 1e6 else f'{n / 1e3:.1f}k'
+    table.add_row('parameters', *[count(models[key]['params']) if key in models else ''
+                                  for _, key, _ in cols])
   keys = []
   for _, _, metrics in cols:
     keys += [k for k in metrics if k not in keys and k not in _COUNT_KEYS]

@@ -3,8 +3,8 @@ r"""Distill a BERT teacher into a DistilBERT student: flags -> `train.train_and_
   python -m flaxdistil.main --config configs/distilbert.py --workdir DIR [--config.GROUP.KEY=VALUE]
 
 Config files (configs/*.py): demo.py (the first run: the pretrained MiniLM
-teacher on the embedded Wikipedia slice, minutes on a CPU), distilbert.py (the
-paper's recipe), tiny.py (a 30-second smoke run), wiki_mini.py,
+encoder distilled on the embedded Wikipedia slice, minutes on a CPU),
+distilbert.py (the paper's recipe), tiny.py (a 30-second smoke run), wiki_mini.py,
 glue.py:TASK,ROLE, minilm_wiki.py. Any field can be overridden with
 --config.GROUP.KEY=VALUE (an unknown key is an error); the groups:
 
