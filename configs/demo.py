@@ -66,7 +66,7 @@ def get_config():
   c.data.max_seq_length = 128
   c.data.global_batch_size = 16     # 2048 tokens per step
   c.data.eval_batch_size = 32
-  c.data.eval_num_sequences = 256   # held-out rows scored (~32k tokens)
+  c.data.eval_num_sequences = 128   # held-out rows scored (16k tokens)
   c.data.num_proc = 1               # 2 MB tokenise in seconds; no worker processes to start
 
   # optim: a short schedule

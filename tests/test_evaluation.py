@@ -188,10 +188,12 @@ def test_encoder_eval_compares_mean_pooled_embeddings_and_hidden_states_of_the_u
   # The student equal to the teacher: cosine 1, MSE 0.
   same = evaluation.evaluate_encoder(step, t_params, masked, t_params)
   assert same['embedding_cosine'] == pytest.approx(1.0, abs=1e-6)
+  assert same['token_cosine'] == pytest.approx(1.0, abs=1e-6)
   assert same['hidden_mse'] == pytest.approx(0.0, abs=1e-10) and same['num_sequences'] == 8
   # Another student: numpy reference on the original (unmasked) tokens, padding excluded.
   got = evaluation.evaluate_encoder(step, s_params, masked, t_params)
-  cos, err, n = [], 0.0, 0
+  cos, token_cos, err, n = [], [], 0.0, 0
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   for b in batches:
     h = lambda p: np.asarray(model.apply({'params': p}, b['input_ids'],
                                          b['attention_mask']).hidden_states[-1], np.float64)
@@ -199,8 +201,10 @@ def test_encoder_eval_compares_mean_pooled_embeddings_and_hidden_states_of_the_u
     for r in range(len(m)):
       es, et = hs[r][m[r]].mean(0), ht[r][m[r]].mean(0)
       cos.append(es @ et / np.linalg.norm(es) / np.linalg.norm(et))
+    token_cos += list(np.sum(unit(hs[m]) * unit(ht[m]), -1))
     err, n = err + ((hs - ht) ** 2)[m].sum(), n + m.sum() * ENC.hidden_size
   assert got['embedding_cosine'] == pytest.approx(np.mean(cos), rel=1e-5)
+  assert got['token_cosine'] == pytest.approx(np.mean(token_cos), rel=1e-5)
   assert got['hidden_mse'] == pytest.approx(err / n, rel=1e-5)
   assert got['embedding_cosine'] < 0.99
 

@@ -8,7 +8,7 @@ from flaxdistil.training import plots
 
 
 def _records():
-  recs = [{'step': 0, 'kind': 'eval', 'embedding_cosine': 0.5, 'hidden_mse': 0.12}]
+  recs = [{'step': 0, 'kind': 'eval', 'embedding_cosine': 0.5, 'hidden_mse': 0.12}]  # no token_cosine
   for step in (10, 20, 30):
     recs.append({'step': step, 'kind': 'train', 'loss': 3.0 / step, 'loss_hidden': 2.0 / step,
                  'loss_attn_kl': 1.0 / step, 'tokens_per_sec': 100.0 * step, 'lr': 1e-3})

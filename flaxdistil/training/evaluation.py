@@ -118,7 +118,8 @@ def make_encoder_eval_step(student: nn.Module, teacher: nn.Module):
     `labels` `[B, T]` int32; `proj` is the TinyBERT `W_h` param tree mapping a narrower student
     to the teacher's width (`state['proj']['hidden']`), None when the widths are equal. It
     returns `(sum, count)` float32 pairs: `cos`, cosine of the mean-pooled embeddings (`mean_pool`)
-    per row; `mse`, squared error of the last hidden states per real token and feature.
+    per row; `token_cos`, cosine of the last hidden states per real token; `mse`, squared error
+    of the last hidden states per real token and feature.
   """
 
   def eval_step(params, batch, teacher_params, proj=None):
@@ -131,12 +132,13 @@ def make_encoder_eval_step(student: nn.Module, teacher: nn.Module):
     if proj is not None:
       h_s = intermediate.HiddenProjection(h_t.shape[-1]).apply({'params': proj}, h_s)
     e_s, e_t = mean_pool(h_s, mask), mean_pool(h_t, mask)                        # [B, H]
-    cos = jnp.sum(e_s * e_t, -1) / jnp.maximum(
-        jnp.linalg.norm(e_s, axis=-1) * jnp.linalg.norm(e_t, axis=-1), 1e-12)    # [B]
+    cosine = lambda a, b: jnp.sum(a * b, -1) / jnp.maximum(
+        jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-12)
     rows = (jnp.sum(mask, -1) > 0).astype(jnp.float32)                           # [B]
-    real = mask.astype(jnp.float32)[..., None]                                   # [B, T, 1]
-    return {'cos': (jnp.sum(cos * rows), jnp.sum(rows)),
-            'mse': (jnp.sum((h_s - h_t) ** 2 * real), jnp.sum(real) * h_t.shape[-1])}
+    real = mask.astype(jnp.float32)                                              # [B, T]
+    return {'cos': (jnp.sum(cosine(e_s, e_t) * rows), jnp.sum(rows)),
+            'token_cos': (jnp.sum(cosine(h_s, h_t) * real), jnp.sum(real)),
+            'mse': (jnp.sum((h_s - h_t) ** 2 * real[..., None]), jnp.sum(real) * h_t.shape[-1])}
 
   return eval_step
 
@@ -152,8 +154,9 @@ def evaluate_encoder(eval_fn, params, batches, teacher_params, proj=None) -> dic
 
   Returns:
     `embedding_cosine` (mean over rows of the cosine of mean-pooled last hidden states: 1 = the
-    teacher's sentence embedding), `hidden_mse` (mean squared error of last hidden states over
-    real tokens and features) and `num_sequences` (rows scored).
+    teacher's sentence embedding), `token_cosine` (mean over real tokens of the cosine of their
+    last hidden states), `hidden_mse` (mean squared error of last hidden states over real tokens
+    and features) and `num_sequences` (rows scored).
   """
   sums = {}
   for b in batches:
@@ -162,8 +165,8 @@ def evaluate_encoder(eval_fn, params, batches, teacher_params, proj=None) -> dic
       acc[0] += float(s)
       acc[1] += float(c)
   mean = lambda k: sums[k][0] / max(sums[k][1], 1.0)
-  return {'embedding_cosine': mean('cos'), 'hidden_mse': mean('mse'),
-          'num_sequences': int(sums['cos'][1])}
+  return {'embedding_cosine': mean('cos'), 'token_cosine': mean('token_cos'),
+          'hidden_mse': mean('mse'), 'num_sequences': int(sums['cos'][1])}
 
 
 def evaluate(eval_fn, params, batches, reference_top1=None) -> dict:

@@ -2,7 +2,7 @@
 
 Panels, left to right: the train loss and each loss term (interval means, log scale); one panel per
 held-out metric of the run's kind (masked-LM: top-1 accuracy and perplexity; classification:
-accuracy and F1; encoder students: embedding cosine and last-layer MSE), the student's curve with
+accuracy and F1; encoder students: embedding and token cosine, last-layer MSE), the student's curve with
 the teacher's value as a dashed line where the teacher is scored; train tokens/s per interval (the
 first, compiling interval left out). `panels(runs)` builds the data (tested), `draw` renders it
 with matplotlib's Agg backend (no display needed), `write_curves(workdir)` is what a run calls.
@@ -18,7 +18,8 @@ import os
 from absl import logging
 
 # Held-out metrics plotted, in this order, when the eval records have them.
-EVAL_METRICS = ('accuracy', 'perplexity', 'f1', 'embedding_cosine', 'hidden_mse')
+EVAL_METRICS = ('accuracy', 'perplexity', 'f1', 'embedding_cosine', 'token_cosine',
+                'hidden_mse')
 
 
 @dataclasses.dataclass
