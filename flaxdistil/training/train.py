@@ -151,8 +151,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   start_step = int(state['step'])
   initial_eval = {}
-  if config.get('eval_at_start', False) and start_step == 0:
-    initial_eval = run_eval(0, state['params'], state.get('proj'))
+  if config.get('eval_at_start', False):
+    if start_step == 0:
+      initial_eval = run_eval(0, state['params'], state.get('proj'))
+    else:  # resumed: the step-0 record of the first part, for the summary
+      initial_eval = next(({k: v for k, v in r.items() if k not in ('step', 'kind')}
+                           for r in plots.read_metrics(workdir)
+                           if r.get('kind') == 'eval' and r.get('step') == 0), {})
   stop_step = (min(num_steps, start_step + config.steps_per_run) if config.steps_per_run
                else num_steps)
   logging.info('%s', objective.describe())
