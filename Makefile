@@ -11,13 +11,15 @@
 # TORCH (the torch requirement, default the CPU build torch==2.13.0+cpu: export and its checks
 # need no CUDA; `make TORCH=torch==2.13.0 ...` takes PyPI's CUDA build instead), TORCH_INDEX
 # (where the CPU build comes from when no local wheelhouse serves it), WORKDIR (runs/demo),
-# PYTEST_ARGS (extra pytest arguments, e.g. PYTEST_ARGS=tests/test_losses.py).
+# TESTS (what pytest collects, default tests; e.g. TESTS=tests/test_losses.py), PYTEST_ARGS (extra
+# pytest arguments, e.g. PYTEST_ARGS=--durations=40).
 
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= runs/demo
 TORCH ?= $(if $(filter Darwin,$(shell uname -s)),torch==2.13.0,torch==2.13.0+cpu)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TESTS ?= tests
 PYTEST_ARGS ?=
 
 PY := $(VENV)/bin/python
@@ -32,10 +34,10 @@ demo: $(VENV)/.demo
 	$(RUN_ENV) $(PY) -m flaxdistil.export --workdir $(WORKDIR) --out $(WORKDIR)/export --overwrite
 
 test: $(VENV)/.test
-	$(RUN_ENV) $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test
-	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(TESTS) $(PYTEST_ARGS)
 
 lint: $(VENV)/.test
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check --select F,I .
