@@ -4,17 +4,16 @@
 #   ./launch_tpu.sh TPU_NAME ZONE CONFIG WORKDIR [--config.key=value ...]
 #   ./launch_tpu.sh my-v4-32 us-central2-b configs/distilbert.py /mnt/gcs/runs/distil1
 #
-# Copies this repo to each worker (~/flaxdistil), creates/reuses a venv there and installs
-# requirements.txt plus jax[tpu]. torch comes from PyTorch's CPU wheel index first
-# (--index-url https://download.pytorch.org/whl/cpu): requirements.txt pins torch==2.13.0,
-# which PyPI serves as a multi-GB CUDA build; on a TPU VM torch only reads .bin teachers and
-# verifies exports, on the CPU. Then worker 0 compiles the train step for the slice
-# (python -m flaxdistil.train_compile, docs/scaling.md) and the launch stops there when the
-# step does not fit in HBM (exit code 3) or the config is bad (2); the report is printed.
-# Finally the same training command starts on all workers at once; jax.distributed.initialize()
-# inside main.py finds the other hosts from the TPU metadata. WORKDIR must be a shared
-# filesystem path (a gcsfuse mount or NFS) so that every host writes its checkpoint shards to the
-# same place.
+# Copies this repo to each worker (~/flaxdistil), creates/reuses a venv there and installs the
+# package with its tpu extra (jax[tpu]) and no torch: torch is in the export extra only (it reads
+# .bin teachers and verifies exports; export on a CPU machine, or add `pip install torch==2.13.0
+# --index-url https://download.pytorch.org/whl/cpu` -- PyPI's torch is a multi-GB CUDA build).
+# Then worker 0 compiles the train step for the slice (python -m flaxdistil.train_compile,
+# docs/scaling.md) and the launch stops there when the step does not fit in HBM (exit code 3) or
+# the config is bad (2); the report is printed. Finally the same training command starts on all
+# workers at once; jax.distributed.initialize() inside main.py finds the other hosts from the TPU
+# metadata. WORKDIR must be a shared filesystem path (a gcsfuse mount or NFS) so that every host
+# writes its checkpoint shards to the same place.
 # Environment: PROJECT (gcloud project, optional), VENV (default ~/flaxdistil-venv),
 # SKIP_COMPILE_CHECK=1 to launch without the check.
 set -euo pipefail
@@ -40,12 +39,12 @@ tar -C "$REPO_DIR" --exclude=.git --exclude=runs -czf /tmp/flaxdistil.tgz .
 gcloud compute tpus tpu-vm scp /tmp/flaxdistil.tgz "$TPU_NAME":/tmp/flaxdistil.tgz \
   --zone="$ZONE" $PROJECT_FLAG --worker=all
 
-echo ">> venv + requirements (reused when present; torch from the CPU wheel index)"
+echo ">> venv + the package with its tpu extra (reused when present)"
 gssh all "set -e; mkdir -p ~/flaxdistil && tar -xzf /tmp/flaxdistil.tgz -C ~/flaxdistil;
   [ -d $VENV ] || python3 -m venv $VENV;
   $VENV/bin/pip install -q -U pip;
-  $VENV/bin/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu;
-  $VENV/bin/pip install -q -r ~/flaxdistil/requirements.txt 'jax[tpu]'"
+  $VENV/bin/pip install -q -e ~/flaxdistil'[tpu]' \
+    -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
 printf -v EXTRA_Q '%q ' "${EXTRA[@]}"
 if [[ "${SKIP_COMPILE_CHECK:-0}" != 1 ]]; then

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.steps_per_run = 0               # >0: checkpoint and exit after this many steps (job slots)
   c.log_every_steps = 50            # console + metrics.jsonl + TensorBoard
   c.eval_every_steps = 2_000        # held-out evaluation (also at the end)
+  c.eval_at_start = False           # also evaluate the initial student (step 0): the baseline
   c.checkpoint_every_steps = 1_000  # Orbax save interval
   c.dtype = 'float32'               # compute dtype: 'float32' | 'bfloat16' (params stay fp32)
   c.remat = False                   # rematerialise each layer in the backward pass

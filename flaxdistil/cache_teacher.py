@@ -26,6 +26,7 @@ import numpy as np
 
 from flaxdistil import cli
 from flaxdistil import console
+from flaxdistil.data import progress
 from flaxdistil.data import teacher_cache as tc_lib
 from flaxdistil.storage import atomic
 from flaxdistil.training import setup
@@ -230,10 +231,14 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
     jfn = jax.jit(fn, in_shardings=(t_shard, b_shard, b_shard))
     params = jax.device_put(run.teacher_params, t_shard)
     done, memo = 0, {}
-    for s in range(plan['num_shards']):
+    mine = [s for s in range(plan['num_shards']) if s % jax.process_count() == jax.process_index()]
+    todo = [s for s in mine if not os.path.exists(os.path.join(out, tc_lib.shard_name(s)))]
+    num_rows_mine = lambda shards: sum(len(rows[s * rows_per_shard:(s + 1) * rows_per_shard])
+                                       for s in shards)
+    bar = progress.progress_bar(num_rows_mine(mine), 'teacher cache', 'row',
+                                initial=num_rows_mine(mine) - num_rows_mine(todo))
+    for s in todo:
       path = os.path.join(out, tc_lib.shard_name(s))
-      if s % jax.process_count() != jax.process_index() or os.path.exists(path):
-        continue
       srows = rows[s * rows_per_shard:(s + 1) * rows_per_shard]
       parts = []
       for i in range(0, len(srows), bs):
@@ -243,11 +248,13 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
         ids, mask = np.concatenate([ids, pad]), np.concatenate([mask, pad]).astype(np.int32)
         res = jax.device_get(jfn(params, *jax.device_put((ids, mask), b_shard)))
         parts.append({k_: np.asarray(v)[:n] for k_, v in res.items()})
+        bar.update(n)
       arrays = {'row': srows, **{k_: np.concatenate([p[k_] for p in parts]) for k_ in parts[0]}}
       tc_lib.write_shard(path, arrays)
       done += 1
       logging.info('shard %d/%d written (%d rows, %.0f s)', s + 1, plan['num_shards'], len(srows),
                    time.time() - t0)
+    bar.close()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('flaxdistil_teacher_cache_done')
@@ -294,7 +301,7 @@ def main(argv):
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()
+  console.setup()
   cli.initialize_from_flags()
   out = FLAGS.out.rstrip('/')
   workdir = FLAGS.build_workdir or os.path.join(os.path.dirname(out) or '.',

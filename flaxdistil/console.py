@@ -1,11 +1,26 @@
-"""Console hygiene of the command lines (`main`, `cache_teacher`, `export`): chatter filtered out.
+"""What the command lines (`main`, `cache_teacher`, `export`) show a person, and what they keep.
 
-A filter on absl's handler (through which Python `logging` records reach stderr
-once `absl.app.run` starts) rather than log levels on library loggers, so that
-nothing changes for library users and for files/handlers of their own.
+- `setup(log_file)`: one clean line per log record on stderr (no absl prefix such as
+  `I1201 19:05:15.585633 140123 metric_writers.py:180]`; warnings start with `warning: `), written
+  through `tqdm.write` so that lines scroll above a live progress bar (`data/progress.py`), with
+  library chatter filtered out (`QuietLibraries`); and, given `log_file` (`<workdir>/log.txt`),
+  every record, chatter included, with absl's full prefix, in that file.
+- `summary_table(summary)`: the end-of-run table of `train.train_and_evaluate`'s summary (rich).
+
+Errors a user can fix stay one paragraph (`error: ...`, exit 2: `cli.exit_on_config_error`). The
+console is set up inside `absl.app.run`'s main, after absl installed its own handler, which it
+replaces; library users who never call `setup` keep their logging as it was.
 """
 
+import io
 import logging
+import os
+import sys
+
+import rich.box
+import rich.console
+import rich.table
+import tqdm
 
 
 class QuietLibraries(logging.Filter):
@@ -38,15 +53,127 @@ class QuietLibraries(logging.Filter):
     return not (record.name.startswith('jax') and msg.startswith('Unable to initialize backend'))
 
 
-def quiet_libraries():
-  """Installs `QuietLibraries` on absl's stderr handler (call inside `absl.app.run`'s main).
+class ConsoleFormatter(logging.Formatter):
+  """The message alone; `warning: ` / `error: ` before records of those levels (and tracebacks)."""
 
-  torch logs through its own handler, not absl's: its ONNX exporter's warnings
-  that torchvision is not installed (no torchvision operators in BERT) are
-  silenced by the level of that one logger.
+  def format(self, record: logging.LogRecord) -> str:
+    msg = record.getMessage()
+    if record.levelno >= logging.ERROR:
+      msg = f'error: {msg}'
+    elif record.levelno >= logging.WARNING:
+      msg = f'warning: {msg}'
+    if record.exc_info:
+      msg += '\n' + self.formatException(record.exc_info)
+    return msg
+
+
+class ConsoleHandler(logging.Handler):
+  """Writes formatted records to the current `sys.stderr` through `tqdm.write` (above any bar)."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except  (logging's own contract)
+      self.handleError(record)
+
+
+def setup(log_file: str | None = None) -> None:
+  """Replaces absl's stderr handler by `ConsoleHandler`; adds `log_file` with the full records.
+
+  Call inside `absl.app.run`'s main (absl installs its handler in `app.run`). Idempotent: a
+  second call adds nothing but a log file not yet attached.
+
+  Args:
+    log_file: a file that gets every record (INFO and up, library chatter included) with absl's
+      prefix (`I1201 19:05:15.585633 140123 train_log.py:95] ...`), appended to; its directory
+      must exist. None: the console only.
   """
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, QuietLibraries) for f in handler.filters):
+  root = logging.getLogger()
+  absl_handler = absl_logging.get_absl_handler()
+  if absl_handler in root.handlers:
+    root.removeHandler(absl_handler)
+  if not any(isinstance(h, ConsoleHandler) for h in root.handlers):
+    handler = ConsoleHandler()
+    handler.setFormatter(ConsoleFormatter())
     handler.addFilter(QuietLibraries())
+    root.addHandler(handler)
+  # torch logs through its own handler: its ONNX exporter's warnings that torchvision is not
+  # installed (no torchvision operators in BERT) are silenced by the level of that one logger.
   logging.getLogger('torch.onnx._internal.exporter._registration').setLevel(logging.ERROR)
+  if log_file:
+    path = os.path.abspath(log_file)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == path
+               for h in root.handlers):
+      file_handler = logging.FileHandler(path, encoding='utf-8')
+      file_handler.setFormatter(absl_logging.PythonFormatter())
+      root.addHandler(file_handler)
+
+
+def _num(v) -> str:
+  """A metric for the table: 4 significant digits; '' for a missing value."""
+  if v is None:
+    return ''
+  if isinstance(v, float):
+    return f'{v:.4g}'
+  return f'{v:,}' if isinstance(v, int) else str(v)
+
+
+def _duration(seconds: float | None) -> str:
+  if seconds is None:
+    return '?'
+  m, s = divmod(int(round(seconds)), 60)
+  return f'{m} min {s:02d} s' if m else f'{s} s'
+
+
+# Eval keys that are counts, not quality: left out of the table.
+_COUNT_KEYS = ('num_tokens', 'num_sequences')
+
+
+def summary_table(summary: dict, workdir: str) -> str:
+  """The end-of-run table: teacher vs student (initial and final) on the held-out metrics.
+
+  Args:
+    summary: what `train.train_and_evaluate` returned (`step`, `num_train_steps`, `student`,
+      `teacher`, optional `student_initial`, `models`, `train_seconds`, `train_tokens_per_sec`).
+    workdir: the run's directory (for the output paths below the table).
+
+  Returns:
+    The table as plain text (box drawing, no colour codes), a title line above it and the
+    outputs below it, ready for `logging.info` (console and log.txt alike).
+  """
+  models = summary.get('models') or {}
+  cols = []  # (header, model key, metrics)
+  if 'teacher' in models or summary.get('teacher'):
+    cols.append(('teacher', 'teacher', summary.get('teacher') or {}))
+  if summary.get('student_initial'):
+    cols.append(('student, step 0', 'student', summary['student_initial']))
+  cols.append((f'student, step {summary.get("step")}', 'student', summary.get('student') or {}))
+  table = rich.table.Table(box=rich.box.SQUARE, show_edge=True, pad_edge=True)
+  table.add_column('')
+  for header, _, _ in cols:
+    table.add_column(header, justify='right')
+  if models:
+    shape = lambda m: f'{m["layers"]} x {m["hidden_size"]}' if m else ''
+    table.add_row('layers x hidden', *[shape(models.get(key)) for _, key, _ in cols])
+    count = lambda n: f'{n / 1e6:.1f}M' if n >= 1e6 else f'{n / 1e3:.1f}k'
+    table.add_row('parameters', *[count(models[key]['params']) if key in models else ''
+                                  for _, key, _ in cols])
+  keys = []
+  for _, _, metrics in cols:
+    keys += [k for k in metrics if k not in keys and k not in _COUNT_KEYS]
+  for k in keys:
+    table.add_row(k, *[_num(metrics.get(k)) for _, _, metrics in cols])
+  buf = io.StringIO()
+  rich.console.Console(file=buf, width=100, color_system=None, force_terminal=False,
+                       highlight=False).print(table)
+  tps = summary.get('train_tokens_per_sec')
+  title = (f'Summary of {workdir}: {summary.get("step")}/{summary.get("num_train_steps")} steps '
+           f'in {_duration(summary.get("train_seconds"))}'
+           + (f', {tps:,.0f} train tokens/s' if tps else ''))
+  notes = []
+  if keys and not any(cols[0][2].get(k) is not None for k in keys) and cols[0][0] == 'teacher':
+    notes.append('teacher: the reference the student metrics compare with')
+  outputs = (f'curves: {os.path.join(workdir, "curves.png")}  metrics: '
+             f'{os.path.join(workdir, "metrics.jsonl")}  log: {os.path.join(workdir, "log.txt")}')
+  return '\n'.join([title, buf.getvalue().rstrip('\n'), *notes, outputs])

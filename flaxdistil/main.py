@@ -2,10 +2,11 @@ r"""Distill a BERT teacher into a DistilBERT student: flags -> `train.train_and_
 
   python -m flaxdistil.main --config configs/distilbert.py --workdir DIR [--config.GROUP.KEY=VALUE]
 
-Config files (configs/*.py): distilbert.py (the paper's recipe), tiny.py (a
-30-second smoke run), wiki_mini.py, glue.py:TASK,ROLE, minilm_wiki.py. Any
-field can be overridden with --config.GROUP.KEY=VALUE (an unknown key is an
-error); the groups:
+Config files (configs/*.py): demo.py (the first run: the pretrained MiniLM
+encoder distilled on the embedded Wikipedia slice, minutes on a CPU),
+distilbert.py (the paper's recipe), tiny.py (a 30-second smoke run), wiki_mini.py,
+glue.py:TASK,ROLE, minilm_wiki.py. Any field can be overridden with
+--config.GROUP.KEY=VALUE (an unknown key is an error); the groups:
 
   teacher     path (local directory or hub name), random-init shape, cache of its targets
   student     init (teacher layers / random / pretrained), depth, width (0 = teacher's)
@@ -16,14 +17,16 @@ error); the groups:
   checkpoint  Orbax checkpointing (max_to_keep, async saves)
 
 Top-level fields: seed, num_train_steps, steps_per_run, log_every_steps,
-eval_every_steps, checkpoint_every_steps, dtype, remat, scan_layers,
+eval_every_steps, eval_at_start, checkpoint_every_steps, dtype, remat, scan_layers,
 attention_implementation. Rerunning a command resumes from the newest checkpoint in --workdir.
-On a multi-host TPU slice or
-GPU cluster jax.distributed.initialize() is called first (auto-detected from
-the environment; --multihost forces it). Offline machines: HF_HUB_OFFLINE=1
+The console shows one line per log interval, a progress bar in a terminal and a summary table at
+the end; the full log is <workdir>/log.txt, the curves <workdir>/curves.png.
+On a multi-host TPU slice or GPU cluster jax.distributed.initialize() is called
+first (auto-detected from the environment; --multihost forces it). Offline machines: HF_HUB_OFFLINE=1
 and local directories for teacher.path / data.tokenizer.
 """
 
+import os
 import sys
 
 from absl import app
@@ -55,19 +58,24 @@ def main(argv):
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()  # orbax / JAX-platform-probe chatter
+  console.setup()  # clean console lines, library chatter filtered
   cli.initialize_from_flags()
-  logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  from flaxdistil.training import setup  # pylint: disable=g-import-not-at-top
   from flaxdistil.training import train  # pylint: disable=g-import-not-at-top
   with cli.exit_on_config_error(FLAGS.config):
+    setup.prepare_workdir(FLAGS.workdir)
+    i = jax.process_index()
+    console.setup(os.path.join(FLAGS.workdir, 'log.txt' if i == 0 else f'log.{i}.txt'))
+    logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].platform)
     try:
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except FloatingPointError as e:  # optim.on_nonfinite='stop'
       print(f'error: {e}', file=sys.stderr)
       sys.exit(3)
-
+  if i == 0 and not summary.get('preempted'):
+    logging.info('%s', console.summary_table(summary, FLAGS.workdir))
 
 if __name__ == '__main__':
   app.run(main)

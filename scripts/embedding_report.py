@@ -90,13 +90,6 @@ def batches(ids: list[list[int]], batch_size: int, pad_id: int):
 
 
 # ----------------------------------------------------------------------------------------- models
-def mean_pool(h, mask):
-  """[B, T, H], [B, T] -> [B, H]: mean over real tokens (sentence-transformers pooling)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  m = mask[..., None].astype(h.dtype)
-  return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-
-
 def make_encoder(cfg, params):
   """(ids [B, T], mask [B, T]) -> pooled [B, H] (device array), one jit per model.
 
@@ -106,13 +99,14 @@ def make_encoder(cfg, params):
   import jax  # pylint: disable=g-import-not-at-top
 
   from flaxdistil.model import bert  # pylint: disable=g-import-not-at-top
+  from flaxdistil.training import evaluation  # pylint: disable=g-import-not-at-top
   model = bert.MaskedLM(dataclasses.replace(cfg, with_mlm_head=False, num_labels=0))
   params = {k: v for k, v in params.items() if k in ('embeddings', 'encoder')}
 
   @jax.jit
   def encode(p, ids, mask):
     h = model.apply({'params': p}, ids, mask).hidden_states[-1]  # [B, T, H]
-    return mean_pool(h, mask)                                     # [B, H]
+    return evaluation.mean_pool(h, mask)                          # [B, H]
 
   return lambda ids, mask: encode(params, ids, mask)
 

@@ -136,6 +136,7 @@ def test_init_statistics_follow_hf_init_weights(bert_params):
   assert np.all(np.asarray(p['mlm_head']['bias']) == 0)
 
 
+@pytest.mark.slow
 def test_outputs_shapes_and_attention_properties(bert_params):
   cfg = _cfg()
   ids, mask = _inputs()
@@ -152,6 +153,7 @@ def test_outputs_shapes_and_attention_properties(bert_params):
   assert MaskedLM(cfg).apply({'params': bert_params}, ids, mask).attentions is None
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_real_token_outputs(bert_params):
   """Extra padding, with arbitrary ids under it, leaves real positions intact."""
   cfg = _cfg()
@@ -168,6 +170,7 @@ def test_padding_does_not_change_real_token_outputs(bert_params):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_token_type_ids_matter_for_bert_only(bert_params):
   ids, mask = _inputs()
   tt = jnp.ones_like(ids)
@@ -184,6 +187,7 @@ def test_token_type_ids_matter_for_bert_only(bert_params):
   np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
 
 
+@pytest.mark.slow
 def test_dropout_only_when_not_deterministic(bert_params):
   m = MaskedLM(_cfg())
   ids, mask = _inputs()
@@ -201,6 +205,7 @@ def test_dropout_only_when_not_deterministic(bert_params):
     m.apply({'params': bert_params}, ids, mask, deterministic=False)
 
 
+@pytest.mark.slow
 def test_remat_same_values_and_grads(bert_params):
   ids, mask = _inputs()
 
@@ -217,6 +222,7 @@ def test_remat_same_values_and_grads(bert_params):
   assert np.abs(np.asarray(g1['encoder']['layer_0']['attention']['query']['kernel'])).max() > 0
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32(bert_params):
   ids, mask = _inputs()
   f32 = MaskedLM(_cfg()).apply({'params': bert_params}, ids, mask)
@@ -245,6 +251,7 @@ def test_activations_match_transformers(name):
   np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_logical_constraints_work_under_mesh_and_rules(bert_params):
   """With rules + a mesh active, jitted outputs equal the unconstrained ones."""
   ids, mask = _inputs(batch=4)

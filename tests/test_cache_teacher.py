@@ -39,6 +39,7 @@ def _shard_bytes(d):
           if f.startswith('shard-')}
 
 
+@pytest.mark.slow
 def test_build_writes_a_complete_manifest(built_cache):
   root, m, c = built_cache
   assert m['complete'] and m['num_shards'] == 3 and len(m['rows']) == 3 * 16
@@ -47,6 +48,7 @@ def test_build_writes_a_complete_manifest(built_cache):
   assert m['bytes'] == sum(len(b) for b in _shard_bytes(str(root / 'cache')).values())
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_an_identical_cache(built_cache, tmp_path, monkeypatch):
   root, full, _ = built_cache
   real_write, calls = teacher_cache.write_shard, []
@@ -102,6 +104,7 @@ def _step_metrics(root, over: dict, start_step: int = 0, steps: int = 2) -> list
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('max_predictions', [0, 6])
 def test_offline_run_at_k_equal_vocab_equals_online_run_with_original_input(built_cache,
                                                                             max_predictions):
@@ -125,6 +128,7 @@ _INTER = {'distill.alpha_emb': 1.0, 'distill.alpha_hidden': 1.0, 'distill.alpha_
           'distill.alpha_attn_kl': 1.0, 'distill.alpha_value_kl': 1.0}
 
 
+@pytest.mark.slow
 def test_intermediate_layers_cached_equal_the_online_teacher_and_missing_ones_are_refused(
     built_cache):
   """TinyBERT + MiniLM terms from a cache (k = V, float32) equal online with the unmasked input."""
@@ -155,6 +159,7 @@ def test_intermediate_layers_cached_equal_the_online_teacher_and_missing_ones_ar
                                               'teacher.cache_top_k': 0}), str(root / 'work'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('max_predictions', [0, 6])
 def test_masked_input_cache_equals_the_default_online_run_and_refuses_another_masking(
     built_cache, max_predictions):

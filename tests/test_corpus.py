@@ -36,6 +36,7 @@ def reference_rows(files, tok, max_seq_length):
   return corpus.wrap_windows(flat, max_seq_length, CLS, SEP, PAD)
 
 
+@pytest.mark.slow
 def test_parallel_shards_equal_single_process_packing(tok, tmp_path, monkeypatch):
   rng = np.random.default_rng(1)
   files = []
@@ -156,6 +157,7 @@ def _hub_repo(root, docs_train, docs_valid, column='content'):
   return str(root)
 
 
+@pytest.mark.slow
 def test_hub_style_dataset_directory_streaming_and_not(tok, tmp_path):
   rng = np.random.default_rng(5)
   docs = [' '.join(rng.choice(WORDS[:20], size=rng.integers(1, 30))) for _ in range(60)]
@@ -222,6 +224,7 @@ def test_batches_from_disk_equal_in_memory_and_hosts_read_only_their_rows(tok, t
     np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
 
 
+@pytest.mark.slow
 def test_run_reads_a_hub_dataset_into_the_shared_cache(tmp_path, monkeypatch):
   syn = synthetic.write_corpus(str(tmp_path / 'syn'))
   docs = open(syn['train_files'][0]).read().split('\n\n')

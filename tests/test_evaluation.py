@@ -166,3 +166,65 @@ def test_make_eval_steps_scores_only_models_with_the_matching_head():
   three = dataclasses.replace(CLS, num_labels=3)
   s, t = evaluation.make_eval_steps(run(CLS, three))
   assert s is not None and t is None  # another label count: no teacher metrics
+
+
+ENC = dataclasses.replace(MLM, with_mlm_head=False)
+
+
+def _masked(batch, mask_id=4):
+  """The batch with its labelled positions replaced by [MASK], as the eval stream has them."""
+  out = dict(batch)
+  out['input_ids'] = np.where(batch['labels'] != -100, mask_id, batch['input_ids'])
+  return out
+
+
+def test_encoder_eval_compares_mean_pooled_embeddings_and_hidden_states_of_the_unmasked_text(mlm):
+  _, _, batches = mlm
+  t_params = bert.init_params(ENC, jax.random.PRNGKey(1))
+  s_params = bert.init_params(ENC, jax.random.PRNGKey(2))
+  model = bert.MaskedLM(ENC)
+  step = jax.jit(evaluation.make_encoder_eval_step(model, model))
+  masked = [_masked(b) for b in batches]
+  # The student equal to the teacher: cosine 1, MSE 0.
+  same = evaluation.evaluate_encoder(step, t_params, masked, t_params)
+  assert same['embedding_cosine'] == pytest.approx(1.0, abs=1e-6)
+  assert same['token_cosine'] == pytest.approx(1.0, abs=1e-6)
+  assert same['hidden_mse'] == pytest.approx(0.0, abs=1e-10) and same['num_sequences'] == 8
+  # Another student: numpy reference on the original (unmasked) tokens, padding excluded.
+  got = evaluation.evaluate_encoder(step, s_params, masked, t_params)
+  cos, token_cos, err, n = [], [], 0.0, 0
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  for b in batches:
+    h = lambda p: np.asarray(model.apply({'params': p}, b['input_ids'],
+                                         b['attention_mask']).hidden_states[-1], np.float64)
+    hs, ht, m = h(s_params), h(t_params), b['attention_mask'].astype(bool)
+    for r in range(len(m)):
+      es, et = hs[r][m[r]].mean(0), ht[r][m[r]].mean(0)
+      cos.append(es @ et / np.linalg.norm(es) / np.linalg.norm(et))
+    token_cos += list(np.sum(unit(hs[m]) * unit(ht[m]), -1))
+    err, n = err + ((hs - ht) ** 2)[m].sum(), n + m.sum() * ENC.hidden_size
+  assert got['embedding_cosine'] == pytest.approx(np.mean(cos), rel=1e-5)
+  assert got['token_cosine'] == pytest.approx(np.mean(token_cos), rel=1e-5)
+  assert got['hidden_mse'] == pytest.approx(err / n, rel=1e-5)
+  assert got['embedding_cosine'] < 0.99
+
+
+def test_encoder_eval_maps_a_narrower_student_through_its_projection(mlm):
+  from flaxdistil.objectives import intermediate  # pylint: disable=g-import-not-at-top
+  _, _, batches = mlm
+  narrow = dataclasses.replace(ENC, hidden_size=8, intermediate_size=16)
+  t_params = bert.init_params(ENC, jax.random.PRNGKey(1))
+  s_params = bert.init_params(narrow, jax.random.PRNGKey(2))
+  proj = intermediate.init_projection_params(jax.random.PRNGKey(3), 8, 16)['hidden']
+  step = jax.jit(evaluation.make_encoder_eval_step(bert.MaskedLM(narrow), bert.MaskedLM(ENC)))
+  got = evaluation.evaluate_encoder(step, s_params, batches, t_params, proj)
+  err, n = 0.0, 0
+  for b in batches:
+    hs = bert.MaskedLM(narrow).apply({'params': s_params}, b['input_ids'],
+                                     b['attention_mask']).hidden_states[-1]      # [B, T, 8]
+    hs = np.asarray(intermediate.HiddenProjection(16).apply({'params': proj}, hs))  # [B, T, 16]
+    ht = np.asarray(bert.MaskedLM(ENC).apply({'params': t_params}, b['input_ids'],
+                                             b['attention_mask']).hidden_states[-1])
+    m = b['attention_mask'].astype(bool)
+    err, n = err + ((hs - ht) ** 2)[m].sum(), n + m.sum() * 16
+  assert got['hidden_mse'] == pytest.approx(err / n, rel=1e-5)

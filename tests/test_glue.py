@@ -118,6 +118,7 @@ def _glue_cfg(role, tmp_path, tokenizer):
   return cfg
 
 
+@pytest.mark.slow
 def test_finetune_teacher_distil_export_and_pipeline_labels_equal_flax(tmp_path):
   from flaxdistil.export import hf_export
   tokenizer = _synthetic_task(tmp_path)

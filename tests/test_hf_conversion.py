@@ -86,6 +86,7 @@ def _read_safetensors(path):
     return {k: f.get_tensor(k) for k in f.keys()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['bert', 'distilbert'])
 @pytest.mark.parametrize('size', ['a', 'b'])
 def test_logits_hidden_attention_parity_with_transformers(ckpt, kind, size):
@@ -125,6 +126,7 @@ def _minilm_dir():
   return d if os.path.isfile(os.path.join(d, 'model.safetensors')) else None
 
 
+@pytest.mark.slow
 def test_real_minilm_hidden_states_match_bertmodel():
   path = _minilm_dir()
   if path is None:
@@ -154,6 +156,7 @@ def test_real_minilm_hidden_states_match_bertmodel():
   print(f'MiniLM: max |last hidden diff| = {diff:.2e}')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['distilbert', 'bert'])
 def test_import_export_import_is_bit_identical(ckpt, kind, tmp_path):
   src = ckpt(kind, 'a')
@@ -192,6 +195,7 @@ def _tiny_tokenizer(path, n_words):
   return str(path)
 
 
+@pytest.mark.slow
 def test_export_writes_tokenizer_and_model_card(ckpt, tmp_path):
   cfg, params = hc.load_hf_model(ckpt('distilbert', 'b'))
   tok_dir = _tiny_tokenizer(tmp_path / 'tok', 50)
@@ -459,6 +463,7 @@ def test_config_conversion():
     hc.config_to_hf(dataclasses.replace(cfg, layer_norm_eps=1e-5))
 
 
+@pytest.mark.slow
 def test_init_student_from_teacher_copies_selected_layers(ckpt):
   tcfg, tparams = hc.load_hf_model(ckpt('bert', 'a'))  # 3 layers
   import dataclasses  # pylint: disable=g-import-not-at-top
@@ -493,6 +498,7 @@ def test_init_student_from_teacher_copies_selected_layers(ckpt):
     student_init.init_student_from_teacher(tparams, tcfg, scfg, layers=[0, 3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['bert', 'distilbert'])
 def test_sequence_classification_parity_round_trip_and_config(kind, tmp_path):
   """*ForSequenceClassification: pooler/pre_classifier + classifier load, logits match torch
@@ -536,6 +542,7 @@ def test_sequence_classification_parity_round_trip_and_config(kind, tmp_path):
   assert saved['id2label'] == {'0': 'neg', '1': 'neutral', '2': 'pos'}
 
 
+@pytest.mark.slow
 def test_student_init_copies_the_teachers_classification_head(tmp_path):
   tcfg = bert.ModelConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4,
                             num_attention_heads=2, intermediate_size=32, num_labels=2,

@@ -47,6 +47,7 @@ def _assert_readable(root):
     assert mode == want, f'{rel}: {oct(mode)} != {oct(want)}'
 
 
+@pytest.mark.slow
 def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(trained, tmp_path):
   out = tmp_path / 'hf'
   r = subprocess.run([sys.executable, '-m', 'flaxdistil.export', '--workdir', str(trained),
@@ -89,6 +90,7 @@ def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(t
   assert torch_top5 == flax_top5
 
 
+@pytest.mark.slow
 def test_export_is_readable_whatever_the_umask(tmp_path):
   cfg = bert.ModelConfig(model_type='distilbert', vocab_size=40, hidden_size=16,
                            num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -103,6 +105,7 @@ def test_export_is_readable_whatever_the_umask(tmp_path):
   _assert_readable(tmp_path / 'hf')
 
 
+@pytest.mark.slow
 def test_onnx_failure_keeps_the_verified_hf_export_and_says_how_to_retry(trained, tmp_path,
                                                                          monkeypatch):
   from flaxdistil.export import onnx_export  # pylint: disable=g-import-not-at-top

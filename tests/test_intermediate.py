@@ -85,6 +85,7 @@ def test_resolve_layer_map_validates_explicit_lists():
 
 # ----------------------------------------------------------------------------- bert.py outputs
 
+@pytest.mark.slow
 def test_optional_model_outputs_default_off_and_consistent():
   p = _params(STUDENT, 0)
   b = _batch()
@@ -118,6 +119,7 @@ def test_optional_model_outputs_default_off_and_consistent():
 
 # ----------------------------------------------------------------------------- identity / difference
 
+@pytest.mark.slow
 def test_every_term_is_exactly_zero_for_identical_models_and_positive_otherwise():
   b = _batch()
   t_out = _run(TEACHER, _params(TEACHER, 0), b)
@@ -177,6 +179,7 @@ def test_values_match_numpy_reference_formulas():
 
 # ----------------------------------------------------------------------------- padding
 
+@pytest.mark.slow
 def test_padding_is_excluded():
   b, b_junk = _batch(pad_id=0), _batch(pad_id=17)
   sp, tp = _params(STUDENT, 1), _params(TEACHER, 0)
@@ -210,6 +213,7 @@ def test_padding_is_excluded():
 
 # ----------------------------------------------------------------------------- gradients / projection
 
+@pytest.mark.slow
 def test_gradients_reach_student_and_projection_never_teacher():
   b = _batch()
   sp, tp = _params(NARROW, 1), _params(TEACHER, 0)
@@ -271,6 +275,7 @@ def test_narrow_student_projection():
 
 # ----------------------------------------------------------------------------- heads
 
+@pytest.mark.slow
 def test_relation_heads_let_4_head_student_match_2_head_teacher():
   rng = np.random.default_rng(1)
   mask = _batch()['attention_mask']

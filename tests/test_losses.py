@@ -94,6 +94,7 @@ def _batch():
   return {'attention_mask': jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]]), 'labels': labels}
 
 
+@pytest.mark.slow
 def test_alpha_zero_removes_term_and_combine_weights():
   s_out, t_out = _Out(_rand((2, 4, 6), 12), _rand((2, 4, 5), 13)), _Out(_rand((2, 4, 6), 14),
                                                                        _rand((2, 4, 5), 15))
@@ -125,6 +126,7 @@ def test_restrict_ce_to_mask_counts_only_masked_tokens():
   assert float(terms['ce'][1]) == 3.0
 
 
+@pytest.mark.slow
 def test_pairs_are_additive_over_microbatches():
   s_logits, t_logits = _rand((4, 5, 7), 20), _rand((4, 5, 7), 21)
   mask = jnp.array(np.random.default_rng(0).integers(0, 2, (4, 5)))
@@ -144,6 +146,7 @@ def test_bf16_logits_are_upcast():
   np.testing.assert_allclose(float(s16), float(s32), rtol=0.05)
 
 
+@pytest.mark.slow
 def test_soft_cross_entropy_is_kl_plus_teacher_entropy_scaled_by_t2_and_masks_padding():
   rng = np.random.default_rng(3)
   s = jnp.asarray(rng.normal(size=(5, 3)) * 2, jnp.float32)
@@ -166,6 +169,7 @@ def test_soft_cross_entropy_is_kl_plus_teacher_entropy_scaled_by_t2_and_masks_pa
   np.testing.assert_allclose(g, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_task_terms_and_counts_use_examples_not_tokens():
   rng = np.random.default_rng(0)
   s_logits = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)

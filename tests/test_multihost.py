@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from flaxdistil.training import checkpointing
 
@@ -26,6 +27,7 @@ def _env(devices):
   return subprocess_env(devices, JAX_PLATFORMS='cpu')
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_model_as_one(tmp_path):
   port = _free_port()
   multi = [subprocess.Popen(
@@ -52,6 +54,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step(tmp_path):
   import json
   import signal

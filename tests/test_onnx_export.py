@@ -38,6 +38,7 @@ def _feeds(config, batch, seq_len, seed):
   return feeds
 
 
+@pytest.mark.slow
 def test_mlm_onnx_equals_torch_on_other_shapes(mlm_export):
   hf, report = mlm_export
   assert report['path'] == os.path.join(hf, 'onnx') and report['max_abs_diff'] <= 1e-4
@@ -76,6 +77,7 @@ def test_int8_is_smaller_and_close(mlm_export):
   assert np.mean(got.argmax(-1)[keep] == ref.argmax(-1)[keep]) >= 0.8
 
 
+@pytest.mark.slow
 def test_bert_classifier_with_token_types(tmp_path):
   torch.manual_seed(1)
   cfg = transformers.BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2,

@@ -64,6 +64,7 @@ def _same_params(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_is_bit_exact(tmp_path, uninterrupted):
   full_wd, full_params = uninterrupted
   p = _main(tmp_path)
@@ -83,6 +84,7 @@ def test_sigterm_checkpoints_and_resume_is_bit_exact(tmp_path, uninterrupted):
   _same_params(checkpointing.load_student(str(tmp_path))[1], full_params)
 
 
+@pytest.mark.slow
 def test_sigkill_loses_at_most_steps_since_checkpoint(tmp_path, uninterrupted):
   full_wd, full_params = uninterrupted
   p = _main(tmp_path)
@@ -193,6 +195,7 @@ def test_data_errors(tmp_path, hf_teacher):
     _build(tiny_config(**base, **{'data.train_files': (str(tmp_path / 'latin1.txt'),)}), tmp_path / 'w')
 
 
+@pytest.mark.slow
 def test_shape_and_batch_errors(tmp_path):
   with pytest.raises(setup.ConfigError, match='max_position_embeddings=64'):
     _build(tiny_config(**{'data.max_seq_length': 128}), tmp_path / 'w')

@@ -81,6 +81,7 @@ def test_missing_teacher_is_found_by_build_run(tmp_path):
     setup.build_run(tiny_config(**MISSING_TEACHER, **{'data.tokenizer': ''}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_run_is_typed_and_immutable(tmp_path):
   run = setup.build_run(tiny_config(**{'distill.alpha_hidden': 1.0, 'student.hidden_size': 16,
                                 'student.num_attention_heads': 2, 'student.intermediate_size': 32,

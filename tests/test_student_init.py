@@ -37,6 +37,7 @@ def teacher_params():
   return jax.device_get(bert.init_params(TEACHER, jax.random.PRNGKey(0)))
 
 
+@pytest.mark.slow
 def test_init_student_sources(teacher_params):
   from_teacher = student_init.init_student('teacher', STUDENT, 0, teacher=(TEACHER, teacher_params))
   same_layer = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))

@@ -61,6 +61,7 @@ def test_mismatched_cache_is_refused(built_cache):
     setup.build_run(c, str(root / 'work'))
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_teacher_targets(built_cache):
   """A run started online must not resume from a cache (and vice versa): another objective."""
   root, _, _ = built_cache

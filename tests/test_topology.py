@@ -52,7 +52,7 @@ def test_bad_names_say_what_is_accepted(name, match):
 
 
 def test_compile_only_devices_of_a_slice():
-  # libtpu (requirements-test.txt) gives compile-only devices on a machine without TPUs.
+  # libtpu (jax[tpu], in the package's test extra) gives compile-only devices on a machine without TPUs.
   devices = topology.target_devices(topology.parse_target('v4-8'))
   assert len(devices) == 4 and devices[0].device_kind == 'TPU v4'  # megacore: a device per chip
   devices = topology.target_devices(topology.parse_target('v5e-16'))

@@ -3,6 +3,7 @@ streaming, intermediate terms and head-less teachers (the step itself: test_trai
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ def _train_losses(workdir):
   return {r['step']: r['loss'] for r in recs if r['kind'] == 'train'}
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   full = _run(tmp_path / 'full')
   first = _run(tmp_path / 'split', steps_per_run=7)  # stops between checkpoints
@@ -51,6 +53,7 @@ def _train_records(workdir):
     return {r['step']: r for r in map(json.loads, f) if r['kind'] == 'train'}
 
 
+@pytest.mark.slow
 def test_logged_train_metrics_are_interval_means_and_a_finished_run_is_left_alone(tmp_path,
                                                                                    caplog):
   kw = {'num_train_steps': 6, 'eval_every_steps': 0, 'checkpoint_every_steps': 4}
@@ -90,14 +93,21 @@ def test_logged_train_metrics_are_interval_means_and_a_finished_run_is_left_alon
 
 
 def test_resume_with_incompatible_config_is_refused(tmp_path):
-  _run(tmp_path, num_train_steps=2)
+  first = _run(tmp_path, num_train_steps=2, eval_every_steps=0)
+  from flaxdistil.model import bert  # pylint: disable=g-import-not-at-top
+  _, params, _, _ = checkpointing.load_student(str(tmp_path))
+  assert first['models']['student'] == {'layers': 2, 'hidden_size': 32,
+                                        'params': bert.count_params(params)}
+  assert first['models']['teacher'] == {'layers': 4, 'hidden_size': 32, 'params': 47_603}
+  assert (tmp_path / 'curves.png').stat().st_size > 1000  # plots.py: every run draws its curves
   with pytest.raises(ValueError, match='global_batch_size'):
     _run(tmp_path, num_train_steps=4, **{'data.global_batch_size': 32})
   # Harmless changes are accepted.
-  summary = _run(tmp_path, num_train_steps=4, eval_every_steps=3, log_every_steps=1)
-  assert summary['step'] == 4
+  summary = _run(tmp_path, num_train_steps=3, eval_every_steps=0, log_every_steps=1)
+  assert summary['step'] == 3
 
 
+@pytest.mark.slow
 def test_main_cli_two_steps_then_resume_and_bad_input(tmp_path):
   env = subprocess_env(2)
   cmd = [sys.executable, '-m', 'flaxdistil.main', '--config', 'configs/tiny.py',
@@ -105,6 +115,16 @@ def test_main_cli_two_steps_then_resume_and_bad_input(tmp_path):
   r = subprocess.run(cmd + ['--config.num_train_steps=2'], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
+  # The console: clean lines (no absl `I1201 19:05:15.585633 140123 file.py:180]` prefix), the
+  # summary table last; the full log, prefixes and library chatter included, in log.txt.
+  absl_prefix = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.]+:\d+\]', re.M)
+  assert not absl_prefix.search(r.stderr), r.stderr[:2000]
+  assert 'step 2/2 loss=' in r.stderr and 'Summary of ' in r.stderr
+  assert r.stderr.rstrip().splitlines()[-1].startswith('curves: ')
+  log = (tmp_path / 'w' / 'log.txt').read_text()
+  assert len(absl_prefix.findall(log)) > len(absl_prefix.findall(r.stderr)) + 5
+  assert 'step 2/2 loss=' in log and '/orbax/' not in r.stderr
+  assert (tmp_path / 'w' / 'curves.png').exists()
   r = subprocess.run(cmd + ['--config.num_train_steps=3'], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -120,6 +140,7 @@ def test_main_cli_two_steps_then_resume_and_bad_input(tmp_path):
   assert 'max_position_embeddings=64' in r.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_or_stop_the_run(tmp_path):
   # An absurd learning rate blows the parameters up; the loss turns non-finite.
   skip = _run(tmp_path / 'skip', num_train_steps=6, log_every_steps=1, eval_every_steps=0,
@@ -132,6 +153,7 @@ def test_nonfinite_steps_are_skipped_or_stop_the_run(tmp_path):
          **{'optim.learning_rate': 1e30, 'optim.warmup_steps': 0, 'optim.on_nonfinite': 'stop'})
 
 
+@pytest.mark.slow
 def test_streaming_run_resumes_exactly(tmp_path):
   """data.streaming: a run split in two (resume skips consumed batches) equals one run."""
   full = _run(tmp_path / 'stream', num_train_steps=4, eval_every_steps=0, log_every_steps=1,
@@ -144,6 +166,7 @@ def test_streaming_run_resumes_exactly(tmp_path):
   assert _train_losses(tmp_path / 'stream') == _train_losses(tmp_path / 'stream2')
 
 
+@pytest.mark.slow
 def test_intermediate_terms_train_a_narrower_student_with_projections(tmp_path):
   """TinyBERT/MiniLM terms in the same loop: 4x32 teacher -> 2x16 student, projections trained,
   checkpointed, resumed exactly, and left out of the hf_export."""
@@ -168,6 +191,7 @@ def test_intermediate_terms_train_a_narrower_student_with_projections(tmp_path):
   assert report['max_abs_diff'] <= 1e-4
 
 
+@pytest.mark.slow
 def test_mlm_only_baseline_has_the_distilled_students_shape(tmp_path):
   """Regression: with no loss term using the teacher, the student's default shape must still
   come from teacher.path (the DistilBERT ablation compares equal architectures)."""
@@ -191,6 +215,7 @@ def test_mlm_only_baseline_has_the_distilled_students_shape(tmp_path):
   assert run.teacher_params is not None  # evaluated as the reference
 
 
+@pytest.mark.slow
 def test_headless_teacher_gives_headless_student_trained_on_intermediate_terms(tmp_path):
   """A BertModel teacher (no MLM head, like MiniLM) distils through hidden states/attentions
   only; its student has no head, and asking for MLM or logit terms is refused."""
@@ -206,12 +231,18 @@ def test_headless_teacher_gives_headless_student_trained_on_intermediate_terms(t
       intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / 'enc')
   kw = {'teacher.random_init': False, 'teacher.path': str(tmp_path / 'enc'),
         'data.synthetic': False, 'data.tokenizer': syn['tokenizer'],
-        'data.train_files': tuple(syn['train_files']), 'data.eval_files': (),
+        'data.train_files': tuple(syn['train_files']), 'data.eval_files': tuple(syn['eval_files']),
         'distill.alpha_ce': 0.0, 'distill.alpha_mlm': 0.0, 'distill.alpha_cos': 0.0,
         'distill.alpha_hidden': 1.0, 'distill.alpha_attn_kl': 1.0, 'distill.alpha_value_kl': 1.0,
-        'eval_every_steps': 0, 'log_every_steps': 1, 'num_train_steps': 3}
+        'eval_every_steps': 0, 'eval_at_start': True, 'log_every_steps': 1,
+        'num_train_steps': 3, 'optim.warmup_steps': 0}
   summary = _run(tmp_path / 'w', **kw)
   assert summary['done'] and summary['num_skipped'] == 0
+  # Scored as an encoder against the teacher (configs/demo.py's metrics), at step 0 and the end.
+  before, after = summary['student_initial'], summary['student']
+  assert before['num_sequences'] == after['num_sequences'] > 0
+  assert after['hidden_mse'] < before['hidden_mse']  # what the hidden-state terms minimise
+  assert -1.0 <= after['embedding_cosine'] <= 1.0
   with open(tmp_path / 'w' / 'metrics.jsonl') as f:
     rec = [r for r in map(json.loads, f) if r['kind'] == 'train'][-1]
   assert rec['loss_hidden'] > 0 and rec['loss_attn_kl'] > 0 and rec['loss_value_kl'] > 0

@@ -95,6 +95,7 @@ def single_device():
   return _one_step((1, 1, 1), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
 def test_sharded_step_equals_single_device(single_device, mesh_shape):
   assert jax.device_count() == 8, 'conftest sets 8 host devices'
@@ -111,6 +112,7 @@ def test_sharded_step_equals_single_device(single_device, mesh_shape):
   assert n_shards == expected
 
 
+@pytest.mark.slow
 def test_teacher_sharded_differently_from_student(single_device):
   # Student FSDP + tensor parallel, teacher fully replicated (no rules): same step.
   ref_params, ref_metrics, _ = single_device
@@ -119,6 +121,7 @@ def test_teacher_sharded_differently_from_student(single_device):
   assert_trees_close(params, ref_params)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(single_device):
   ref_params, ref_metrics, _ = single_device
   params, metrics, _ = _one_step((8, 1, 1), num_microbatches=2)
@@ -131,6 +134,7 @@ def test_gradient_accumulation_equals_one_big_batch(single_device):
 
 @pytest.mark.parametrize('mesh_shape,num_microbatches,chunk',
                          [((1, 1, 1), 1, 5), ((2, 2, 2), 2, 4), ((8, 1, 1), 1, 12)])
+@pytest.mark.slow
 def test_chunked_vocab_step_equals_dense_step(single_device, mesh_shape, num_microbatches, chunk):
   # vocab_chunk_size only changes how the logits are formed: same losses, same update, also
   # sharded (vocab over 'tensor') and with accumulation, and with a chunk not dividing seq_len.
@@ -143,6 +147,7 @@ def test_chunked_vocab_step_equals_dense_step(single_device, mesh_shape, num_mic
   assert_trees_close(params, ref_params)
 
 
+@pytest.mark.slow
 def test_chunked_vocab_step_on_masked_positions_equals_dense():
   one = jax.devices()[:1]
   ref_params, ref_metrics, _ = _one_step((1, 1, 1), devices=one, max_predictions_per_seq=6,
@@ -180,6 +185,7 @@ def test_step_changes_only_student_and_skips_nonfinite():
   assert int(new2['step']) == 2
 
 
+@pytest.mark.slow
 def test_logits_on_masked_positions_only_gives_the_same_step():
   """max_predictions_per_seq only skips work: same loss and update as full logits."""
   tcfg, scfg, tparams, sparams, batch = _setup()
@@ -241,6 +247,7 @@ def _task_step(mesh_shape, num_microbatches=1, devices=None):
   return jax.device_get(new_state['params']), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_task_step_sharded_and_accumulated_equal_single_device():
   ref_params, ref_m = _task_step((1, 1, 1), devices=jax.devices()[:1])
   assert ref_m['loss_ce'] > 0 and ref_m['loss_task'] > 0 and ref_m['loss_cos'] > 0

@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from flaxdistil.data import documents
+from flaxdistil.data import progress
 from flaxdistil.data.documents import Unit
 from flaxdistil.storage import atomic
 
@@ -290,28 +291,34 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
       log.info('Resuming token cache %s: %d/%d shards already built', out_dir, len(done), len(units))
     sep_id, vocab_size = tokenizer.sep_token_id, len(tokenizer)
     num_proc = num_proc or len(os.sched_getaffinity(0))
-    if max_documents is not None or num_proc == 1 or len(todo) <= 1:
-      tok_backend, left = backend(tokenizer), max_documents
-      for i in range(len(units)):
-        if left is not None and left <= 0:
-          break
-        if i in todo:
-          done[i] = _build_shard(out_dir, i, units[i], sep_id, vocab_size, left, tok_backend)
-        left = None if left is None else left - done[i]['num_documents']
-    else:
-      ctx = multiprocessing.get_context('spawn')  # no fork: the parent may hold jax/XLA threads
-      with concurrent.futures.ProcessPoolExecutor(
-          min(num_proc, len(todo)), mp_context=ctx, initializer=_init_worker,
-          initargs=(tokenizer.backend_tokenizer.to_str(),)) as pool:
-        with _spawn_without_main():  # workers start at the first submit
-          futures = {pool.submit(_build_shard, out_dir, i, units[i], sep_id, vocab_size): i
-                     for i in todo}
-        try:
-          for fut in concurrent.futures.as_completed(futures):
-            done[futures[fut]] = fut.result()
-        except BaseException:
-          pool.shutdown(cancel_futures=True)  # report a bad file now, not after the whole corpus
-          raise
+    bar = progress.progress_bar(len(units), 'tokenise', 'unit', initial=len(done))
+    try:
+      if max_documents is not None or num_proc == 1 or len(todo) <= 1:
+        tok_backend, left = backend(tokenizer), max_documents
+        for i in range(len(units)):
+          if left is not None and left <= 0:
+            break
+          if i in todo:
+            done[i] = _build_shard(out_dir, i, units[i], sep_id, vocab_size, left, tok_backend)
+            bar.update(1)
+          left = None if left is None else left - done[i]['num_documents']
+      else:
+        ctx = multiprocessing.get_context('spawn')  # no fork: the parent may hold jax/XLA threads
+        with concurrent.futures.ProcessPoolExecutor(
+            min(num_proc, len(todo)), mp_context=ctx, initializer=_init_worker,
+            initargs=(tokenizer.backend_tokenizer.to_str(),)) as pool:
+          with _spawn_without_main():  # workers start at the first submit
+            futures = {pool.submit(_build_shard, out_dir, i, units[i], sep_id, vocab_size): i
+                       for i in todo}
+          try:
+            for fut in concurrent.futures.as_completed(futures):
+              done[futures[fut]] = fut.result()
+              bar.update(1)
+          except BaseException:
+            pool.shutdown(cancel_futures=True)  # report a bad file now, not after the whole corpus
+            raise
+    finally:
+      bar.close()
     shards = [done[i] for i in sorted(done)]
     total = sum(s['num_tokens'] for s in shards)
     if total == 0:

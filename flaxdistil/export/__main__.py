@@ -2,8 +2,8 @@ r"""Orbax checkpoint -> verified Hugging Face (and ONNX) directory: the export c
 
   python -m flaxdistil.export --workdir DIR [--step N] --out OUT_DIR [--dtype float32] [--onnx]
 
-Prints the JSON report of `hf_export.export` (`path`, `max_abs_diff`, `step`, and with `--onnx`
-the ONNX report). Exit code 2 with a one-paragraph `error: ...` when nothing could be exported.
+Logs one line saying what was exported and verified, then prints the JSON report of
+`hf_export.export` on stdout (`path`, `max_abs_diff`, `step`, and with `--onnx` the ONNX report). Exit code 2 with a one-paragraph `error: ...` when nothing could be exported.
 """
 
 import json
@@ -11,6 +11,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from flaxdistil import console
 from flaxdistil.export import hf_export
@@ -44,7 +45,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required.')
-  console.quiet_libraries()
+  console.setup()
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the checks
   try:
@@ -53,6 +54,11 @@ def main(argv):
   except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  onnx = report.get('onnx')
+  logging.info('Exported step %d to %s: transformers reproduces the Flax student (max |diff| '
+               '%.2g)%s.', report['step'], report['path'], report['max_abs_diff'],
+               f'; ONNX fp32 / int8 in {onnx["path"]} (max |diff| {onnx["max_abs_diff"]:.2g})'
+               if onnx else '')
   print(json.dumps(report, default=str))
 
 

@@ -284,7 +284,7 @@ def target_devices(target: Target) -> list:
                                      or isinstance(e, ImportError)):
       raise RuntimeError(
           f'Compiling for {target.name} needs the libtpu wheel: pip install "jax[tpu]=='
-          f'{jax.__version__}" (requirements-test.txt pins it); {type(e).__name__}: {e}') from e
+          f'{jax.__version__}" (in the test extra of flaxdistil); {type(e).__name__}: {e}') from e
     raise
 
 

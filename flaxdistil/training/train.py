@@ -9,8 +9,9 @@ never-differentiated argument and are never checkpointed. With all teacher
 alphas at 0 the same loop trains plain MLM (no teacher forward), which is the
 from-scratch baseline and a way to pretrain a teacher.
 
-Evaluation is in `evaluation.py`, what gets written in `metric_writers.py` and printed in
-`train_log.py`, checkpoints in `checkpointing.py`.
+Evaluation is in `evaluation.py`, what gets written in `metric_writers.py`, printed in
+`train_log.py` (console lines, progress bar) and drawn in `plots.py` (`curves.png`), checkpoints in
+`checkpointing.py`.
 """
 
 import dataclasses
@@ -23,10 +24,12 @@ from absl import logging
 import jax
 import numpy as np
 
+from flaxdistil.model import bert
 from flaxdistil.training import checkpointing
 from flaxdistil.training import evaluation
 from flaxdistil.training import metric_writers
 from flaxdistil.training import optimizer
+from flaxdistil.training import plots
 from flaxdistil.training import setup
 from flaxdistil.training import sharding
 from flaxdistil.training import train_log
@@ -82,14 +85,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Args:
     config: ConfigDict from `configs/*.py`.
     workdir: output directory: `checkpoints/`, `metrics.jsonl`,
-      `tensorboard/`, `summary.json`, `config.json`. An existing run there is
+      `tensorboard/`, `summary.json`, `config.json`, `curves.png`. An existing run there is
       resumed; a finished one (checkpoint at `num_train_steps`) is left as it
       is and its summary returned.
 
   Returns:
-    The summary dict (`step`, `done`, last eval metrics of `student` and
-    `teacher`, `train_tokens_per_sec` excluding the first, compiling,
-    interval, `train_seconds`, `num_skipped`); also written to
+    The summary dict (`step`, `num_train_steps`, `done`, last eval metrics of `student` and
+    `teacher`, `student_initial` (the step-0 eval with `eval_at_start`), `models` (`layers`,
+    `hidden_size`, `params` of `teacher` and `student`), `train_tokens_per_sec` excluding the
+    first, compiling, interval, `train_seconds`, `num_skipped`); also written to
     `<workdir>/summary.json`. A SIGTERM stop returns `{'step', 'preempted'}`.
 
   Raises:
@@ -144,6 +148,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   run_eval = evaluation.Evaluator(run, t_params, shard_batch, writer)
 
   start_step = int(state['step'])
+  initial_eval = {}
+  if config.get('eval_at_start', False):
+    if start_step == 0:
+      initial_eval = run_eval(0, state['params'], state.get('proj'))
+    else:  # resumed: the step-0 record of the first part, for the summary
+      initial_eval = next(({k: v for k, v in r.items() if k not in ('step', 'kind')}
+                           for r in plots.read_metrics(workdir)
+                           if r.get('kind') == 'eval' and r.get('step') == 0), {})
   stop_step = (min(num_steps, start_step + config.steps_per_run) if config.steps_per_run
                else num_steps)
   logging.info('%s', objective.describe())
@@ -151,7 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                start_step + 1, stop_step, num_steps, config.log_every_steps)
   interval = metric_writers.IntervalMeans()
   interval.load(saved.get('log_interval', {}), state_shard['step'])  # resumed mid-interval
-  log = train_log.TrainLog(writer, interval, num_steps)
+  log = train_log.TrainLog(writer, interval, num_steps, start_step=start_step)
   batches = run.train_batches(start_step)
   preempt = _Preemption()
   last_eval = {}
@@ -185,7 +197,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   f'checkpoint in {manager.directory} (optim.on_nonfinite="stop").')
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
           t_eval_start = time.time()
-          last_eval = run_eval(step, state['params'])
+          last_eval = run_eval(step, state['params'], state.get('proj'))
           log.exclude(time.time() - t_eval_start)  # keep eval out of tokens/s
         if (step < num_steps and ckpt_now) or stop_now:
           checkpointing.save(manager, step, state, meta(step, last_eval, interval.state()))
@@ -193,24 +205,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
           manager.wait_until_finished()
           logging.warning('SIGTERM received: checkpoint for step %d written to %s. Resume with the '
                           'same command (same --workdir).', step, manager.directory)
+          log.close()
+          plots.write_curves(workdir)
           logging.info('%s', train_log.output_locations(workdir, manager.directory))
           return {'step': step, 'preempted': True}
+    log.close()
     if step == num_steps:
-      last_eval = run_eval(step, state['params'])
+      last_eval = run_eval(step, state['params'], state.get('proj'))
       checkpointing.save(manager, step, state, meta(step, last_eval, {}))
   finally:
+    log.close()
     batches.close()
     manager.wait_until_finished()
     preempt.restore()
     writer.close()
 
-  summary = {'step': step, 'done': step == num_steps, 'student': last_eval,
-             'teacher': run_eval.teacher_metrics,
+  describe = lambda cfg, params: {'layers': cfg.num_hidden_layers, 'hidden_size': cfg.hidden_size,
+                                  'params': bert.count_params(params)}
+  models = {'student': describe(run.student_config, state['params'])}
+  if t_params is not None:
+    models['teacher'] = describe(run.teacher_config, t_params)
+  summary = {'step': step, 'num_train_steps': num_steps, 'done': step == num_steps,
+             'student': last_eval, 'teacher': run_eval.teacher_metrics,
+             **({'student_initial': initial_eval} if initial_eval else {}), 'models': models,
              'train_tokens_per_sec': log.tokens_per_sec,
              'train_seconds': time.time() - t_start, 'num_skipped': int(state['num_skipped'])}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=1)
+    plots.write_curves(workdir)
   logging.info('%s at step %d/%d. %s', 'Done' if summary['done'] else 'Stopped (steps_per_run)',
                step, num_steps, train_log.output_locations(workdir, manager.directory))
   return summary

@@ -1,8 +1,10 @@
-"""What a run prints: one line per log interval with throughput and ETA, and where its outputs are.
+"""What a run prints: one line per log interval with throughput and ETA, a progress bar, and
+where its outputs are.
 
 `TrainLog` is the train loop's log step: it pops the interval means
 (`metric_writers.IntervalMeans`), adds throughput (tokens/s, steps/s), writes the record
-(`metric_writers.MetricWriter`) and prints the console line.
+(`metric_writers.MetricWriter`), logs the console line and moves the progress bar
+(`data/progress.py`: drawn only in a terminal, so CI logs and `log.txt` get the lines alone).
 """
 
 import os
@@ -11,6 +13,7 @@ from typing import Callable
 
 from absl import logging
 
+from flaxdistil.data import progress
 from flaxdistil.training import metric_writers
 
 
@@ -24,13 +27,15 @@ class TrainLog:
     writer: where the train records go (`metric_writers.MetricWriter`).
     interval: the interval's accumulator (`metric_writers.IntervalMeans`; possibly `load`ed).
     num_steps: `num_train_steps`, for the `step i/N` and the ETA.
+    start_step: the step the run starts (or resumes) from, where the progress bar starts.
     clock: seconds (monotonic); tests pass a fake one.
   """
 
   def __init__(self, writer: metric_writers.MetricWriter,
-               interval: metric_writers.IntervalMeans, num_steps: int,
+               interval: metric_writers.IntervalMeans, num_steps: int, start_step: int = 0,
                clock: Callable[[], float] = time.monotonic):
     self.writer, self.interval, self.num_steps = writer, interval, num_steps
+    self.bar = progress.progress_bar(num_steps, 'train', 'step', initial=start_step)
     self.clock = clock  # seconds; monotonic, so a clock change cannot give negative intervals
     self.t_log, self.tokens, self.steps = clock(), 0.0, 0
     self.measured_tokens, self.measured_seconds, self.first = 0.0, 0.0, True
@@ -44,6 +49,11 @@ class TrainLog:
     """
     self.interval.add(metrics)
     self.tokens, self.steps = self.tokens + tokens, self.steps + 1
+    self.bar.update(1)
+
+  def close(self) -> None:
+    """Removes the progress bar (idempotent); the logged lines stay."""
+    self.bar.close()
 
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (e.g. an eval) out of the current interval's time."""
@@ -77,6 +87,7 @@ class TrainLog:
     logging.info('step %d/%d %s%s | ETA %s', step, self.num_steps, fmt(console),
                  ' (first interval: includes compilation, tokens/s is not steady-state)'
                  if self.first else '', time.strftime('%H:%M:%S', time.gmtime(eta)))
+    self.bar.set_postfix_str(f'loss={scalars["loss"]:.4g}', refresh=False)
     self.first = False
     self.t_log, self.tokens, self.steps = self.clock(), 0.0, 0
     return scalars
