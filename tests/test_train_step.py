@@ -250,3 +250,20 @@ def test_task_step_sharded_and_accumulated_equal_single_device():
     for k in ('loss', 'loss_ce', 'loss_task', 'loss_cos'):
       np.testing.assert_allclose(m[k], ref_m[k], rtol=2e-5, err_msg=f'{mesh_shape} {nmb} {k}')
     assert_trees_close(params, ref_params)  # rtol=2e-5, atol=2e-6
+
+
+def test_gates_in_the_trainable_tree_reach_the_student():
+  """`trainable['gates']` (pruning importance) gates the student: ones change nothing, a zero
+  head gate changes the loss."""
+  tcfg, scfg, tparams, sparams, batch = _setup()
+  obj = Objective(losses.DistillWeights())
+  loss_fn = train_step.make_loss_fn(bert.MaskedLM(scfg), bert.MaskedLM(tcfg), obj)
+  mb = obj.prepare_batch(batch)
+  counts = obj.counts(mb)
+  run = lambda trainable: float(loss_fn(trainable, tparams, mb, counts, jax.random.PRNGKey(0))[0])
+  gates = bert.gate_ones(scfg)
+  plain = run({'student': sparams})
+  assert run({'student': sparams, 'gates': gates}) == plain
+  gates['encoder']['layer_0']['attention']['head'] = gates['encoder']['layer_0']['attention'][
+      'head'].at[0].set(0.0)
+  assert abs(run({'student': sparams, 'gates': gates}) - plain) > 1e-6
