@@ -15,6 +15,7 @@ with `error: ...` on bad input.
 """
 
 import json
+import os
 import sys
 
 from absl import app
@@ -61,6 +62,8 @@ def main(argv):
   from flaxdistil.data import tokenization  # pylint: disable=g-import-not-at-top
   from flaxdistil.model import hf_conversion  # pylint: disable=g-import-not-at-top
   try:
+    if os.path.exists(FLAGS.out):  # before the teacher is loaded
+      raise FileExistsError(f'--out {FLAGS.out} already exists; remove it or choose another path.')
     task = glue.get_task(FLAGS.task)
     tok = tokenization.load_tokenizer(FLAGS.tokenizer or FLAGS.teacher)
     config, params = hf_conversion.load_hf_model(FLAGS.teacher, with_mlm_head=True,

@@ -40,5 +40,6 @@ def test_cli_writes_an_augmented_glue_file(tmp_path, tok):
   assert a[0] == 'the big dog sat' and labels.tolist() == [1] * second + [0] * (len(a) - second)
   r = _cli('--task=cola', f'--train={train}', f'--teacher={teacher}', f'--out={tmp_path / "x"}')
   assert r.returncode == 2 and 'error: Unknown GLUE task' in r.stderr, r.stderr
-  r = _cli('--task=sst2', f'--train={train}', f'--teacher={teacher}', f'--out={out}')
+  r = _cli('--task=sst2', f'--train={train}', f'--teacher={teacher}', f'--out={out}',
+           '--max_seq_length=32')
   assert r.returncode == 2 and 'already exists' in r.stderr, r.stderr
