@@ -14,6 +14,13 @@ to check DistilBERT's "40% smaller, 60% faster" side by side. Every model is
 also compared with the --reference model (default: the first one): params
 ratio and speedup per backend.
 
+`--prune_fractions 0.25,0.5,0.75` adds, for every random shape, structurally pruned copies
+(`flaxdistil.model.pruning`): that fraction of the heads of every layer (the first ones: with
+random weights which heads does not matter for speed) and of the FFN neurons, exported and
+verified as `python -m flaxdistil.prune` exports (zero heads, removed again on load by
+`torch_models.load_torch_model`, so torch and ONNX run the smaller layers). A pruned student of
+`python -m flaxdistil.prune` is benchmarked with --models OUT/recovered_hf.
+
   # full run, idle machine (~5-10 min on 2 cores; ONNX exports are cached in --work_dir):
   python benchmarks/inference.py --random_shapes bert-base,distilbert-6 \
       --models ../shared/models/bert-mini-wiki-teacher exported/wiki_b exported/mrpc_teacher \
@@ -21,6 +28,8 @@ ratio and speedup per backend.
   # smoke run:
   python benchmarks/inference.py --models ../shared/models/bert-mini-wiki-teacher \
       --latency_runs 3 --throughput_batches 1 --warmup 1
+  # head + FFN pruning of bert-base at 0/25/50/75%:
+  python benchmarks/inference.py --random_shapes bert-base --prune_fractions 0.25,0.5,0.75
 
 A model directory's ONNX files are read from `<dir>/onnx/` when present
 (`python -m flaxdistil.export.onnx_export --hf DIR`), else exported into --work_dir.
@@ -80,6 +89,31 @@ def make_random_model(name: str, root: str) -> str:
                                            num_labels=2, **kw)
   torch.manual_seed(0)
   transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+  return path
+
+
+def make_pruned_random_model(name: str, fraction: float, root: str) -> str:
+  """`make_random_model(name)` with `fraction` of every layer's heads and FFN neurons removed.
+
+  The first `round(fraction * heads)` heads of each layer and the FFN neurons past
+  `round((1 - fraction) * intermediate_size)` go (`pruning.prune`); the result is written with
+  `hf_export.export_hf` (verified against Flax) to `<root>/random-<name>-pruned<percent>`.
+
+  Returns:
+    The directory (reused when it exists).
+  """
+  from flaxdistil.export import hf_export  # pylint: disable=g-import-not-at-top
+  from flaxdistil.model import hf_conversion  # pylint: disable=g-import-not-at-top
+  from flaxdistil.model import pruning  # pylint: disable=g-import-not-at-top
+  path = os.path.join(root, f'random-{name}-pruned{round(fraction * 100)}')
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    return path
+  cfg, params = hf_conversion.load_hf_model(make_random_model(name, root))
+  layers = cfg.num_hidden_layers
+  heads = [tuple(range(round(fraction * cfg.num_attention_heads)))] * layers
+  keep = [np.arange(max(1, round((1 - fraction) * cfg.intermediate_size)))] * layers
+  pcfg, pparams = pruning.prune(params, cfg, heads, keep)
+  hf_export.export_hf(pparams, pcfg, path)
   return path
 
 
@@ -174,6 +208,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--models', nargs='*', default=[], help='HF model directories')
   ap.add_argument('--random_shapes', default='', help='comma list of ' + ','.join(RANDOM_SHAPES))
+  ap.add_argument('--prune_fractions', default='', help='comma list of fractions in (0, 1): '
+                  'pruned copies (heads + FFN) of every --random_shapes model')
   ap.add_argument('--reference', default='', help='model name for ratios; default: the first')
   ap.add_argument('--seq_len', type=int, default=128)
   ap.add_argument('--batch_size', type=int, default=32, help='throughput batch')
@@ -190,8 +226,12 @@ def main(argv=None):
   import transformers  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   os.makedirs(args.work_dir, exist_ok=True)
-  models = [(n, make_random_model(n, args.work_dir))
-            for n in filter(None, args.random_shapes.split(','))]
+  fractions = [float(f) for f in filter(None, args.prune_fractions.split(','))]
+  models = []
+  for n in filter(None, args.random_shapes.split(',')):
+    models.append((n, make_random_model(n, args.work_dir)))
+    models += [(f'{n}-pruned{round(f * 100)}', make_pruned_random_model(n, f, args.work_dir))
+               for f in fractions]
   models += [(os.path.basename(os.path.abspath(d)), d) for d in args.models]
   if not models:
     ap.error('give --models DIR [DIR ...] and/or --random_shapes.')

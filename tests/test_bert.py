@@ -408,3 +408,74 @@ def test_scan_layers_dropout_and_the_unrolled_fallback(bert_params):
   layer = jax.tree.map(lambda x: x, params['layer_1'])
   layer['intermediate'] = {'kernel': jnp.zeros((32, 40)), 'bias': jnp.zeros((40,))}
   assert enc.bind({'params': dict(params, layer_1=layer)})._stacked_layer_params() is None
+
+
+# ----------------------------------------------------------------------------- pruned heads, gates
+
+def test_pruned_heads_are_normalised_and_shape_each_layer():
+  cfg = _cfg(pruned_heads=[[3, 1], []])
+  assert cfg.pruned_heads == ((1, 3), ())
+  assert [cfg.layer_num_heads(i) for i in range(2)] == [2, 4] and cfg.head_dim == 8
+  # HF's {layer: heads} dict with JSON string keys, and a fingerprint's lists, mean the same
+  assert _cfg(pruned_heads={'0': [1, 3]}).pruned_heads == cfg.pruned_heads
+  assert _cfg(pruned_heads=[[], []]).pruned_heads == ()  # nothing pruned: the plain config
+  p = bert.init_params(cfg, jax.random.PRNGKey(0))
+  att0, att1 = p['encoder']['layer_0']['attention'], p['encoder']['layer_1']['attention']
+  assert att0['query']['kernel'].shape == (32, 16) and att0['output']['kernel'].shape == (16, 32)
+  assert att1['value']['kernel'].shape == (32, 32)
+  out = MaskedLM(cfg).apply({'params': p}, *_inputs(), output_attentions=True, output_values=True)
+  assert [a.shape[1] for a in out.attentions] == [2, 4] and out.values[0].shape[-1] == 8
+
+
+@pytest.mark.parametrize('pruned, match', [
+    ([[0]], 'one \\(possibly empty\\) tuple'),
+    ([[4], []], r'distinct heads in \[0, 4\)'),
+    ([[1, 1], []], 'distinct'),
+    ([[0, 1, 2, 3], []], 'keep at least one'),
+    ({5: [0]}, 'names layers'),
+])
+def test_pruned_heads_validation(pruned, match):
+  with pytest.raises(ValueError, match=match):
+    _cfg(pruned_heads=pruned)
+
+
+def test_gates_at_one_are_the_identity_and_zero_gates_remove_units(bert_params):
+  cfg, (ids, mask) = _cfg(), _inputs()
+  m = MaskedLM(cfg)
+  plain = m.apply({'params': bert_params}, ids, mask).logits
+  gates = bert.gate_ones(cfg)
+  assert gates['encoder']['layer_1']['attention']['head'].shape == (4,)
+  assert gates['encoder']['layer_0']['ffn'].shape == (64,)
+  np.testing.assert_array_equal(m.apply({'params': bert_params, 'gates': gates}, ids, mask).logits,
+                                plain)
+  # gate 0 on head 2 of layer 0 == zero rows of its output kernel (the head contributes nothing)
+  g = jax.tree.map(lambda x: x, gates)
+  g['encoder']['layer_0']['attention']['head'] = jnp.array([1.0, 1.0, 0.0, 1.0])
+  g['encoder']['layer_1']['ffn'] = jnp.ones(64).at[5].set(0.0)
+  p = jax.tree.map(np.array, bert_params)
+  p['encoder']['layer_0']['attention']['output']['kernel'][16:24] = 0.0
+  p['encoder']['layer_1']['output']['kernel'][5] = 0.0
+  gated = m.apply({'params': bert_params, 'gates': g}, ids, mask).logits
+  np.testing.assert_allclose(gated, m.apply({'params': p}, ids, mask).logits, atol=1e-5)
+  assert np.abs(np.asarray(gated - plain)).max() > 1e-3
+
+
+def test_gate_gradients_match_finite_differences_also_with_remat(bert_params):
+  ids, mask = _inputs()
+
+  def loss(g, cfg):
+    out = MaskedLM(cfg).apply({'params': bert_params, 'gates': g}, ids, mask)
+    return jnp.sum(out.logits.astype(jnp.float32) ** 2) * 1e-3
+
+  gates = bert.gate_ones(_cfg())
+  grads = jax.grad(loss)(gates, _cfg())
+  remat = jax.grad(loss)(gates, _cfg(remat=True))
+  for x, y in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(remat)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  eps, head = 1e-2, grads['encoder']['layer_1']['attention']['head']
+  for h in range(4):
+    up, down = (jax.tree.map(lambda x: x, gates) for _ in range(2))
+    up['encoder']['layer_1']['attention']['head'] = jnp.ones(4).at[h].set(1 + eps)
+    down['encoder']['layer_1']['attention']['head'] = jnp.ones(4).at[h].set(1 - eps)
+    fd = (loss(up, _cfg()) - loss(down, _cfg())) / (2 * eps)
+    np.testing.assert_allclose(float(head[h]), float(fd), rtol=2e-2, atol=1e-4)

@@ -51,6 +51,21 @@ def test_read_tsv_errors_name_the_problem(tmp_path, text, match):
     glue.get_task('cola')
 
 
+def test_write_tsv_round_trips_through_read_tsv_and_refuses_tabs(tmp_path):
+  header = ['Quality', '#1 ID', '#2 ID', '#1 String', '#2 String']
+  rows = [['1', '7', '8', 'He said "yes".', 'He agreed .'], ['0', '9', '10', "it 's", 'no']]
+  path = str(tmp_path / 'aug.tsv')
+  assert glue.write_tsv(path, header, rows) == 2
+  assert glue.read_table(path) == (header, rows)
+  a, b, labels = glue.read_tsv(path, glue.TASKS['mrpc'])
+  assert a == ['He said "yes".', "it 's"] and b == ['He agreed .', 'no'] and labels.tolist() == [1, 0]
+  with pytest.raises(ValueError, match='tab or line break'):
+    glue.write_tsv(path, header, [['1', '7', '8', 'a\tb', 'c']])
+  with pytest.raises(ValueError, match='has 2 fields, the header 5'):
+    glue.write_tsv(path, header, [['1', '2']])
+  assert glue.read_table(path) == (header, rows)  # a failed write leaves the old file
+
+
 def test_classification_batches_cover_epochs_resume_and_split_over_hosts():
   n, b = 10, 4
   arrays = {'input_ids': np.arange(n)[:, None].repeat(3, 1).astype(np.int32),

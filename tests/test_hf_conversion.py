@@ -17,6 +17,7 @@ import transformers
 from flaxdistil.export import hf_export
 from flaxdistil.model import bert
 from flaxdistil.model import hf_conversion as hc
+from flaxdistil.model import pruning
 from flaxdistil.model import student_init
 
 SIZES = {
@@ -576,3 +577,66 @@ def test_read_hf_config_of_a_classifier_counts_its_labels(tmp_path):
   transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / 'cls')
   want, _ = hc.load_hf_model(str(tmp_path / 'cls'), with_mlm_head=False)
   assert hc.read_hf_config(str(tmp_path / 'cls')) == want and want.num_labels == 3
+
+
+# ----------------------------------------------------------------------------- pruned models
+
+@pytest.mark.parametrize('kind', ['bert', 'distilbert'])
+def test_pruned_export_loads_in_plain_transformers_with_parity(ckpt, kind, tmp_path):
+  """Heads removed per layer + a narrower FFN: the export loads with from_pretrained unchanged
+  (zero heads, no missing / unexpected keys) and matches the pruned Flax model."""
+  cfg, params = hc.load_hf_model(ckpt(kind, 'a'))
+  heads = ((0, 2), (), (1, 2, 3))  # 3 layers x 4 heads; layer 2 keeps one head
+  keep = [np.arange(0, 128, 2), np.arange(64), np.arange(64, 128)]
+  pcfg, pparams = pruning.prune(params, cfg, heads, keep)
+  out_dir = str(tmp_path / 'pruned')
+  report = hf_export.export_hf(pparams, pcfg, out_dir)
+  assert report['max_abs_diff'] <= 1e-4
+  saved = json.load(open(os.path.join(out_dir, 'config.json')))
+  assert saved['pruned_heads'] == {'0': [0, 2], '2': [1, 2, 3]}
+  assert saved['intermediate_size' if kind == 'bert' else 'hidden_dim'] == 64
+  model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+      out_dir, output_loading_info=True, attn_implementation='eager')
+  assert not any(info.values()), info
+  ids, mask, tt = _batch(cfg)
+  kw = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  if kind == 'bert':
+    kw['token_type_ids'] = torch.from_numpy(tt)
+  with torch.no_grad():
+    ref = model.eval()(**kw, output_hidden_states=True, output_attentions=True)
+  out = bert.MaskedLM(pcfg).apply(
+      {'params': pparams}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+      jnp.asarray(tt, jnp.int32) if kind == 'bert' else None, output_attentions=True)
+  real = mask.astype(bool)
+  assert np.abs(np.asarray(out.logits) - ref.logits.numpy())[real].max() <= 1e-4
+  for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+    assert np.abs(np.asarray(ours) - theirs.numpy())[real].max() <= 1e-4
+  for i, (ours, theirs) in enumerate(zip(out.attentions, ref.attentions)):  # kept heads only
+    kept = [h for h in range(4) if h not in heads[i]]
+    d = np.abs(np.asarray(ours) - theirs.numpy()[:, kept]).transpose(0, 2, 1, 3)[real]
+    assert d.max() <= 1e-5
+  # and back: the loader drops the zero heads again, bit for bit
+  back_cfg, back = hc.load_hf_model(out_dir)
+  assert back_cfg.pruned_heads == heads and back_cfg.intermediate_size == 64
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(back),
+                          jax.tree_util.tree_leaves(pparams)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_pruned_heads_with_nonzero_weights_are_refused(ckpt, tmp_path):
+  path = tmp_path / 'claims_pruned'
+  model = transformers.AutoModelForMaskedLM.from_pretrained(ckpt('bert', 'a'))
+  model.config.pruned_heads = {1: [3]}  # the weights of head 3 are not zero
+  model.save_pretrained(path)
+  with pytest.raises(ValueError, match=r'pruned_heads .* layers \[1\] are not zero'):
+    hc.load_hf_model(str(path))
+
+
+def test_pruned_config_round_trip():
+  cfg = bert.ModelConfig(model_type='distilbert', hidden_size=64, num_attention_heads=4,
+                         num_hidden_layers=2, pruned_heads=((), (0, 3)))
+  hf = hc.config_to_hf(cfg)
+  assert hf.pruned_heads == {1: [0, 3]} and hf.n_heads == 4
+  assert hc.config_from_hf(hf.to_dict()).pruned_heads == cfg.pruned_heads
+  assert hc.config_from_hf(json.loads(hf.to_json_string())).pruned_heads == cfg.pruned_heads
+  assert getattr(hc.config_to_hf(bert.ModelConfig()), 'pruned_heads', None) in (None, {})

@@ -57,3 +57,18 @@ def test_mlm_metrics_only_masked_positions():
   assert r['num_tokens'] == 2 and r['accuracy'] == 0.5 and r['agreement'] == 0.5
   nll_right, nll_wrong = np.log(2 + np.exp(5)) - 5, np.log(2 + np.exp(5))
   assert r['loss'] == pytest.approx((nll_right + nll_wrong) / 2, rel=1e-5)
+
+
+def test_pruned_random_shapes_are_smaller_in_torch(tmp_path, monkeypatch):
+  from flaxdistil.export import torch_models  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(inference.RANDOM_SHAPES, 'tiny', ('BertConfig', dict(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)))
+  full, _ = torch_models.load_torch_model(inference.make_random_model('tiny', str(tmp_path)))
+  path = inference.make_pruned_random_model('tiny', 0.5, str(tmp_path))
+  small, _ = torch_models.load_torch_model(path)
+  assert os.path.basename(path) == 'random-tiny-pruned50'
+  count = lambda m: sum(p.numel() for p in m.parameters())
+  # per layer: 2 of 4 heads (q, k, v rows + bias, output columns) and 32 of 64 FFN neurons
+  per_layer = 2 * (3 * (8 * 32 + 8) + 8 * 32) + 32 * (32 + 1) + 32 * 32
+  assert count(full) - count(small) == 2 * per_layer
+  assert small.bert.encoder.layer[1].attention.self.query.out_features == 16

@@ -1,9 +1,9 @@
 """The package layout: imports only go down the wings, and no module imports itself back.
 
 Wings, lowest first (README "Layout"): storage < model < objectives < data < training < export <
-the entry points (main, cache_teacher, cli, console, export/__main__). A module may import its own
-wing or any lower one, never a higher one; within the package no import circle exists (lazy imports
-inside functions count too). The model definition and the objectives import no config, data,
+the entry points (main, cache_teacher, augment, prune, cli, console, export/__main__). A module
+may import its own wing or any lower one, never a higher one; within the package no import circle
+exists (lazy imports inside functions count too). The model definition and the objectives import no config, data,
 checkpoint or I/O library either.
 """
 
@@ -66,8 +66,9 @@ def wing(name: str) -> str:
 
 def test_every_module_belongs_to_a_wing():
   top = sorted(n for n in MODULES if n.count('.') == 1 and n.split('.')[1] not in WINGS)
-  assert top == ['flaxdistil.cache_teacher', 'flaxdistil.cli', 'flaxdistil.console',
-                 'flaxdistil.main', 'flaxdistil.train_compile'], top
+  assert top == ['flaxdistil.augment', 'flaxdistil.cache_teacher', 'flaxdistil.cli',
+                 'flaxdistil.console', 'flaxdistil.main', 'flaxdistil.prune',
+                 'flaxdistil.train_compile'], top
 
 
 @pytest.mark.parametrize('name', sorted(MODULES))

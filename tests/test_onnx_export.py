@@ -147,3 +147,31 @@ def test_flax_disagreement_is_an_error(tmp_path, mlm_export, monkeypatch):
   with pytest.raises(ValueError, match=r'logits\(flax\)\| = 0.001 > atol'):
     onnx_export.export_onnx(hf, str(tmp_path / 'out'), quantize=False)
   assert os.listdir(tmp_path) == []
+
+
+def test_pruned_model_exports_its_smaller_layers(tmp_path):
+  """A head- and FFN-pruned export (zero heads in the file) becomes an ONNX graph without those
+  heads, equal to the unpruned-layout torch model that plain transformers loads."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from flaxdistil.export import hf_export  # pylint: disable=g-import-not-at-top
+  from flaxdistil.model import bert  # pylint: disable=g-import-not-at-top
+  from flaxdistil.model import pruning  # pylint: disable=g-import-not-at-top
+  cfg = bert.ModelConfig(model_type='distilbert', vocab_size=256, hidden_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=64)
+  params = jax.device_get(bert.init_params(cfg, jax.random.PRNGKey(0)))
+  pcfg, pparams = pruning.prune(params, cfg, ((0, 3), (1,)), [np.arange(40)] * 2)
+  hf = str(tmp_path / 'hf')
+  hf_export.export_hf(pparams, pcfg, hf)
+  report = onnx_export.export_onnx(hf)
+  full = transformers.AutoModelForMaskedLM.from_pretrained(hf).eval()  # zero heads kept
+  feeds = _feeds(full.config, 2, 9, seed=0)
+  got = onnx_export.ort_session(report['onnx']).run(['logits'], feeds)[0]
+  real = feeds['attention_mask'].astype(bool)
+  want = onnx_export.torch_outputs(full, 'logits', feeds)
+  assert np.abs(got - want)[real].max() <= 1e-4
+  import onnx  # pylint: disable=g-import-not-at-top
+  shapes = {tuple(i.dims) for i in onnx.load(report['onnx']).graph.initializer}
+  for width in (16, 24, 40):  # layer 0: 2 heads x 8, layer 1: 3 heads x 8, FFN: 40 neurons
+    assert (width, 32) in shapes or (32, width) in shapes, (width, sorted(shapes))

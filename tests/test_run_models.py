@@ -52,3 +52,14 @@ def test_attention_implementation_reaches_the_student_config():
   assert run_models.student_config(c, TEACHER, 120).attention_implementation == 'xla'
   with pytest.raises(ConfigError, match='attention_implementation=\'sdpa\': use "" '):
     run_models.attention_implementation(tiny_config(attention_implementation='sdpa'))
+
+
+def test_a_same_type_pretrained_student_keeps_its_pruned_heads_and_ffn_width():
+  pruned = bert.ModelConfig(model_type='distilbert', vocab_size=120, hidden_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                            max_position_embeddings=64, pruned_heads=((0, 1), (3,)))
+  c = tiny_config(**{'student.init': 'pretrained', 'student.intermediate_size': 0})
+  s = run_models.student_config(c, TEACHER, 120, pretrained=pruned)
+  assert s.pruned_heads == ((0, 1), (3,)) and s.intermediate_size == 40
+  as_bert = bert.ModelConfig(**{**pruned.__dict__, 'model_type': 'bert'})  # BERT -> DistilBERT
+  assert run_models.student_config(c, TEACHER, 120, pretrained=as_bert).pruned_heads == ()

@@ -73,3 +73,12 @@ def test_classification_student_gets_a_fresh_head_only_when_missing(teacher_para
   kept = student_init.with_head(params, cls_student, seed=1)
   assert kept['classifier_head'] is params['classifier_head']  # matching head: untouched
   assert student_init.with_head({'x': 1}, STUDENT, 0) == {'x': 1}  # no labels: unchanged
+
+
+def test_pruned_models_are_not_initialised_from_teacher_layers(teacher_params):
+  pruned = dataclasses.replace(TEACHER, pruned_heads=((1,), (), (), ()))
+  with pytest.raises(ValueError, match="student.init='pretrained'"):
+    student_init.init_student_from_teacher(teacher_params, pruned, STUDENT)
+  with pytest.raises(ValueError, match='heads are pruned'):
+    student_init.init_student_from_teacher(
+        teacher_params, TEACHER, dataclasses.replace(STUDENT, pruned_heads=((0,), ())))

@@ -280,3 +280,20 @@ def test_scan_layers_step_equals_unrolled_step(single_device):
                             jax.device_put(batch, sharding.batch_sharding(mesh, RULES)))
   np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
   assert_trees_close(jax.device_get(new_state['params']), ref_params)
+
+
+def test_gates_in_the_trainable_tree_reach_the_student():
+  """`trainable['gates']` (pruning importance) gates the student: ones change nothing, a zero
+  head gate changes the loss."""
+  tcfg, scfg, tparams, sparams, batch = _setup()
+  obj = Objective(losses.DistillWeights())
+  loss_fn = train_step.make_loss_fn(bert.MaskedLM(scfg), bert.MaskedLM(tcfg), obj)
+  mb = obj.prepare_batch(batch)
+  counts = obj.counts(mb)
+  run = lambda trainable: float(loss_fn(trainable, tparams, mb, counts, jax.random.PRNGKey(0))[0])
+  gates = bert.gate_ones(scfg)
+  plain = run({'student': sparams})
+  assert run({'student': sparams, 'gates': gates}) == plain
+  gates['encoder']['layer_0']['attention']['head'] = gates['encoder']['layer_0']['attention'][
+      'head'].at[0].set(0.0)
+  assert abs(run({'student': sparams, 'gates': gates}) - plain) > 1e-6

@@ -22,6 +22,7 @@ import numpy as np
 
 from flaxdistil.data import input_pipeline
 from flaxdistil.objectives import IGNORE_INDEX  # label of padding rows in eval batches
+from flaxdistil.storage import atomic
 
 
 class GlueTask(NamedTuple):
@@ -53,6 +54,61 @@ def get_task(name: str) -> GlueTask:
     raise ValueError(f'Unknown GLUE task {name!r}; supported: {sorted(TASKS)}.') from None
 
 
+def read_table(path: str) -> tuple[list[str], list[list[str]]]:
+  """The header and rows of a GLUE TSV file, fields as written (no quoting, BOM dropped).
+
+  Args:
+    path: a GLUE TSV file.
+
+  Returns:
+    `(header, rows)`: the column names and the data rows, each a list of strings.
+
+  Raises:
+    FileNotFoundError: `path` missing.
+    ValueError: the file is empty (not even a header).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'GLUE file {path!r} does not exist; pass the task directory\'s '
+                            'train.tsv / dev.tsv (GLUE layout).')
+  with open(path, encoding='utf-8-sig', newline='') as f:
+    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
+  if not rows:
+    raise ValueError(f'{path} is empty; expected a header row and labelled examples.')
+  return rows[0], rows[1:]
+
+
+def write_tsv(path: str, header: Sequence[str], rows) -> int:
+  """Writes a GLUE TSV file atomically (`storage.atomic.atomic_file`), readable by `read_tsv`.
+
+  Fields are written as they are (GLUE's `QUOTE_NONE` layout), so none may hold a tab or a
+  line break.
+
+  Args:
+    path: the file to write (its directory must exist).
+    header: the column names.
+    rows: an iterable of rows, each as many strings as `header`.
+
+  Returns:
+    The number of data rows written.
+
+  Raises:
+    ValueError: a row of another length, or a field with a tab / line break (nothing written).
+  """
+  n = 0
+  with atomic.atomic_file(path, 'w') as f:
+    f.write('\t'.join(header) + '\n')
+    for row in rows:
+      if len(row) != len(header):
+        raise ValueError(f'{path}: row {n + 1} has {len(row)} fields, the header {len(header)}.')
+      bad = [x for x in row if '\t' in x or '\n' in x or '\r' in x]
+      if bad:
+        raise ValueError(f'{path}: row {n + 1} has a tab or line break in {bad[0]!r}; GLUE TSV '
+                         'fields cannot hold them.')
+      f.write('\t'.join(row) + '\n')
+      n += 1
+  return n
+
+
 def read_tsv(path: str, task: GlueTask):
   """Reads a labelled GLUE TSV file.
 
@@ -69,14 +125,7 @@ def read_tsv(path: str, task: GlueTask):
     ValueError: header without the task's columns (names the columns found),
       a row with too few fields or a bad label (names the line), no rows.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'GLUE file {path!r} does not exist; pass the task directory\'s '
-                            'train.tsv / dev.tsv (GLUE layout).')
-  with open(path, encoding='utf-8-sig', newline='') as f:
-    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
-  if not rows:
-    raise ValueError(f'{path} is empty; expected a header row and labelled examples.')
-  header = rows[0]
+  header, rows = read_table(path)
   wanted = [task.text_a, task.label] + ([task.text_b] if task.text_b else [])
   missing = [c for c in wanted if c not in header]
   if missing:
@@ -84,7 +133,7 @@ def read_tsv(path: str, task: GlueTask):
                      'is it the right task, and a labelled split (train/dev, not test)?')
   col = {c: header.index(c) for c in wanted}
   a, b, labels = [], [], []
-  for line_no, row in enumerate(rows[1:], start=2):
+  for line_no, row in enumerate(rows, start=2):
     if len(row) < len(header):
       raise ValueError(f'{path}:{line_no} has {len(row)} fields, expected {len(header)}.')
     try:

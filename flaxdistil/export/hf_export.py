@@ -22,6 +22,7 @@ from flaxdistil.data import tokenization
 from flaxdistil.export import model_card
 from flaxdistil.export import onnx_export
 from flaxdistil.export.torch_models import load_torch_model
+from flaxdistil.export.torch_models import remove_pruned_heads
 from flaxdistil.model import bert
 from flaxdistil.model import hf_conversion
 from flaxdistil.model.bert import ModelConfig
@@ -35,18 +36,33 @@ def _verify_export(model_dir: str, params, config: ModelConfig, dtype: str,
                    atol: float) -> float:
   """Loads `model_dir` with transformers and compares its outputs to Flax.
 
+  A head-pruned model is compared twice: as `from_pretrained` loads it (zero heads) and with
+  those heads removed (`torch_models.remove_pruned_heads`, what the ONNX export runs).
+
   Returns:
     max |logits(torch) - logits(flax)| over real tokens (last hidden states for
-    an encoder), float32.
+    an encoder), float32; the larger of the two comparisons of a pruned model.
 
   Raises:
     ValueError: loading problems, the wrong class, or a difference above `atol`.
   """
-  import torch  # pylint: disable=g-import-not-at-top
   try:
-    model, _ = load_torch_model(model_dir)
+    model, _ = load_torch_model(model_dir, remove_pruned=False)
   except ValueError as e:
     raise ValueError(f'Export verification failed: {e}') from e
+  max_diff = _compare_with_flax(model, params, config, dtype, atol)
+  if config.pruned_heads:
+    try:
+      remove_pruned_heads(model)
+    except ValueError as e:
+      raise ValueError(f'Export verification failed: {e}') from e
+    max_diff = max(max_diff, _compare_with_flax(model, params, config, dtype, atol))
+  return max_diff
+
+
+def _compare_with_flax(model, params, config: ModelConfig, dtype: str, atol: float) -> float:
+  """max |torch - Flax| of the loaded `model` on the fixed padded batch; raises above `atol`."""
+  import torch  # pylint: disable=g-import-not-at-top
   suffix = ('ForSequenceClassification' if config.num_labels else
             'ForMaskedLM' if config.with_mlm_head else 'Model')  # encoder only (MiniLM-style)
   want_cls = ('Bert' if config.model_type == 'bert' else 'DistilBert') + suffix

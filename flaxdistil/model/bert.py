@@ -14,8 +14,8 @@ Parameter tree (kernels are ``[in, out]``, i.e. the transpose of torch Linear)::
   embeddings/position_embeddings/embedding      [P, H]   (None, 'embed')
   embeddings/token_type_embeddings/embedding    [T, H]   (None, 'embed')   bert only
   embeddings/LayerNorm/{scale,bias}             [H]      ('embed',)
-  encoder/layer_{i}/attention/{query,key,value}/kernel [H, H] ('embed', 'heads'), bias ('heads',)
-  encoder/layer_{i}/attention/output/kernel     [H, H]   ('heads', 'embed'), bias ('embed',)
+  encoder/layer_{i}/attention/{query,key,value}/kernel [H, A_i] ('embed', 'heads'), bias ('heads',)
+  encoder/layer_{i}/attention/output/kernel     [A_i, H] ('heads', 'embed'), bias ('embed',)
   encoder/layer_{i}/attention_layer_norm        [H]
   encoder/layer_{i}/intermediate/kernel         [H, I]   ('embed', 'mlp'), bias ('mlp',)
   encoder/layer_{i}/output/kernel               [I, H]   ('mlp', 'embed'), bias ('embed',)
@@ -27,7 +27,15 @@ Parameter tree (kernels are ``[in, out]``, i.e. the transpose of torch Linear)::
   classifier_head/classifier/kernel             [H, C]   (None, None), bias (None,)
 
 ``classifier_head`` exists only with ``num_labels = C > 0``, ``mlm_head`` only
-with ``with_mlm_head=True``.
+with ``with_mlm_head=True``. ``A_i = heads_i * head_dim`` is H unless heads of layer i were
+pruned (``ModelConfig.pruned_heads``, HF's ``pruned_heads``: Michel et al., 2019): then only the
+kept heads' columns remain, in their original order. Such layers differ in shape, so a stack of
+them is unrolled, never scanned.
+
+Pruning importance (``training/importance.py``) multiplies each head's output and each FFN
+neuron by a gate when the ``gates`` collection is given to ``apply`` (Michel et al.'s xi_h):
+``{'encoder': {'layer_i': {'attention': {'head': [heads_i]}, 'ffn': [I]}}}`` (``gate_ones``);
+without it the model has no gates.
 
 The MLM decoder is tied to the word embeddings (HF ``tie_word_embeddings=True``):
 ``logits = word_embeddings.attend(h) + mlm_head.bias``.
@@ -74,10 +82,16 @@ class ModelConfig:
   ``jnp.bfloat16``); parameters are always float32. ``dtype``, ``remat`` and
   ``attention_implementation`` change how, not what, the model computes.
 
+  ``pruned_heads`` is ``()`` (nothing pruned) or one tuple per layer of the removed heads'
+  original indices (HF ``pruned_heads`` as a per-layer tuple; lists and a ``{layer: heads}``
+  dict are normalised to it); ``num_attention_heads`` stays the unpruned count, so ``head_dim``
+  does not change.
+
   Raises:
     ValueError: unknown model_type / hidden_act / attention_implementation,
-      hidden_size not divisible by num_attention_heads, num_labels < 0, or 'bert'
-      with type_vocab_size < 1.
+      hidden_size not divisible by num_attention_heads, num_labels < 0, 'bert'
+      with type_vocab_size < 1, or ``pruned_heads`` not one entry per layer of
+      distinct heads in range leaving one head.
   """
   model_type: str = 'bert'
   vocab_size: int = 30522
@@ -95,6 +109,7 @@ class ModelConfig:
   with_mlm_head: bool = True
   num_labels: int = 0               # >0: sequence-classification head on [CLS]
   classifier_dropout: float = 0.1   # HF BERT: hidden_dropout_prob; DistilBERT: seq_classif_dropout
+  pruned_heads: tuple[tuple[int, ...], ...] = ()  # per layer: removed heads (original indices)
   dtype: Any = jnp.float32
   remat: bool = False
   # `jax.nn.dot_product_attention(implementation=...)` where no probabilities or attention dropout
@@ -103,6 +118,7 @@ class ModelConfig:
   scan_layers: bool = False         # encoder layers as one lax.scan (see Encoder); same params
 
   def __post_init__(self):
+    object.__setattr__(self, 'pruned_heads', _normalise_pruned_heads(self))
     if self.model_type not in ('bert', 'distilbert'):
       raise ValueError(
           f"ModelConfig.model_type must be 'bert' or 'distilbert', got "
@@ -126,6 +142,10 @@ class ModelConfig:
           "model_type 'bert' needs type_vocab_size >= 1 (token-type embeddings); "
           "use model_type 'distilbert' for a model without token types.")
 
+  def layer_num_heads(self, layer: int) -> int:
+    """Attention heads of layer `layer` after pruning (`num_attention_heads` if none were)."""
+    return self.num_attention_heads - (len(self.pruned_heads[layer]) if self.pruned_heads else 0)
+
   @property
   def head_dim(self) -> int:
     """Size of one attention head: hidden_size // num_attention_heads."""
@@ -142,6 +162,31 @@ class ModelConfig:
 COMPUTE_FIELDS = ('dtype', 'remat', 'attention_implementation', 'scan_layers')
 
 
+def _normalise_pruned_heads(config: ModelConfig) -> tuple[tuple[int, ...], ...]:
+  """`config.pruned_heads` as one sorted tuple per layer, or () when no head is pruned."""
+  raw = config.pruned_heads
+  if isinstance(raw, dict):  # HF {layer: [heads]}, keys may be strings (JSON)
+    bad = [k for k in raw if not 0 <= int(k) < config.num_hidden_layers]
+    if bad:
+      raise ValueError(f'pruned_heads names layers {bad} of a {config.num_hidden_layers}-layer '
+                       'model.')
+    raw = [raw.get(i, raw.get(str(i), ())) for i in range(config.num_hidden_layers)]
+  per_layer = tuple(tuple(sorted(int(h) for h in heads)) for heads in raw)
+  if not any(per_layer):
+    return ()
+  if len(per_layer) != config.num_hidden_layers:
+    raise ValueError(f'pruned_heads has {len(per_layer)} entries for {config.num_hidden_layers} '
+                     'layers; give one (possibly empty) tuple of head indices per layer.')
+  n = config.num_attention_heads
+  for i, heads in enumerate(per_layer):
+    if len(set(heads)) != len(heads) or any(not 0 <= h < n for h in heads):
+      raise ValueError(f'pruned_heads of layer {i} ({list(heads)}) must be distinct heads in '
+                       f'[0, {n}).')
+    if len(heads) == n:
+      raise ValueError(f'pruned_heads removes all {n} heads of layer {i}; keep at least one.')
+  return per_layer
+
+
 class ModelOutput(flax.struct.PyTreeNode):
   """Model outputs.
 
@@ -153,7 +198,8 @@ class ModelOutput(flax.struct.PyTreeNode):
       (embedding output first, then every layer output), as HF
       ``output_hidden_states=True``.
     attentions: tuple of num_hidden_layers float32 arrays
-      [batch, heads, seq_len, seq_len] of attention probabilities (before
+      [batch, heads, seq_len, seq_len] (heads: the layer's, after pruning) of
+      attention probabilities (before
       dropout), or None unless ``output_attentions=True``.
     attention_scores: tuple of num_hidden_layers float32 arrays
       [batch, heads, seq_len, seq_len] of pre-softmax attention scores
@@ -270,8 +316,11 @@ class SelfAttention(nn.Module):
   XLA implementation on every backend in jax 0.10 and 0.11; ``'cudnn'`` is cuDNN's
   fused flash attention (NVIDIA GPUs, bf16/fp16 compute only). The student's
   training forward keeps the explicit softmax: jax's API takes no dropout.
+
+  ``num_heads`` is this layer's head count (None = ``num_attention_heads``; fewer after pruning).
   """
   config: ModelConfig
+  num_heads: int | None = None
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool, need_probs: bool = True):
@@ -285,11 +334,13 @@ class SelfAttention(nn.Module):
     """
     cfg = self.config
     b, t, _ = x.shape
+    heads = cfg.num_attention_heads if self.num_heads is None else self.num_heads
+    width = heads * cfg.head_dim  # = hidden_size unless heads were pruned
     qkv_names = (('embed', 'heads'), ('heads',))
-    split = lambda y: y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-    q = split(_dense(cfg, cfg.hidden_size, qkv_names, 'query')(x))  # [B, T, heads, D]
-    k = split(_dense(cfg, cfg.hidden_size, qkv_names, 'key')(x))
-    v = split(_dense(cfg, cfg.hidden_size, qkv_names, 'value')(x))
+    split = lambda y: y.reshape(b, t, heads, cfg.head_dim)
+    q = split(_dense(cfg, width, qkv_names, 'query')(x))  # [B, T, heads, D]
+    k = split(_dense(cfg, width, qkv_names, 'key')(x))
+    v = split(_dense(cfg, width, qkv_names, 'value')(x))
     if not need_probs and (deterministic or cfg.attention_probs_dropout_prob == 0.0):
       # jax's API takes no dropout, hence the condition. A boolean key mask
       # gives the same softmax as the additive finfo.min bias (exp underflows to 0).
@@ -309,7 +360,9 @@ class SelfAttention(nn.Module):
       dropped = nn.Dropout(cfg.attention_probs_dropout_prob)(
           probs, deterministic=deterministic)
       ctx = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(cfg.dtype), v)
-    ctx = ctx.reshape(b, t, cfg.hidden_size)
+    if self.has_variable('gates', 'head'):  # Michel et al.'s xi_h on each head's output
+      ctx = ctx * self.get_variable('gates', 'head').astype(ctx.dtype)[None, None, :, None]
+    ctx = ctx.reshape(b, t, width)
     out = _dense(cfg, cfg.hidden_size, (('heads', 'embed'), ('embed',)),
                  'output')(ctx)
     return out, probs, scores, v.transpose(0, 2, 1, 3)
@@ -319,21 +372,25 @@ class TransformerLayer(nn.Module):
   """Post-LN encoder layer (HF ``BertLayer`` / DistilBERT ``TransformerBlock``).
 
   Dropout as in HF: BERT drops the attention output before the residual,
-  DistilBERT's ``TransformerBlock`` does not.
+  DistilBERT's ``TransformerBlock`` does not. ``num_heads`` as ``SelfAttention``'s.
   """
   config: ModelConfig
+  num_heads: int | None = None
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool = True, need_probs: bool = True):
     """x: [B, T, H] -> ([B, T, H], (probs, scores, values)) as SelfAttention."""
     cfg = self.config
-    attn, *attn_out = SelfAttention(cfg, name='attention')(x, bias, deterministic, need_probs)
+    attn, *attn_out = SelfAttention(cfg, self.num_heads, name='attention')(
+        x, bias, deterministic, need_probs)
     if cfg.model_type == 'bert':
       attn = nn.Dropout(cfg.hidden_dropout_prob)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, 'attention_layer_norm')(x + attn)
     h = _dense(cfg, cfg.intermediate_size, (('embed', 'mlp'), ('mlp',)),
                'intermediate')(x)
     h = _ACTIVATIONS[cfg.hidden_act](h)
+    if self.has_variable('gates', 'ffn'):  # a gate per FFN neuron (pruning importance)
+      h = h * self.get_variable('gates', 'ffn').astype(h.dtype)
     h = nn.with_logical_constraint(h, ('act_batch', 'act_len', 'act_mlp'))
     h = _dense(cfg, cfg.hidden_size, (('mlp', 'embed'), ('embed',)), 'output')(h)
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
@@ -352,7 +409,8 @@ class Encoder(nn.Module):
   layer's input (``jax.checkpoint`` with no saved residuals). Same function and gradients as the
   unrolled stack; with dropout the masks come from another rng stream (the layer's rng is split
   from one draw per call instead of being derived from the module path). Layers whose params
-  differ in shape (e.g. pruned heads or FFN units) cannot be stacked and run unrolled.
+  differ in shape (pruned heads: each layer has its own head count, `ModelConfig.layer_num_heads`)
+  cannot be stacked and run unrolled.
   """
   config: ModelConfig
 
@@ -375,7 +433,8 @@ class Encoder(nn.Module):
       layer_cls = nn.remat(TransformerLayer, static_argnums=(3, 4))
     hidden_states, attn_outputs = [x], []
     for i in range(cfg.num_hidden_layers):
-      x, attn_out = layer_cls(cfg, name=f'layer_{i}')(x, bias, deterministic, need_probs)
+      x, attn_out = layer_cls(cfg, cfg.layer_num_heads(i), name=f'layer_{i}')(
+          x, bias, deterministic, need_probs)
       hidden_states.append(x)
       attn_outputs.append(attn_out)
     # (probs, scores, values), each a tuple over layers.
@@ -397,7 +456,8 @@ class Encoder(nn.Module):
     """The stack as `lax.scan` over `stacked` layer params (`_stacked_layer_params`)."""
     cfg = self.config
     n = cfg.num_hidden_layers
-    layer = TransformerLayer(cfg, parent=None)
+    # equal param shapes (`_stacked_layer_params`) mean equal head counts
+    layer = TransformerLayer(cfg, cfg.layer_num_heads(0), parent=None)
     use_dropout = not deterministic
     keys = jax.random.split(self.make_rng('dropout'), n) if use_dropout else jnp.zeros((n, 2),
                                                                                           jnp.uint32)
@@ -649,3 +709,19 @@ def count_params(params) -> int:
   """Number of scalar parameters of a boxed, unboxed or abstract params tree (an int)."""
   leaves = jax.tree_util.tree_leaves(unbox(params))
   return int(sum(int(np.prod(x.shape)) for x in leaves))
+
+
+def gate_ones(config: ModelConfig) -> dict:
+  """The ``gates`` collection with every gate at 1 (the model's own function).
+
+  Pass it as ``model.apply({'params': p, 'gates': g}, ...)`` and differentiate with respect to
+  ``g`` for Michel et al.'s (2019) importance ``|dL/dxi|`` of every head and FFN neuron.
+
+  Returns:
+    ``{'encoder': {'layer_i': {'attention': {'head': [heads_i]}, 'ffn': [intermediate_size]}}}``
+    of float32 ones.
+  """
+  return {'encoder': {f'layer_{i}': {
+      'attention': {'head': jnp.ones((config.layer_num_heads(i),), jnp.float32)},
+      'ffn': jnp.ones((config.intermediate_size,), jnp.float32)}
+      for i in range(config.num_hidden_layers)}}

@@ -7,10 +7,19 @@ teacher layers is ``student_init``; the verified export to a transformers
 directory is ``export/hf_export.py`` (``export_hf``).
 Params are nested dicts of float32 arrays laid out as documented in
 ``bert.py``; state dicts are ``dict[str, np.ndarray]``.
+
+Pruned heads (``ModelConfig.pruned_heads``, ``model/pruning.py``): transformers >= 5 no longer
+implements HF's ``pruned_heads`` (``prune_heads`` is gone; every layer is built with
+``num_attention_heads`` heads). A pruned model is therefore written in the unpruned layout with
+the removed heads' query/key/value rows, biases and attention-output columns set to zero, which
+computes exactly the pruned function, and ``config.json`` keeps ``pruned_heads`` (an attribute
+transformers stores and ignores) for this loader, which drops those zero heads again, and for
+``export/torch_models.py``, which removes them from the torch model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -18,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from flaxdistil.model import bert
+from flaxdistil.model import pruning
 from flaxdistil.model.bert import ModelConfig
 from flaxdistil.storage import hub
 
@@ -55,7 +65,7 @@ def config_from_hf(hf_config: Any, *, with_mlm_head: bool = True,
   the dict take the HF defaults (= ModelConfig defaults). ``num_labels > 0``
   adds the sequence-classification head, whose dropout is BERT's
   ``classifier_dropout`` (None = ``hidden_dropout_prob``) or DistilBERT's
-  ``seq_classif_dropout`` (default 0.2).
+  ``seq_classif_dropout`` (default 0.2). ``pruned_heads`` (``{layer: [heads]}``) carries over.
 
   Args:
     hf_config: ``config.json`` contents as a dict, or a ``PretrainedConfig``.
@@ -97,7 +107,7 @@ def config_from_hf(hf_config: Any, *, with_mlm_head: bool = True,
     drop = c.get('classifier_dropout')
     kw['classifier_dropout'] = float(kw['hidden_dropout_prob'] if drop is None else drop)
   return ModelConfig(model_type=model_type, with_mlm_head=with_mlm_head,
-                     num_labels=int(num_labels), **kw)
+                     num_labels=int(num_labels), pruned_heads=c.get('pruned_heads') or (), **kw)
 
 
 def config_to_hf(config: ModelConfig, id2label: dict | None = None):
@@ -107,7 +117,8 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None):
   ``[DistilBertForSequenceClassification]`` when ``config.num_labels > 0``
   (labels from ``id2label``, default ``LABEL_i``), else ``[*ForMaskedLM]`` (or
   ``[BertModel]`` / ``[DistilBertModel]`` without MLM head);
-  ``tie_word_embeddings=True``.
+  ``tie_word_embeddings=True``; ``pruned_heads`` as ``{layer: [heads]}`` for the layers that
+  have any (a record: transformers >= 5 ignores it, see the module docstring).
 
   Args:
     config: the model's config.
@@ -146,6 +157,8 @@ def config_to_hf(config: ModelConfig, id2label: dict | None = None):
        else 'classifier_dropout'] = config.classifier_dropout
   else:
     arch += 'ForMaskedLM' if config.with_mlm_head else 'Model'
+  if config.pruned_heads:
+    kw['pruned_heads'] = {i: list(h) for i, h in enumerate(config.pruned_heads) if h}
   return cls(**kw, tie_word_embeddings=True, architectures=[arch])
 
 
@@ -280,7 +293,9 @@ def params_from_hf_state_dict(state_dict, config: ModelConfig):
   (``cls.predictions.decoder.weight`` / ``vocab_projector.weight``) is accepted
   if it equals the word embeddings, a ``cls.predictions.decoder.bias`` if it
   equals ``cls.predictions.bias``. With ``config.with_mlm_head=False`` head
-  tensors are ignored.
+  tensors are ignored. For a config with ``pruned_heads`` the attention tensors are in the
+  unpruned layout with those heads zero (as ``params_to_hf_state_dict`` writes them); the zero
+  heads are dropped.
 
   Args:
     state_dict: tensor name -> torch tensor or numpy array (any float dtype).
@@ -291,9 +306,12 @@ def params_from_hf_state_dict(state_dict, config: ModelConfig):
 
   Raises:
     ValueError: missing or unexpected tensors (lists their names), shape
-      mismatches (lists them), or an untied decoder weight / bias (not
-      representable).
+      mismatches (lists them), an untied decoder weight / bias (not
+      representable), or pruned heads whose weights are not zero.
   """
+  if config.pruned_heads:
+    dense = params_from_hf_state_dict(state_dict, dataclasses.replace(config, pruned_heads=()))
+    return _drop_zero_heads(dense, config)
   sd = _normalise_names(state_dict, config)
   dec_w, dec_b = _DECODER[config.model_type]
   word = _prefix(config) + 'embeddings.word_embeddings.weight'
@@ -346,6 +364,64 @@ def params_from_hf_state_dict(state_dict, config: ModelConfig):
   return params
 
 
+def _attention_columns(config: ModelConfig, heads) -> np.ndarray:
+  """Columns of the unpruned `[H, num_attention_heads * head_dim]` kernels that hold `heads`."""
+  d = config.head_dim
+  return np.concatenate([np.arange(h * d, (h + 1) * d) for h in heads]).astype(np.int64)
+
+
+def _restore_zero_heads(params, config: ModelConfig):
+  """Pruned params -> the unpruned layout, the removed heads' weights zero (a new tree)."""
+  out = dict(params, encoder=dict(params['encoder']))
+  width = config.num_attention_heads * config.head_dim
+  for i, gone in enumerate(config.pruned_heads):
+    if not gone:
+      continue
+    cols = _attention_columns(config, pruning.kept_heads(config, i))
+    att = dict(params['encoder'][f'layer_{i}']['attention'])
+    for name in ('query', 'key', 'value'):
+      kernel = np.zeros((config.hidden_size, width), np.float32)
+      bias = np.zeros((width,), np.float32)
+      kernel[:, cols] = np.asarray(att[name]['kernel'], np.float32)
+      bias[cols] = np.asarray(att[name]['bias'], np.float32)
+      att[name] = {'kernel': kernel, 'bias': bias}
+    kernel = np.zeros((width, config.hidden_size), np.float32)
+    kernel[cols] = np.asarray(att['output']['kernel'], np.float32)
+    att['output'] = dict(att['output'], kernel=kernel)
+    out['encoder'][f'layer_{i}'] = dict(params['encoder'][f'layer_{i}'], attention=att)
+  return out
+
+
+def _drop_zero_heads(dense, config: ModelConfig):
+  """Unpruned-layout params -> `config`'s pruned ones, checking the dropped heads are zero."""
+  nonzero = []
+  for i, gone in enumerate(config.pruned_heads):
+    if not gone:
+      continue
+    cols = _attention_columns(config, gone)
+    att = dense['encoder'][f'layer_{i}']['attention']
+    parts = [att[n]['kernel'][:, cols] for n in ('query', 'key', 'value')] + [
+        att[n]['bias'][cols] for n in ('query', 'key', 'value')] + [att['output']['kernel'][cols]]
+    if any(np.any(x != 0) for x in parts):
+      nonzero.append(i)
+  if nonzero:
+    raise ValueError(
+        f'config.json lists pruned_heads {dict(enumerate(config.pruned_heads))}, but the weights '
+        f'of those heads in layers {nonzero} are not zero: the checkpoint was not written with '
+        'them removed. Remove pruned_heads from config.json to load the full model.')
+  # unpruned, a head's local index is its original one
+  _, params = pruning.prune(dense, dataclasses.replace(config, pruned_heads=()),
+                            heads=config.pruned_heads)
+  return _contiguous(params)
+
+
+def _contiguous(tree):
+  """`tree` with every array a contiguous float32 numpy array."""
+  if isinstance(tree, dict):
+    return {k: _contiguous(v) for k, v in tree.items()}
+  return np.ascontiguousarray(tree, dtype=np.float32)
+
+
 def params_to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
   """Flax params -> state dict named like ``*ForMaskedLM`` / ``*ForSequenceClassification``.
 
@@ -354,7 +430,8 @@ def params_to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray
   ``cls.predictions.*`` / ``vocab_*`` tensors are left out; with
   ``config.num_labels > 0`` the classification head is included (BERT:
   ``bert.pooler.dense.*``, ``classifier.*``; DistilBERT: ``pre_classifier.*``,
-  ``classifier.*``).
+  ``classifier.*``). Pruned heads are written as zeros in the unpruned layout (module
+  docstring).
 
   Args:
     params: boxed or unboxed params of ``config`` (device or host arrays).
@@ -368,6 +445,11 @@ def params_to_hf_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray
     ValueError: a parameter the config requires is missing from ``params``.
   """
   params = bert.unbox(params)
+  if config.pruned_heads:
+    try:
+      params = _restore_zero_heads(params, config)
+    except KeyError as e:
+      raise ValueError(f'params has no {e}; params do not match the config.') from e
   out = {}
   for hf_name, path, transpose, _ in _name_map(config):
     try:

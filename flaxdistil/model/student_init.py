@@ -67,6 +67,11 @@ def check_from_teacher(teacher_config: ModelConfig, student_config: ModelConfig,
       `teacher_config.with_mlm_head`).
   """
   t, s = teacher_config, student_config
+  if t.pruned_heads or s.pruned_heads:
+    raise ValueError('Cannot initialise a student from teacher layers when heads are pruned '
+                     '(teacher pruned_heads / student pruned_heads); continue training a pruned '
+                     "model with student.init='pretrained', its directory as student.path and "
+                     'its own student.model_type.')
   # Only shapes must agree; activation / dropout / dtype are the student's own.
   for field in ('hidden_size', 'num_attention_heads', 'intermediate_size',
                 'vocab_size'):
@@ -127,8 +132,8 @@ def init_student_from_teacher(teacher_params, teacher_config: ModelConfig,
     ValueError: width mismatch (hidden_size / num_attention_heads /
       intermediate_size / vocab_size) with a hint to use random init, more
       student than teacher positions, bad ``layers``, an MLM head the teacher
-      lacks, a 'bert' student whose teacher has no (or other) token types, or
-      a different ``num_labels``.
+      lacks, a 'bert' student whose teacher has no (or other) token types,
+      a different ``num_labels``, or a teacher or student with pruned heads.
   """
   t, s = teacher_config, student_config
   layers = check_from_teacher(t, s, layers)

@@ -144,7 +144,8 @@ def student_config(config, tcfg: bert.ModelConfig | None, vocab_size: int,
   """The student's shape: 0 in a field means "the teacher's value".
 
   With `student.init='pretrained'` the pretrained checkpoint's shape is the
-  reference instead (`pretrained`), so fine-tuning a BERT keeps its shape.
+  reference instead (`pretrained`), so fine-tuning a BERT keeps its shape; a same-type
+  pretrained checkpoint also keeps its pruned heads (`pruned_heads`, `python -m flaxdistil.prune`).
   `num_labels > 0` gives a sequence-classification head and no MLM head.
 
   Args:
@@ -181,7 +182,9 @@ def student_config(config, tcfg: bert.ModelConfig | None, vocab_size: int,
       # logits exist to distil, and an export of an untrained head would mislead.
       with_mlm_head=not num_labels and (tcfg.with_mlm_head if tcfg else True),
       num_labels=num_labels,
-      classifier_dropout=s.classifier_dropout, **compute_options(config))
+      classifier_dropout=s.classifier_dropout,
+      pruned_heads=pretrained.pruned_heads if student_init.same_type(pretrained, s) else (),
+      **compute_options(config))
 
 
 def compute_options(config) -> dict:

@@ -51,7 +51,8 @@ def make_loss_fn(student: nn.Module, teacher: nn.Module | None, objective: Objec
     objective: what to compute.
 
   Returns:
-    `loss_fn`. It takes `trainable` (`{'student': params[, 'proj']}`), the teacher's params,
+    `loss_fn`. It takes `trainable` (`{'student': params[, 'proj'][, 'gates']}`; `gates`, the
+    model's gate collection `bert.gate_ones`, only for pruning importance), the teacher's params,
     a prepared microbatch (`Objective.prepare_batch`), the global `counts`
     (`Objective.counts`) and a dropout rng, and returns the microbatch's share of the
     objective `loss` (float32 scalar, nats; summed over microbatches it is the global-batch
@@ -65,7 +66,10 @@ def make_loss_fn(student: nn.Module, teacher: nn.Module | None, objective: Objec
   def loss_fn(trainable, teacher_params, mb, counts, rng):
     """`(loss, terms)` of microbatch `mb` (see `make_loss_fn`)."""
     pos, types = mb.get('logits_positions'), mb.get('token_type_ids')
-    s_out = student.apply({'params': trainable['student']}, mb['input_ids'], mb['attention_mask'],
+    variables = {'params': trainable['student']}
+    if 'gates' in trainable:  # head / FFN-neuron gates of `training/importance.py`
+      variables['gates'] = trainable['gates']
+    s_out = student.apply(variables, mb['input_ids'], mb['attention_mask'],
                           types, deterministic=False, rngs={'dropout': rng}, logits_positions=pos,
                           return_mlm_hidden=hidden_only, **out_flags)
     t_out = None
