@@ -4,8 +4,8 @@ The teacher is `../shared/models/minilm-l6-mlm-wiki`: the pretrained MiniLM-L6-H
 (6 x 384, 12 heads) with an MLM head fitted on this Wikipedia text (39.2% held-out masked-token
 accuracy, perplexity 51; its README). The student is DistilBERT 3 x 384 initialised from teacher
 layers [0, 2, 5] (= the project's round(linspace) rule for 6 -> 3, which keeps the first and last
-layer as HF's extract_distilbert.py does). Every row has the same 400 steps x 32 x 128 tokens
-(1.6 M; wiki_mini's 600 would not fit five rows on two shared CPU cores), seed, data order and
+layer as HF's extract_distilbert.py does). Every row has the same 300 steps x 32 x 128 tokens
+(1.2 M; wiki_mini's 600 would not fit five rows on two shared CPU cores), seed, data order and
 masking (Sanh et al., 2019, Table 4; variant = row):
 
   R=runs/minilm_ablation; C=--config.data.cache_dir=$R/data_cache
@@ -47,9 +47,9 @@ def get_config(variant: str = ''):
   c.data.tokenizer = ''              # the teacher's own (bert-base-uncased's vocabulary)
   c.student.num_hidden_layers = 3    # half the teacher's 6
   c.student.layers = (0, 2, 5)       # teacher layers copied into the student (init='teacher')
-  c.num_train_steps = 400            # 1.6 M tokens: five rows fit the CPU budget (~1 h each)
-  c.optim.warmup_steps = 40          # 10%, as wiki_mini's 60 of 600
-  c.eval_every_steps = 200
+  c.num_train_steps = 300            # 1.2 M tokens: five rows fit the CPU budget (~1 h each idle)
+  c.optim.warmup_steps = 30          # 10%, as wiki_mini's 60 of 600
+  c.eval_every_steps = 150
   c.checkpoint_every_steps = 50      # a shared CPU: an interruption costs <= 50 steps
   for key, value in VARIANTS[variant].items():
     if key == 'init':

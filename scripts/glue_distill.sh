@@ -10,7 +10,10 @@
 # TEACHER: configs/glue.py's teacher choice (mini | minilm). GENERAL (optional): an exported
 # general-distilled student (DistilBertForMaskedLM dir); adds the roles general_finetune (it,
 # fine-tuned: DistilBERT's pipeline) and general_distill (it + task distillation: TinyBERT's two
-# stages), same data, steps and seed. Rerunning resumes; finished runs and exports are kept.
+# stages), same data, steps and seed. STUDENTS (optional): which student roles to run, default
+# "distill finetune" (+ "general_distill general_finetune" with GENERAL); STUDENTS= runs the
+# teacher only. Rerunning resumes;
+# finished runs and exports are kept.
 set -euo pipefail
 TASK=${1:?usage: [TEACHER=mini|minilm] [GENERAL=dir] scripts/glue_distill.sh sst2|mrpc [out_dir]}
 OUT=${2:-runs/glue}/$TASK
@@ -25,18 +28,17 @@ run() {  # WORKDIR ROLE [flags]: the teacher role has no teacher; the students u
       "$@" >> "$OUT/$wd.log" 2>&1
 }
 export_() { [ -d "$OUT/${1}_hf" ] || python -m flaxdistil.export --workdir "$OUT/$1" --out "$OUT/${1}_hf"; }
-ROLES=(teacher distill finetune)
+STUDENTS=${STUDENTS-distill finetune${GENERAL:+ general_distill general_finetune}}
 run teacher teacher && export_ teacher
-run distill distill --config.teacher.path="$OUT/teacher_hf" && export_ distill
-run finetune finetune --config.teacher.path="$OUT/teacher_hf" && export_ finetune
-if [ -n "$GENERAL" ]; then
-  for role in distill finetune; do
-    run "general_$role" "$role" --config.teacher.path="$OUT/teacher_hf" \
-        --config.student.path="$GENERAL" && export_ "general_$role"
-    ROLES+=("general_$role")
-  done
-fi
-for wd in "${ROLES[@]}"; do
+for wd in $STUDENTS; do
+  role=${wd#general_} flags=(--config.teacher.path="$OUT/teacher_hf")
+  if [ "$wd" != "$role" ]; then
+    [ -n "$GENERAL" ] || { echo "$wd needs GENERAL=<general-distilled student dir>" >&2; exit 2; }
+    flags+=(--config.student.path="$GENERAL")
+  fi
+  run "$wd" "$role" "${flags[@]}" && export_ "$wd"
+done
+for wd in teacher $STUDENTS; do
   python scripts/glue_pipeline_check.py --task "$TASK" --tsv "$DEV" --workdir "$OUT/$wd" \
       --hf "$OUT/${wd}_hf" --json_out "$OUT/${wd}_check.json"
 done

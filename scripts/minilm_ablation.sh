@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # DistilBERT's ablation (Sanh et al., 2019, Table 4) with the MiniLM teacher (docs/results.md):
-# teacher ../shared/models/minilm-l6-mlm-wiki (6 x 384), students 3 x 384, same 400 steps, data,
+# teacher ../shared/models/minilm-l6-mlm-wiki (6 x 384), students 3 x 384, same 300 steps, data,
 # seed and masking (configs/minilm_mlm_wiki.py):
 #   (a) triple loss + teacher init, (b) without L_ce, (c) without L_cos, (d) without L_mlm,
 #   (e) random init + triple loss;
 # then scripts/evaluate.py on valid (first 512 sequences, the teacher README's protocol) and all of
-# test (one fixed masking, paired), the table beside the paper's deltas, and the export of (a).
+# test (one fixed masking, paired) and the table beside the paper's deltas. (a) is exported as
+# soon as it is done (RUNS/a_hf, DistilBertForMaskedLM: the general-distilled student of GLUE).
 # Usage: scripts/minilm_ablation.sh [RUNS_DIR] [extra --config.* overrides]
 # Run from the repo root. ~1 h per student on 2 idle CPU cores; rerunning resumes.
 set -euo pipefail
@@ -18,8 +19,10 @@ for row in "${ROWS[@]}"; do
   wd=${row%%:*} variant=${row#*:}
   python -m flaxdistil.main --config "$CONFIG${variant:+:$variant}" --workdir "$RUNS/$wd" \
       "${COMMON[@]}" >> "$RUNS/$wd.log" 2>&1
+  if [ "$wd" = a ] && [ ! -d "$RUNS/a_hf" ]; then
+    python -m flaxdistil.export --workdir "$RUNS/a" --out "$RUNS/a_hf"
+  fi
 done
-[ -d "$RUNS/a_hf" ] || python -m flaxdistil.export --workdir "$RUNS/a" --out "$RUNS/a_hf"
 WDS=("${ROWS[@]/%:*/}"); WDS=("${WDS[@]/#/$RUNS/}")
 TEACHER=../shared/models/minilm-l6-mlm-wiki
 WIKI=../shared/data/wikipedia-en-2018
