@@ -17,8 +17,9 @@ TEACHER (default `mini`):
   mini    ../shared/models/bert-mini-wiki-teacher, BERT 4 x 256 (weak: 14% masked accuracy);
           students 2 x 256 from layers [0, 3].
   minilm  ../shared/models/minilm-l6-mlm-wiki, pretrained MiniLM-L6-H384 + MLM head (6 x 384,
-          39% masked accuracy); students 3 x 384 from layers [0, 2, 5]. Student paths default to
-          runs/glue_minilm/TASK/..., e.g. `configs/glue.py:mrpc,teacher,minilm`.
+          39% masked accuracy); students 3 x 384 from layers [0, 2, 5]; SST-2 500 steps (CPU
+          budget). Teacher paths default to runs/glue_minilm/TASK/teacher_hf, e.g.
+          `configs/glue.py:mrpc,teacher,minilm`.
 
 `scripts/glue_distill.sh TASK [OUT]` runs all of it (TEACHER=minilm GENERAL=<dir> for the MiniLM
 rows), exports the students as `DistilBertForSequenceClassification` and checks
@@ -30,10 +31,14 @@ from configs import distilbert
 
 SHARED = '../shared'
 _TASK_DIRS = {'sst2': 'SST-2', 'mrpc': 'MRPC'}
-# teacher name -> (MLM-pretrained BERT dir, teacher layers copied into the student, runs dir)
+# teacher name -> MLM-pretrained BERT dir, teacher layers copied into the students, runs dir,
+# SST-2 steps (MiniLM: ~3x the FLOPs per step of the 4 x 256 teacher, so 500 steps (0.24 epoch)
+# to fit two shared CPU cores; MRPC keeps 400 steps = 3.5 epochs for both)
 TEACHERS = {
-    'mini': (f'{SHARED}/models/bert-mini-wiki-teacher', (0, 3), 'runs/glue'),
-    'minilm': (f'{SHARED}/models/minilm-l6-mlm-wiki', (0, 2, 5), 'runs/glue_minilm'),
+    'mini': dict(path=f'{SHARED}/models/bert-mini-wiki-teacher', layers=(0, 3),
+                 runs='runs/glue', sst2_steps=1000),
+    'minilm': dict(path=f'{SHARED}/models/minilm-l6-mlm-wiki', layers=(0, 2, 5),
+                   runs='runs/glue_minilm', sst2_steps=500),
 }
 ROLES = ('teacher', 'distill', 'finetune')
 
@@ -47,7 +52,8 @@ def get_config(variant: str = 'sst2,distill'):
                      f'{"|".join(TEACHERS)}.')
   c = distilbert.get_config()
   glue_dir = f'{SHARED}/data/glue/{_TASK_DIRS[task]}'
-  pretrained, layers, runs = TEACHERS[teacher]             # the MLM-pretrained teacher
+  t = TEACHERS[teacher]
+  pretrained, layers = t['path'], t['layers']              # the MLM-pretrained teacher
   c.data.task = task
   c.data.train_files = (f'{glue_dir}/train.tsv',)
   c.data.eval_files = (f'{glue_dir}/dev.tsv',)             # GLUE dev = the reported split
@@ -59,11 +65,11 @@ def get_config(variant: str = 'sst2,distill'):
   c.optim.learning_rate = 1e-4 if role == 'teacher' else 2e-4  # smaller model, larger LR
   c.optim.weight_decay = 0.01
   c.optim.grad_clip_norm = 1.0
-  c.num_train_steps = 1000 if task == 'sst2' else 400      # SST-2: 0.5 epoch; MRPC: 3.5 epochs
+  c.num_train_steps = t['sst2_steps'] if task == 'sst2' else 400  # MRPC: 3.5 epochs
   c.optim.warmup_steps = c.num_train_steps // 10
   c.log_every_steps = 50
   c.eval_every_steps = 250 if task == 'sst2' else 100
-  c.checkpoint_every_steps = 250 if task == 'sst2' else 100
+  c.checkpoint_every_steps = 100      # shared CPUs: an interruption costs <= 100 steps
   c.checkpoint.max_to_keep = 1
 
   c.distill.alpha_mlm = 0.0
@@ -77,7 +83,7 @@ def get_config(variant: str = 'sst2,distill'):
     c.distill.alpha_ce = 0.0
     c.distill.alpha_task = 1.0
   else:
-    c.teacher.path = f'{runs}/{task}/teacher_hf'           # exported fine-tuned teacher
+    c.teacher.path = f"{t['runs']}/{task}/teacher_hf"       # exported fine-tuned teacher
     c.student.init = 'pretrained'   # a BERT checkpoint: DistilBERT init from its layers
     c.student.path = pretrained     # the *pretrained* teacher, so role 'finetune' sees no task teacher
     c.student.num_hidden_layers = len(layers)
