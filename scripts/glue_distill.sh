@@ -39,6 +39,6 @@ for wd in $STUDENTS; do
   run "$wd" "$role" "${flags[@]}" && export_ "$wd"
 done
 for wd in teacher $STUDENTS; do
-  python scripts/glue_pipeline_check.py --task "$TASK" --tsv "$DEV" --workdir "$OUT/$wd" \
+  [ -f "$OUT/${wd}_check.json" ] || python scripts/glue_pipeline_check.py --task "$TASK" --tsv "$DEV" --workdir "$OUT/$wd" \
       --hf "$OUT/${wd}_hf" --json_out "$OUT/${wd}_check.json"
 done
