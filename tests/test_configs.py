@@ -11,15 +11,18 @@ from conftest import ROOT
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                  if not p.endswith('__init__.py'))
 # Variants passed as `--config configs/NAME.py:VARIANT`.
-VARIANTS = {'glue': ['sst2,teacher', 'sst2,distill', 'sst2,finetune', 'mrpc,distill'],
-            'minilm_wiki': ['', 'narrow']}
+VARIANTS = {'glue': ['sst2,teacher', 'sst2,distill', 'sst2,finetune', 'mrpc,distill',
+                     'mrpc,teacher,minilm', 'sst2,distill,minilm', 'mrpc,finetune,minilm'],
+            'minilm_wiki': ['', 'narrow'],
+            'minilm_mlm_wiki': ['', 'no_ce', 'no_cos', 'no_mlm', 'random']}
 CASES = [(n, v) for n in CONFIGS for v in VARIANTS.get(n, [None])]
 STABLE = ('num_train_steps', 'eval_every_steps', 'checkpoint_every_steps', 'teacher.path',
           'data.train_files', 'data.eval_files', 'data.max_seq_length')
 
 
 def test_all_configs_are_listed():
-  assert set(CONFIGS) >= {'demo', 'distilbert', 'tiny', 'wiki_mini', 'glue', 'minilm_wiki'}
+  assert set(CONFIGS) >= {'demo', 'distilbert', 'tiny', 'wiki_mini', 'glue', 'minilm_wiki',
+                          'minilm_mlm_wiki'}
 
 
 @pytest.mark.parametrize('name, variant', CASES)
@@ -52,6 +55,38 @@ def test_glue_roles_share_data_steps_and_seed_and_bad_variants_fail():
   assert roles[1].student.to_dict() == roles[2].student.to_dict()  # the same student
   with pytest.raises(ValueError, match='TASK,ROLE'):
     glue.get_config('cola,distill')
+  with pytest.raises(ValueError, match=r'TEACHER in mini\|minilm'):
+    glue.get_config('mrpc,distill,bert-base')
+
+
+def test_glue_minilm_teacher_gives_half_depth_students_of_its_layers():
+  glue = importlib.import_module('configs.glue')
+  mini, minilm = glue.get_config('mrpc,distill'), glue.get_config('mrpc,distill,minilm')
+  assert minilm.student.path.endswith('models/minilm-l6-mlm-wiki')
+  assert (minilm.student.num_hidden_layers, tuple(minilm.student.layers)) == (3, (0, 2, 5))
+  assert minilm.teacher.path == 'runs/glue_minilm/mrpc/teacher_hf'
+  assert glue.get_config('mrpc,teacher,minilm').student.path == minilm.student.path
+  # Only the teacher and the student's depth differ: same data, schedule and objective.
+  for c in (mini, minilm):
+    c.student.path = c.teacher.path = ''
+    c.student.layers, c.student.num_hidden_layers = (), 0
+  assert mini.to_dict() == minilm.to_dict()
+
+
+def test_minilm_ablation_rows_differ_from_row_a_in_one_table4_term_only():
+  m = importlib.import_module('configs.minilm_mlm_wiki')
+  a = m.get_config('').to_dict()
+  assert a['teacher']['path'].endswith('models/minilm-l6-mlm-wiki')
+  assert (a['student']['num_hidden_layers'], a['student']['layers']) == (3, (0, 2, 5))
+  assert (a['distill']['alpha_ce'], a['distill']['alpha_mlm'], a['distill']['alpha_cos']) == (5, 2, 1)
+  flat = lambda d, p='': {k2: v2 for k, v in d.items() for k2, v2 in (
+      flat(v, f'{p}{k}.').items() if isinstance(v, dict) else [(f'{p}{k}', v)])}
+  changed = {v: {k for k, x in flat(m.get_config(v).to_dict()).items() if flat(a)[k] != x}
+             for v in ('no_ce', 'no_cos', 'no_mlm', 'random')}
+  assert changed == {'no_ce': {'distill.alpha_ce'}, 'no_cos': {'distill.alpha_cos'},
+                     'no_mlm': {'distill.alpha_mlm'}, 'random': {'student.init'}}
+  with pytest.raises(ValueError, match="unknown variant 'no_kl'"):
+    m.get_config('no_kl')
 
 
 def test_distilbert_recipe_defaults():
