@@ -56,7 +56,7 @@ def main(argv):
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()
+  console.setup()  # clean console lines, library chatter filtered
   from flaxdistil.data import augmentation  # pylint: disable=g-import-not-at-top
   from flaxdistil.data import glue  # pylint: disable=g-import-not-at-top
   from flaxdistil.data import tokenization  # pylint: disable=g-import-not-at-top

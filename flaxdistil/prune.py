@@ -303,7 +303,7 @@ def main(argv):
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  console.quiet_libraries()
+  console.setup()  # clean console lines, library chatter filtered
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the checks
   with cli.exit_on_config_error():

@@ -43,7 +43,7 @@ def test_chip_config_and_wrap():
     ('v5e-3', '3 chips is not a slice'),
     ('v4-7', 'count TensorCores'),
     ('v9-8', 'unknown TPU generation'),
-    ('h100', 'not a TPU slice name'),
+    ('a100', 'not a TPU slice name'),  # (h100 / h200 name GPU targets)
     ('v5e:2x2x2', '2-dimensional'),
 ])
 def test_bad_names_say_what_is_accepted(name, match):

@@ -502,7 +502,7 @@ def _bisect(config, target, devices, layout, mesh_shape, variant, shards, gbs, t
     try:
       rep = compile_report(c, target, devices, trip_scale=(compiled_a, real))
       fits[m], used[m] = rep, rep['memory']['total']
-      status = (f"fits, {rep['memory']['total'] / GIB:.2f} GiB/chip" +
+      status = (f"fits, kinds sum to {rep['memory']['total'] / GIB:.2f} GiB/chip" +
                 (f", est. {rep['estimate']['step_time_s'] * 1e3:.0f} ms/step"
                  if rep['estimate'] else ''))
     except OutOfMemory as e:
