@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from flaxdistil.model import hf_conversion
+
 
 def load_torch_model(hf_dir: str):
   """`(model, output_name)`: the float32 eval-mode transformers model in `hf_dir`.
@@ -26,6 +28,8 @@ def load_torch_model(hf_dir: str):
     to read (`'logits'` or `'last_hidden_state'`).
 
   Raises:
+    CorruptFileError: `hf_dir` has a `SHA256SUMS` that a file fails
+      (`hf_conversion.verify_model_dir`).
     FileNotFoundError: `hf_dir` or its config.json is missing.
     ValueError: config.json is not a BERT / DistilBERT config, or the weights do
       not load cleanly (missing / unexpected tensors).
@@ -37,6 +41,7 @@ def load_torch_model(hf_dir: str):
   if not os.path.isfile(os.path.join(hf_dir, 'config.json')):
     raise FileNotFoundError(f'{hf_dir} has no config.json, so it is not a Hugging Face model '
                             'directory; export the run first with `python -m flaxdistil.export`.')
+  hf_conversion.verify_model_dir(hf_dir)
   config = transformers.AutoConfig.from_pretrained(hf_dir)
   if config.model_type not in ('bert', 'distilbert'):
     raise ValueError(f'{hf_dir}: model_type {config.model_type!r}; only BERT and DistilBERT '
