@@ -159,6 +159,9 @@ class PeerWatchdog:
     self.index, self.count = jax.process_index(), jax.process_count()
     self.resume_hint = resume_hint
     self._stop, self._lost = threading.Event(), threading.Event()
+    self._peers = [p for p in range(self.count) if p != self.index]
+    now = time.monotonic()
+    self._seen = {p: (None, now) for p in self._peers}  # peer -> (last value, when it changed)
     self._thread = threading.Thread(target=self._run, name='flaxdistil-peer-watchdog', daemon=True)
 
   def start(self) -> PeerWatchdog:
@@ -180,17 +183,24 @@ class PeerWatchdog:
     with contextlib.suppress(Exception):
       self.client.key_value_set(self.PREFIX + str(self.index), 'exit', allow_overwrite=True)
 
-  def confirm_loss(self, wait: float | None = None) -> bool:
-    """Waits up to `wait` s (default `timeout` + 2 beats) for the watchdog to find a lost peer.
+  def confirm_loss(self) -> bool:
+    """Waits until every peer has beaten again (or ended), or the watchdog finds one lost.
 
     For an exception of the main thread that may be a symptom (a collective failing because a
-    peer closed its connection): if the peer is lost, the watchdog exits the process with its
-    message during the wait and this never returns.
+    peer closed its connection): if a peer is lost, the watchdog exits the process with its
+    message during the wait (within `timeout`) and this never returns; if all are alive, it
+    returns after about one beat.
 
     Returns:
-      False: no process was lost within the wait.
+      False: no process was lost.
     """
-    return self._lost.wait(self.timeout + 2 * self.interval if wait is None else wait)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < self.timeout + 2 * self.interval:
+      if self._lost.wait(self.interval / 4):
+        return True  # not reached: the watchdog exits the process
+      if all(value == 'exit' or changed > t0 for value, changed in self._seen.values()):
+        return False
+    return False
 
   def _report(self, lost: list[int], seconds: float, why: str) -> None:
     self._lost.set()
@@ -205,9 +215,7 @@ class PeerWatchdog:
     os._exit(EXIT_PROCESS_LOST)  # pylint: disable=protected-access
 
   def _run(self) -> None:
-    peers = [p for p in range(self.count) if p != self.index]
-    start = time.monotonic()
-    seen = {p: (None, start) for p in peers}  # last value, when it last changed
+    peers, seen = self._peers, self._seen
     beat, unreachable_since = 0, None
     while not self._stop.is_set():
       beat += 1

@@ -40,6 +40,7 @@ from flaxdistil.objectives import intermediate
 from flaxdistil.storage import integrity
 from flaxdistil.storage import space
 from flaxdistil.training import sharding
+from flaxdistil.training.errors import ConfigError
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -436,7 +437,8 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> No
       either side is not compared.
 
   Raises:
-    ValueError: listing each changed field with the saved and the new value.
+    ConfigError: (a ValueError; exit code 2 from the command line) listing each changed field
+      with the saved and the new value.
   """
   diffs = []
   for k in _BREAKING:
@@ -444,7 +446,7 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> No
         current[k], sort_keys=True):
       diffs.append(f'  {k}: checkpoint has {saved[k]!r}, config now has {current[k]!r}')
   if diffs:
-    raise ValueError(
+    raise ConfigError(
         'Refusing to resume: the config changed in a way that would corrupt the run:\n' +
         '\n'.join(diffs) +
         '\nRestore the original settings, or start a new run in a fresh --workdir.')

@@ -101,7 +101,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       input, with the fix.
     DirectoryLockedError: another live run holds `workdir` (`storage/lock.py`); nothing of
       `workdir` was touched.
-    ValueError: resuming with a config that changes shapes or data.
+    ConfigError: also when resuming with a config that changes shapes or data
+      (`checkpointing.check_compatible`).
     CorruptFileError: the checkpoint to resume from, the token cache or the teacher cache
       fails its checksums (the message names the file and the fix).
     DiskFullError: no space left for a checkpoint or the run's logs (the message names the
