@@ -480,6 +480,19 @@ def _teacher_copy(tmp_path, hf_teacher, name, edit):
   return out
 
 
+def _overflow_embedding(tensors, token):
+  """Makes every sequence holding `token` non-finite in the teacher, and no other.
+
+  Two entries of its embedding row set to 3e38 overflow the embedding LayerNorm's mean (inf, then
+  NaN through attention) of exactly the sequences with `token`. The MLM decoder is tied to these
+  embeddings, so the head's last LayerNorm is zeroed in those two features: the decoder's logit
+  for `token` is then exactly 0 * 3e38 = 0 at every position instead of overflowing at random ones.
+  """
+  tensors['bert.embeddings.word_embeddings.weight'][token, :2] = 3e38
+  tensors['cls.predictions.transform.LayerNorm.weight'][:2] = 0.0
+  tensors['cls.predictions.transform.LayerNorm.bias'][:2] = 0.0
+
+
 def _teacher_args(teacher, syn, *extra):
   train, valid = syn['train_files'][0], syn['eval_files'][0]
   return ['--config.teacher.random_init=False', f'--config.teacher.path={teacher}',
@@ -527,7 +540,7 @@ def test_steps_a_teacher_makes_non_finite_are_skipped_counted_or_stop_the_run(tm
   bad_steps = sorted(steps_of[token])
 
   def huge(t):  # finite weights whose sum overflows: rows with `token` turn to NaN in the teacher
-    t['bert.embeddings.word_embeddings.weight'][token, :2] = 3e38
+    _overflow_embedding(t, token)
   teacher = _teacher_copy(tmp_path, hf_teacher, 'huge', huge)
   r = subprocess.run([sys.executable, '-m', 'flaxdistil.main', '--config', 'configs/tiny.py',
                       '--workdir', str(tmp_path / 'skip'), *_teacher_args(teacher, syn)],
@@ -559,7 +572,7 @@ def test_a_run_whose_steps_are_all_non_finite_stops(tmp_path, hf_teacher):
   cls = transformers.AutoTokenizer.from_pretrained(d / 'bert').cls_token_id
 
   def huge(t):  # every row starts with [CLS]: every step is non-finite
-    t['bert.embeddings.word_embeddings.weight'][cls, :2] = 3e38
+    _overflow_embedding(t, cls)
   teacher = _teacher_copy(tmp_path, hf_teacher, 'all', huge)
   wd = tmp_path / 'w'
   r = subprocess.run([sys.executable, '-m', 'flaxdistil.main', '--config', 'configs/tiny.py',
