@@ -135,6 +135,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 5.0      # global-norm clipping (HF distiller max_grad_norm)
   c.optim.num_microbatches = 64     # gradient accumulation: 4096 = 64 x 64
   c.optim.on_nonfinite = 'skip'     # 'skip' the update and count it, or 'stop'
+  c.optim.max_consecutive_nonfinite = 100  # 'skip': stop once this many steps in a row were
+                                    # non-finite (the student stopped learning); 0 = never
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = ('data', 'fsdp', 'tensor')

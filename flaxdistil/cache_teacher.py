@@ -29,6 +29,9 @@ from flaxdistil import console
 from flaxdistil.data import progress
 from flaxdistil.data import teacher_cache as tc_lib
 from flaxdistil.storage import atomic
+from flaxdistil.storage import integrity
+from flaxdistil.storage import lock
+from flaxdistil.storage import space
 from flaxdistil.training import setup
 from flaxdistil.training import sharding
 
@@ -207,70 +210,93 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   bs = batch_size or config.data.eval_batch_size
   plan['batch_size'] = bs = max(shards_n, bs - bs % shards_n)
   os.makedirs(out, exist_ok=True)
-  mpath = os.path.join(out, tc_lib.MANIFEST)
-  if os.path.exists(mpath):
-    with open(mpath) as f:
-      old = json.load(f)
-    same = {k_: v for k_, v in old.items() if k_ in plan and k_ != 'complete'} == {
-        k_: v for k_, v in plan.items() if k_ != 'complete'}
-    if not same:
-      diff = sorted(k_ for k_ in plan if k_ != 'complete' and old.get(k_) != plan[k_])
-      raise setup.ConfigError(f'--out {out!r} holds a cache for another config (differs in '
-                              f'{diff}); choose a new --out or delete it.')
-    if old.get('complete'):
-      logging.info('%s is already complete.', out)
-      return old
-  elif jax.process_index() == 0:
-    atomic.write_json(mpath, plan)
+  with lock.hold(out, f'--out {os.path.abspath(out)}', 'Wait for that build to end or stop it, '
+                 'or pass another --out.', jax.process_index()), space.reporting_disk_full(
+                     out, 'the teacher cache', lambda: _space_needed(out, plan),
+                     'rerun the same command: finished shards are kept and the build goes on '
+                     'with the missing ones.'):
+    mpath = os.path.join(out, tc_lib.MANIFEST)
+    if os.path.exists(mpath):
+      with open(mpath) as f:
+        old = json.load(f)
+      same = {k_: v for k_, v in old.items() if k_ in plan and k_ != 'complete'} == {
+          k_: v for k_, v in plan.items() if k_ != 'complete'}
+      if not same:
+        diff = sorted(k_ for k_ in plan if k_ != 'complete' and old.get(k_) != plan[k_])
+        raise setup.ConfigError(f'--out {out!r} holds a cache for another config (differs in '
+                                f'{diff}); choose a new --out or delete it.')
+      if tc_lib.complete(out, old):
+        logging.info('%s is already complete.', out)
+        return old
+    elif jax.process_index() == 0:
+      atomic.write_json(mpath, plan)
 
-  t_shard, _ = sharding.model_param_layout(run.teacher_config, mesh, rules)
-  b_shard = sharding.batch_sharding(mesh, rules)
-  fn = make_targets_fn(run.teacher_model, k, float(config.distill.temperature),
-                       values_dtype, hidden_dtype, layers)
-  with sharding.mesh_context(mesh, rules):
-    jfn = jax.jit(fn, in_shardings=(t_shard, b_shard, b_shard))
-    params = jax.device_put(run.teacher_params, t_shard)
-    done, memo = 0, {}
-    mine = [s for s in range(plan['num_shards']) if s % jax.process_count() == jax.process_index()]
-    todo = [s for s in mine if not os.path.exists(os.path.join(out, tc_lib.shard_name(s)))]
-    num_rows_mine = lambda shards: sum(len(rows[s * rows_per_shard:(s + 1) * rows_per_shard])
-                                       for s in shards)
-    bar = progress.progress_bar(num_rows_mine(mine), 'teacher cache', 'row',
-                                initial=num_rows_mine(mine) - num_rows_mine(todo))
-    for s in todo:
-      path = os.path.join(out, tc_lib.shard_name(s))
-      srows = rows[s * rows_per_shard:(s + 1) * rows_per_shard]
-      parts = []
-      for i in range(0, len(srows), bs):
-        ids, mask = _teacher_inputs(srows[i:i + bs], packed, it, gbs, masked, memo)
-        n = len(ids)
-        pad = np.zeros((bs - n, t), ids.dtype)  # pad rows, dropped below
-        ids, mask = np.concatenate([ids, pad]), np.concatenate([mask, pad]).astype(np.int32)
-        res = jax.device_get(jfn(params, *jax.device_put((ids, mask), b_shard)))
-        parts.append({k_: np.asarray(v)[:n] for k_, v in res.items()})
-        bar.update(n)
-      arrays = {'row': srows, **{k_: np.concatenate([p[k_] for p in parts]) for k_ in parts[0]}}
-      tc_lib.write_shard(path, arrays)
-      done += 1
-      logging.info('shard %d/%d written (%d rows, %.0f s)', s + 1, plan['num_shards'], len(srows),
-                   time.time() - t0)
-    bar.close()
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('flaxdistil_teacher_cache_done')
-  sizes = [os.path.getsize(os.path.join(out, tc_lib.shard_name(s))) for s in range(plan['num_shards'])]
-  packed_rows = rows
-  if masked:  # the packed row behind each sample
-    steps = rows // gbs
-    packed_rows = np.concatenate([it.rows(int(st))[rows[steps == st] % gbs]
-                                  for st in np.unique(steps)])
-  tokens = int((packed[packed_rows] != 0).sum())
-  manifest = dict(plan, complete=True, bytes=int(sum(sizes)), num_tokens=tokens,
-                  bytes_per_token=round(sum(sizes) / max(tokens, 1), 2),
-                  build_seconds=round(time.time() - t0, 1), shards_built_this_run=done)
-  if jax.process_index() == 0:
-    atomic.write_json(mpath, manifest)
-  return manifest
+    t_shard, _ = sharding.model_param_layout(run.teacher_config, mesh, rules)
+    b_shard = sharding.batch_sharding(mesh, rules)
+    fn = make_targets_fn(run.teacher_model, k, float(config.distill.temperature),
+                         values_dtype, hidden_dtype, layers)
+    with sharding.mesh_context(mesh, rules):
+      jfn = jax.jit(fn, in_shardings=(t_shard, b_shard, b_shard))
+      params = jax.device_put(run.teacher_params, t_shard)
+      done, memo = 0, {}
+      mine = [s for s in range(plan['num_shards'])
+              if s % jax.process_count() == jax.process_index()]
+      todo = [s for s in mine if not os.path.exists(os.path.join(out, tc_lib.shard_name(s)))]
+      num_rows_mine = lambda shards: sum(len(rows[s * rows_per_shard:(s + 1) * rows_per_shard])
+                                         for s in shards)
+      bar = progress.progress_bar(num_rows_mine(mine), 'teacher cache', 'row',
+                                  initial=num_rows_mine(mine) - num_rows_mine(todo))
+      for s in todo:
+        path = os.path.join(out, tc_lib.shard_name(s))
+        srows = rows[s * rows_per_shard:(s + 1) * rows_per_shard]
+        parts = []
+        for i in range(0, len(srows), bs):
+          ids, mask = _teacher_inputs(srows[i:i + bs], packed, it, gbs, masked, memo)
+          n = len(ids)
+          pad = np.zeros((bs - n, t), ids.dtype)  # pad rows, dropped below
+          ids, mask = np.concatenate([ids, pad]), np.concatenate([mask, pad]).astype(np.int32)
+          res = jax.device_get(jfn(params, *jax.device_put((ids, mask), b_shard)))
+          parts.append({k_: np.asarray(v)[:n] for k_, v in res.items()})
+          bar.update(n)
+        arrays = {'row': srows, **{k_: np.concatenate([p[k_] for p in parts]) for k_ in parts[0]}}
+        tc_lib.write_shard(path, arrays)
+        done += 1
+        logging.info('shard %d/%d written (%d rows, %.0f s)', s + 1, plan['num_shards'], len(srows),
+                     time.time() - t0)
+      bar.close()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('flaxdistil_teacher_cache_done')
+    sizes = [os.path.getsize(os.path.join(out, tc_lib.shard_name(s)))
+             for s in range(plan['num_shards'])]
+    packed_rows = rows
+    if masked:  # the packed row behind each sample
+      steps = rows // gbs
+      packed_rows = np.concatenate([it.rows(int(st))[rows[steps == st] % gbs]
+                                    for st in np.unique(steps)])
+    tokens = int((packed[packed_rows] != 0).sum())
+    manifest = dict(plan, complete=True, bytes=int(sum(sizes)), num_tokens=tokens,
+                    bytes_per_token=round(sum(sizes) / max(tokens, 1), 2),
+                    build_seconds=round(time.time() - t0, 1), shards_built_this_run=done,
+                    checksums=integrity.SUMS_FILE)
+    if jax.process_index() == 0:
+      atomic.write_json(mpath, manifest)
+      names = [tc_lib.shard_name(s) for s in range(plan['num_shards'])]
+      integrity.write_sums(out, names + [tc_lib.MANIFEST], known={
+          n: tc_lib.shard_sha256(out, s) for s, n in enumerate(names)})
+    return manifest
+
+
+def _space_needed(out: str, plan: dict) -> int:
+  """About how many bytes the missing shards of `out` need (the mean of those written, else
+  the manifest's row layout at 8 bytes per stored value)."""
+  sizes = [os.path.getsize(os.path.join(out, tc_lib.shard_name(s))) for s in range(
+      plan['num_shards']) if os.path.exists(os.path.join(out, tc_lib.shard_name(s)))]
+  left = plan['num_shards'] - len(sizes)
+  if sizes:
+    return int(left * sum(sizes) / len(sizes))
+  values = plan['max_seq_length'] * (2 * plan['top_k'] + 1 + plan['hidden_size'])
+  return left * plan['rows_per_shard'] * values * 8
 
 
 # ----------------------------------------------------------------------------- command line
@@ -297,7 +323,8 @@ def main(argv):
 
   Raises:
     app.UsageError: positional arguments beyond the program name.
-    SystemExit: code 2 after a `ConfigError` (`cli.exit_on_config_error`).
+    SystemExit: `error: ...` and the code of `cli.exit_on_error` (2 a `ConfigError`, 4 the disk
+      is full, 5 a corrupt input file, 6 another build holds `--out`, 7 a lost process).
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -306,7 +333,7 @@ def main(argv):
   out = FLAGS.out.rstrip('/')
   workdir = FLAGS.build_workdir or os.path.join(os.path.dirname(out) or '.',
                                                 os.path.basename(out) + '_work')
-  with cli.exit_on_config_error(FLAGS.config):
+  with cli.exit_on_error(FLAGS.config):
     setup.prepare_workdir(workdir)
     m = build(FLAGS.config, out, workdir, num_rows=FLAGS.num_rows,
               rows_per_shard=FLAGS.rows_per_shard, batch_size=FLAGS.batch_size)

@@ -7,7 +7,7 @@
   every record, chatter included, with absl's full prefix, in that file.
 - `summary_table(summary)`: the end-of-run table of `train.train_and_evaluate`'s summary (rich).
 
-Errors a user can fix stay one paragraph (`error: ...`, exit 2: `cli.exit_on_config_error`). The
+Errors a user can fix stay one paragraph (`error: ...`, exit 2 and up: `cli.exit_on_error`). The
 console is set up inside `absl.app.run`'s main, after absl installed its own handler, which it
 replaces; library users who never call `setup` keep their logging as it was.
 """
@@ -22,9 +22,11 @@ import rich.console
 import rich.table
 import tqdm
 
+from flaxdistil.storage import space
+
 
 class QuietLibraries(logging.Filter):
-  """Drops library chatter that tells a user nothing; errors always pass.
+  """Drops library chatter that tells a user nothing; errors pass (all but the last below).
 
   Dropped:
   - INFO of orbax (one line per file it reads or writes), of the ONNX
@@ -35,7 +37,9 @@ class QuietLibraries(logging.Filter):
     use is logged by `main`. A platform requested with JAX_PLATFORMS that fails
     raises instead, so TPU/GPU problems still show;
   - orbax's warnings that a read-only manager (export) disables saving, and
-    the quantizer's advice to pre-process the model (an image-model recipe).
+    the quantizer's advice to pre-process the model (an image-model recipe);
+  - orbax's error tracebacks of a save that found the disk full: the command
+    reports that itself, once, with the space needed and the fix.
   """
 
   _QUIET_INFO_PATHS = ('/orbax/', '/onnxscript/', '/onnx_ir/', '/onnxruntime/quantization/')
@@ -43,7 +47,10 @@ class QuietLibraries(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     """True to emit `record`, False to drop it (the rules of the class docstring)."""
     if record.levelno >= logging.ERROR:
-      return True
+      # A save that found the disk full: orbax logs the traceback, the command reports it in one
+      # paragraph (`storage.space.DiskFullError`).
+      return not ('/orbax/' in record.pathname and record.exc_info
+                  and space.is_disk_full(record.exc_info[1]))
     msg = str(record.msg)
     if record.levelno >= logging.WARNING:
       return not (('/orbax/' in record.pathname and 'read_only' in msg.replace(' ', '_'))

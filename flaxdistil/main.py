@@ -53,27 +53,28 @@ def main(argv):
 
   Raises:
     app.UsageError: positional arguments beyond the program name.
-    SystemExit: code 2 after a `ConfigError` (`cli.exit_on_config_error`), code 3 after a
-      non-finite step with `optim.on_nonfinite='stop'` (both printed as `error: ...`).
+    SystemExit: printed as `error: ...` (`cli.exit_on_error`): code 2 after a `ConfigError`,
+      3 after non-finite steps (`optim.on_nonfinite='stop'`, or `optim.max_consecutive_nonfinite`
+      in a row), 4 when the disk is full, 5 for a corrupt checkpoint or cache file, 6 when
+      another run holds `--workdir`, 7 when another process of a multi-process job was lost.
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   console.setup()  # clean console lines, library chatter filtered
-  cli.initialize_from_flags()
+  watchdog = cli.initialize_from_flags()
+  from flaxdistil.training import checkpointing  # pylint: disable=g-import-not-at-top
   from flaxdistil.training import setup  # pylint: disable=g-import-not-at-top
   from flaxdistil.training import train  # pylint: disable=g-import-not-at-top
-  with cli.exit_on_config_error(FLAGS.config):
+  if watchdog is not None:
+    watchdog.resume_hint = lambda: checkpointing.resume_hint(FLAGS.workdir)
+  with cli.exit_on_error(FLAGS.config):
     setup.prepare_workdir(FLAGS.workdir)
     i = jax.process_index()
     console.setup(os.path.join(FLAGS.workdir, 'log.txt' if i == 0 else f'log.{i}.txt'))
     logging.info('JAX %s: process %d/%d, %d local / %d global devices (%s)', jax.__version__,
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.devices()[0].platform)
-    try:
-      summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except FloatingPointError as e:  # optim.on_nonfinite='stop'
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(3)
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if i == 0 and not summary.get('preempted'):
     logging.info('%s', console.summary_table(summary, FLAGS.workdir))
 

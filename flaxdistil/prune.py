@@ -306,7 +306,7 @@ def main(argv):
   console.setup()  # clean console lines, library chatter filtered
   import transformers  # pylint: disable=g-import-not-at-top
   transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the checks
-  with cli.exit_on_config_error():
+  with cli.exit_on_error():
     try:
       report = prune_run(FLAGS.workdir, FLAGS.out, heads=FLAGS.heads, ffn=FLAGS.ffn,
                          step=FLAGS.step, importance_batches=FLAGS.importance_batches,

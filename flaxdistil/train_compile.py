@@ -194,7 +194,7 @@ def main(argv):
   name = (FLAGS.topology or 'host').replace(':', '_')
   out = FLAGS.json_out or f'train_compile_{name}.json'
   load = os.getloadavg()
-  with cli.exit_on_config_error(config):
+  with cli.exit_on_error(config):
     if FLAGS.search:
       res = aot.search(config, target, devices, tensor=FLAGS.search_tensor,
                        chunk=FLAGS.search_chunk, log=lambda s: print(s, flush=True),

@@ -3,11 +3,15 @@
 Helpers are plain names, imported as `from conftest import ROOT` (pytest puts tests/ on sys.path):
 `ROOT` (the repository), `subprocess_env(devices)` (the environment of a command-line test),
 `tiny_config(**overrides)` (configs/tiny.py with flattened overrides), `cache_config(**overrides)`
-(its teacher-cache variant), `assert_trees_close`, `fake_batch` (packed-looking rows) and `MASK_KW`. Fixtures: `tok` (a tiny WordPiece tokenizer)
-and `built_cache` (a teacher cache of the tiny run, built once per session).
+(its teacher-cache variant), `assert_trees_close`, `fake_batch` (packed-looking rows), `MASK_KW`,
+`small_filesystem(path, size)` (a real size-limited file system, for disk-full tests) and
+`flip_byte(path, offset)`. Fixtures: `tok` (a tiny WordPiece tokenizer) and `built_cache` (a
+teacher cache of the tiny run, built once per session).
 """
 
+import contextlib
 import os
+import subprocess
 import tempfile
 
 import numpy as np
@@ -28,6 +32,12 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+  """Registers the `slow` marker: `pytest -m "not slow"` is the fast tier."""
+  config.addinivalue_line('markers', 'slow: real runs, builds or exports in subprocesses '
+                          '(minutes); left out of the fast tier `pytest -m "not slow"`')
 
 # The word-level vocabulary of `tok` (test_corpus, test_input_pipeline): ids 0-4 are SPECIALS,
 # then WORDS in order ('##s' is a WordPiece suffix, 'café' checks unicode handling).
@@ -111,3 +121,47 @@ def fake_batch(n, t, vocab, rng):
 
 # BERT masking arguments for the `tok` vocabulary (flaxdistil.data.masking.mask_tokens).
 MASK_KW = dict(mask_token_id=MASK, special_token_ids=[PAD, UNK, CLS, SEP, MASK])
+
+
+class SmallFilesystem:
+  """A mounted tmpfs of limited size (`small_filesystem`); `resize(bytes)` frees space."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def resize(self, size: int) -> None:
+    """Remounts with `size` bytes (a larger size is "space freed"); the files stay."""
+    subprocess.run(['mount', '-o', f'remount,size={size}', self.path], check=True)
+
+  def used(self) -> int:
+    """Bytes in use (whole pages, as the file system counts them)."""
+    st = os.statvfs(self.path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size: int):
+  """A tmpfs of `size` bytes mounted at `path` (created): writes past it fail with ENOSPC.
+
+  A real file system filling up (every library sees the kernel's ENOSPC), not a mock. Mounting
+  needs root (CAP_SYS_ADMIN); elsewhere the test is skipped with that reason.
+  """
+  os.makedirs(path, exist_ok=True)
+  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                     capture_output=True, text=True) if os.geteuid() == 0 else None
+  if r is None or r.returncode:
+    pytest.skip('a size-limited file system needs root to mount a tmpfs: '
+                + (r.stderr.strip() if r is not None else 'not root'))
+  try:
+    yield SmallFilesystem(path)
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def flip_byte(path, offset: int = -10) -> None:
+  """Flips one bit of the byte at `offset` (negative: from the end) of the file `path`."""
+  with open(path, 'r+b') as f:
+    f.seek(offset, os.SEEK_END if offset < 0 else os.SEEK_SET)
+    b = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([b[0] ^ 0x01]))

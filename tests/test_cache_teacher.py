@@ -1,9 +1,12 @@
 """The teacher-cache builder (`flaxdistil/cache_teacher.py`): the rows a run reads, a complete
-manifest, a killed build resumed to identical shards, and caches whose targets make an offline run
-equal the online one (k = V, float32), with intermediate layers and with the masked input."""
+manifest, a killed build resumed to identical shards, a build that finds the disk full finished
+by the same command, and caches whose targets make an offline run equal the online one (k = V,
+float32), with intermediate layers and with the masked input."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,14 +14,19 @@ import pytest
 
 from flaxdistil import cache_teacher
 from flaxdistil.data import teacher_cache
+from flaxdistil.storage import integrity
 from flaxdistil.training import optimizer
 from flaxdistil.training import setup
 from flaxdistil.training import sharding
 from flaxdistil.training import train_state
 from flaxdistil.training import train_step
 
+from conftest import CACHE_RUN
+from conftest import ROOT
 from conftest import build_cache
 from conftest import cache_config
+from conftest import small_filesystem
+from conftest import subprocess_env
 
 
 def test_plan_rows_in_reading_order_without_repeats_and_capped():
@@ -36,7 +44,7 @@ def test_plan_rows_in_reading_order_without_repeats_and_capped():
 
 def _shard_bytes(d):
   return {f: open(os.path.join(d, f), 'rb').read() for f in sorted(os.listdir(d))
-          if f.startswith('shard-')}
+          if f.startswith('shard-') and f.endswith('.arrow')}
 
 
 @pytest.mark.slow
@@ -185,3 +193,41 @@ def test_masked_input_cache_equals_the_default_online_run_and_refuses_another_ma
                      match='another masked stream.*mlm_probability: cache 0.15, run 0.2'):
     setup.build_run(cache_config(**over, **{'teacher.cache': out, 'distill.mlm_probability': 0.2}),
                     str(root / 'work'))
+
+
+def _cli_build(out, workdir):
+  """The cache of `build_cache` (k = V, float32, 16 rows a shard) by the command line."""
+  flags = [f'--config.{k}={v}' for k, v in CACHE_RUN.items()] + ['--config.teacher.cache_top_k=0']
+  return subprocess.run(
+      [sys.executable, '-m', 'flaxdistil.cache_teacher', '--config', 'configs/tiny.py', *flags,
+       '--out', str(out), '--build_workdir', str(workdir), '--rows_per_shard=16', '--batch_size=8'],
+      cwd=ROOT, env=subprocess_env(2), capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_build_then_the_same_command_finishes_an_identical_cache(tmp_path):
+  ref = _cli_build(tmp_path / 'ref', tmp_path / 'work')
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  shard = os.path.getsize(tmp_path / 'ref' / teacher_cache.shard_name(0))
+  with small_filesystem(tmp_path / 'fs', int(1.6 * shard)) as fs:  # one shard fits, not two
+    out = tmp_path / 'fs' / 'cache'
+    r = _cli_build(out, tmp_path / 'work')
+    assert r.returncode == 4, r.stderr[-3000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert errors[0].startswith(f'error: No space left on device writing the teacher cache in '
+                                f'{out}: it needs about '), errors[0]
+    assert errors[0].endswith('rerun the same command: finished shards are kept and the build '
+                              'goes on with the missing ones.')
+    assert not json.load(open(out / 'manifest.json'))['complete']
+    assert not [f for f in os.listdir(out) if f.startswith('.tmp_')]  # nothing half-written
+    done = sorted(f for f in os.listdir(out) if f.endswith('.arrow'))
+    assert done == [teacher_cache.shard_name(0)]
+    fs.resize(64 << 20)
+    r = _cli_build(out, tmp_path / 'work')
+    assert r.returncode == 0, r.stderr[-3000:]
+    shards = lambda d: {k: v for k, v in integrity.read_sums(str(d)).items()
+                        if k.startswith('shard')}
+    assert shards(out) == shards(tmp_path / 'ref')  # bit-identical to the uninterrupted build
+    assert len(shards(out)) == 3
+    teacher_cache.TeacherCache(str(out))

@@ -1,5 +1,6 @@
 """Checkpoints: refusing an incompatible resume field by field, falling back past an unreadable
-step, the student of a sharded run restored onto one device, and the JSON metadata alone."""
+step, checksums written after each save and a damaged step refused with the fix, the student of a
+sharded run restored onto one device, and the JSON metadata alone."""
 
 import dataclasses
 import glob
@@ -11,8 +12,13 @@ import pytest
 
 from flaxdistil.model import bert
 from flaxdistil.objectives import intermediate
+from flaxdistil.storage import integrity
+from flaxdistil.storage import space
 from flaxdistil.training import checkpointing
 from flaxdistil.training import sharding
+
+from conftest import flip_byte
+from conftest import small_filesystem
 
 ONE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 SCFG = bert.ModelConfig(model_type='distilbert', vocab_size=50, hidden_size=16,
@@ -106,6 +112,78 @@ def test_restore_latest_falls_back_past_an_unreadable_newest_step(tmp_path, capl
   with pytest.raises(RuntimeError, match='No readable checkpoint') as e:
     checkpointing.restore_latest(manager, _abstract())
   assert all(f'({s}, ' in str(e.value) for s in (1, 2, 3))  # each step's error is listed
+
+
+# ----------------------------------------------------------------------------- checksums
+
+def _checkpoints(workdir, steps, async_save=False):
+  """`Checkpoints` (the train loop's saver) over `steps`, each state `x = [s, s, s, s]`."""
+  ckpts = checkpointing.Checkpoints(
+      checkpointing.make_manager(workdir, async_save=async_save), state_bytes=20)
+  for s in steps:
+    ckpts.save(s, {'x': np.full((4,), s, np.float32), 'step': np.int32(s)}, {'data_position': s})
+    ckpts.poll()
+  ckpts.wait()
+  return ckpts
+
+
+@pytest.mark.parametrize('async_save', [False, True])
+def test_saves_get_checksums_and_a_damaged_step_is_refused_with_the_fix(tmp_path, async_save):
+  wd = str(tmp_path)
+  _checkpoints(wd, [1, 2], async_save)
+  root = checkpointing.checkpoint_dir(wd)
+  for s in (1, 2):  # every file of the step, written once Orbax finalised it
+    sums = integrity.read_sums(os.path.join(root, str(s)))
+    assert sorted(sums) == integrity.files_under(os.path.join(root, str(s)))
+    assert 'meta/metadata' in sums and any(n.startswith('state/') for n in sums)
+  manager = checkpointing.make_manager(wd, read_only=True, async_save=False)
+  state, _ = checkpointing.restore_latest(manager, _abstract())
+  assert int(state['step']) == 2
+  data = sorted(glob.glob(os.path.join(root, '2', 'state', '**', 'd', '*'), recursive=True))[0]
+  flip_byte(data, -10)
+  with pytest.raises(integrity.CorruptFileError) as e:  # no fallback: refused, with the fix
+    checkpointing.restore_latest(manager, _abstract())
+  assert str(e.value).startswith(f'{data} is corrupt: this checkpoint file (')
+  assert str(e.value).endswith(
+      f'Checkpoint step 2 is damaged: delete that step (rm -r {root}/2); the newest older '
+      'checkpoint is step 1 (a rerun of the training command resumes from it; export it with '
+      '--step 1).')
+  flip_byte(os.path.join(root, '1', 'meta', 'metadata'), 2)  # metadata, read alone by export
+  with pytest.raises(integrity.CorruptFileError, match=r'1/meta/metadata is corrupt.*there is no '
+                     r'older checkpoint \(a rerun starts from step 0\)'):
+    checkpointing.read_meta(wd, step=1)
+
+
+def test_a_save_that_finds_the_disk_full_names_the_need_and_keeps_the_previous_step(tmp_path):
+  wd = tmp_path / 'w'
+  root = checkpointing.checkpoint_dir(str(wd))
+  big = lambda s: {'x': np.random.default_rng(s).random(1 << 16, np.float32),  # 256 KiB that
+                   'step': np.int32(s)}  # does not compress
+  with small_filesystem(root, 400 << 10):  # room for one step
+    ckpts = checkpointing.Checkpoints(checkpointing.make_manager(str(wd), async_save=False),
+                                      state_bytes=1 << 18)
+    ckpts.save(1, big(1), {})
+    with pytest.raises(space.DiskFullError) as e:
+      ckpts.save(2, big(2), {})
+    assert str(e.value).startswith(f'No space left on device writing checkpoint step 2 in {root}: '
+                                   'it needs about ')
+    assert str(e.value).endswith('rerun the same command: it resumes from step 1 (the newest '
+                                 'complete checkpoint, intact), and repeats the steps since.')
+    assert 200 << 10 < e.value.needed < 300 << 10  # the size of step 1 on disk (compressed)
+    assert checkpointing.complete_steps(str(wd)) == [1]
+    integrity.verify(os.path.join(root, '1'), 'intact')
+
+
+def test_a_step_without_checksums_is_restored_unverified(tmp_path, caplog):
+  wd = str(tmp_path)
+  _save_steps(wd, [3])  # the bare Orbax save: as a step saved before checksums existed
+  caplog.set_level('WARNING')
+  state, _ = checkpointing.restore_latest(
+      checkpointing.make_manager(wd, read_only=True, async_save=False), _abstract())
+  assert int(state['step']) == 3 and 'has no SHA256SUMS' in caplog.text
+  assert checkpointing.resume_hint(wd) == (
+      f'They resume from step 3, the newest complete checkpoint in '
+      f'{checkpointing.checkpoint_dir(wd)}, and repeat the steps since.')
 
 
 # ----------------------------------------------------------------------------- the student alone

@@ -1,4 +1,6 @@
-"""flaxdistil.data.corpus: sharded parallel tokenisation == single-process packing, cache, reads."""
+"""flaxdistil.data.corpus: sharded parallel tokenisation == single-process packing, cache, reads;
+checksums checked before a row is served, a damaged shard rebuilt alone, a full disk resumed."""
+import json
 import os
 import threading
 
@@ -12,6 +14,8 @@ from flaxdistil.data import input_pipeline as ip
 from flaxdistil.data import masking
 from flaxdistil.data import synthetic
 from flaxdistil.data import tokenization
+from flaxdistil.storage import integrity
+from flaxdistil.storage import space
 from flaxdistil.training import setup
 
 # the `tok` fixture's vocabulary and the shared helpers (tests/conftest.py)
@@ -21,6 +25,8 @@ from conftest import PAD
 from conftest import SEP
 from conftest import UNK
 from conftest import WORDS
+from conftest import flip_byte
+from conftest import small_filesystem
 from conftest import tiny_config
 from test_documents import messy_text
 
@@ -117,6 +123,81 @@ def test_interrupted_build_resumes_from_finished_shards(tok, tmp_path, monkeypat
   calls.clear()
   corpus.open_packed(units, tok, 16, cache_dir=str(tmp_path / 'c'))
   assert not calls  # cache hit
+
+
+def test_a_damaged_shard_is_refused_before_any_row_and_the_fix_rebuilds_only_it(tok, tmp_path,
+                                                                               monkeypatch):
+  f = tmp_path / 'v.txt'
+  f.write_text(messy_text(np.random.default_rng(5), 40))
+  units = documents.file_units([str(f)], unit_bytes=400)
+  p = corpus.open_packed(units, tok, 16, cache_dir=str(tmp_path / 'c'), num_proc=1)
+  d = p.directory
+  assert p.manifest['checksums'] == integrity.SUMS_FILE
+  assert sorted(integrity.read_sums(d)) == sorted(
+      [s['file'] for s in p.manifest['shards']] + ['counts.npy', 'manifest.json'])
+  # Opening an unchanged cache again hashes nothing (stamps): the cost of a verified re-open.
+  assert integrity.verify(d, 'x', stamps=True).hashed_bytes == 0
+  shard = os.path.join(d, p.manifest['shards'][1]['file'])
+  flip_byte(shard, -3)  # one token near the end
+  with pytest.raises(integrity.CorruptFileError) as e:
+    corpus.PackedDataset(d, 16, cls_id=CLS, sep_id=SEP, pad_id=PAD)
+  base = shard[:-4]
+  assert str(e.value).startswith(f'{shard} is corrupt: this token cache file (')
+  assert (f'(rm {base}.npy {base}.json {base}.counts.npy {d}/manifest.json), or rm -r {d} to '
+          'rebuild all.') in str(e.value)
+  # Through the input pipeline the error keeps its type (not a ConfigError).
+  with pytest.raises(integrity.CorruptFileError):
+    corpus.open_packed(units, tok, 16, cache_dir=str(tmp_path / 'c'), num_proc=1)
+  for name in (f'{base}.npy', f'{base}.json', f'{base}.counts.npy', f'{d}/manifest.json'):
+    os.remove(name)  # the fix the message gives
+  calls = []
+  real = corpus.tokenize_documents
+  monkeypatch.setattr(corpus, 'tokenize_documents', lambda t, b: calls.append(1) or real(t, b))
+  again = corpus.open_packed(units, tok, 16, cache_dir=str(tmp_path / 'c'), num_proc=1)
+  assert len(calls) == 1  # that shard alone
+  np.testing.assert_array_equal(np.asarray(again), reference_rows([str(f)], tok, 16))
+  with open(shard, 'r+b') as fh:  # truncated
+    fh.truncate(os.path.getsize(shard) - 4)
+  with pytest.raises(integrity.CorruptFileError, match='is corrupt'):
+    corpus.PackedDataset(d, 16, cls_id=CLS, sep_id=SEP, pad_id=PAD)
+
+
+def test_a_cache_built_before_checksums_is_checked_against_its_manifest(tok, tmp_path):
+  f = tmp_path / 'o.txt'
+  f.write_text(messy_text(np.random.default_rng(6), 20))
+  p = corpus.open_packed(documents.file_units([str(f)]), tok, 16, cache_dir=str(tmp_path / 'c'))
+  d = p.directory
+  manifest = json.load(open(os.path.join(d, 'manifest.json')))
+  del manifest['checksums']  # as an older version wrote it: no SHA256SUMS
+  json.dump(manifest, open(os.path.join(d, 'manifest.json'), 'w'))
+  os.remove(os.path.join(d, integrity.SUMS_FILE))
+  np.testing.assert_array_equal(
+      np.asarray(corpus.PackedDataset(d, 16, cls_id=CLS, sep_id=SEP, pad_id=PAD)), np.asarray(p))
+  flip_byte(os.path.join(d, 'shard-00000.npy'), -3)
+  with pytest.raises(integrity.CorruptFileError, match='do not match the sha256 .* recorded in '
+                     'manifest.json'):
+    corpus.PackedDataset(d, 16, cls_id=CLS, sep_id=SEP, pad_id=PAD)
+
+
+def test_a_build_that_finds_the_disk_full_keeps_its_shards_and_resumes(tok, tmp_path):
+  f = tmp_path / 'big.txt'
+  f.write_text(messy_text(np.random.default_rng(7), 400))
+  units = documents.file_units([str(f)], unit_bytes=4000)
+  assert len(units) > 4
+  ref = corpus.open_packed(units, tok, 16, cache_dir=str(tmp_path / 'ref'), num_proc=1)
+  shard_pages = -(-os.path.getsize(os.path.join(ref.directory, 'shard-00000.npy')) // 4096)
+  with small_filesystem(tmp_path / 'fs', (4 + 3 * shard_pages) * 4096) as fs:  # 1-2 shards fit
+    with pytest.raises(space.DiskFullError) as e:
+      corpus.open_packed(units, tok, 16, cache_dir=str(tmp_path / 'fs'), num_proc=1)
+    assert str(e.value).startswith('No space left on device writing the token cache tokens-')
+    assert e.value.needed > 0
+    built = sorted((tmp_path / 'fs').glob('tokens-*/shard-*.json'))
+    assert 0 < len(built) < len(units)  # finished shards kept, no manifest
+    assert not list((tmp_path / 'fs').glob('tokens-*/manifest.json'))
+    fs.resize(64 << 20)
+    again = corpus.open_packed(units, tok, 16, cache_dir=str(tmp_path / 'fs'), num_proc=1)
+    assert again.manifest['tokens_sha256'] == ref.manifest['tokens_sha256']
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(ref))
 
 
 def test_concurrent_builders_share_one_build(tok, tmp_path, monkeypatch):

@@ -66,3 +66,34 @@ def test_saved_interval_continues_bit_exactly():
   empty.load({}, replicated)
   with pytest.raises(ValueError):
     empty.pop()
+
+
+def test_non_finite_steps_in_a_row_are_counted_across_intervals():
+  bad = lambda: _metrics(np.nan, 100, (np.nan, 100), finite=False, skipped=1)
+  ok = lambda: _metrics(2.0, 100, (10.0, 100))
+  acc = metric_writers.IntervalMeans()
+  for m in (bad(), ok(), bad(), bad()):  # two in a row at the end
+    acc.add(m)
+  assert acc.pop()['nonfinite_in_a_row'] == 2
+  for m in (bad(), bad(), bad()):  # an interval of only skipped steps adds to the run
+    acc.add(m)
+  assert acc.pop()['nonfinite_in_a_row'] == 5
+  acc.add(bad())
+  saved = json.loads(json.dumps(acc.state()))  # a checkpoint between log steps
+  resumed = metric_writers.IntervalMeans()
+  resumed.load(saved, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  resumed.nonfinite_in_a_row = acc.nonfinite_in_a_row  # what the checkpoint's meta carries
+  resumed.add(bad())
+  assert resumed.pop()['nonfinite_in_a_row'] == 7
+  resumed.add(ok())
+  assert resumed.pop()['nonfinite_in_a_row'] == 0
+
+
+def test_a_torn_last_line_is_dropped_when_the_writer_reopens(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "kind": "train", "loss": 2.0}\n{"step": 2, "kind": "tr')  # cut short
+  writer = metric_writers.MetricWriter(str(tmp_path))
+  writer.write(2, {'loss': 1.5})
+  writer.close()
+  recs = [json.loads(l) for l in path.read_text().splitlines()]
+  assert [(r['step'], r['loss']) for r in recs] == [(1, 2.0), (2, 1.5)]

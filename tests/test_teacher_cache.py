@@ -1,17 +1,22 @@
-"""The teacher cache's format and reader: bit-exact shards, the top-k of the stored targets, and
-refusal of a cache built for another run (the builder: test_cache_teacher.py)."""
+"""The teacher cache's format and reader: bit-exact shards, the top-k of the stored targets,
+refusal of a cache built for another run, and of a damaged one before use (the builder:
+test_cache_teacher.py)."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from flaxdistil.data import teacher_cache
+from flaxdistil.storage import integrity
 from flaxdistil.training import checkpointing
 from flaxdistil.training import setup
 
+from conftest import build_cache
 from conftest import cache_config
+from conftest import flip_byte
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16', 'float32'])
@@ -110,3 +115,58 @@ def test_feature_spec_of_intermediate_layers(tmp_path):
   kw = {'hidden': True, 'logz': True, 'layers': want}
   real = teacher_cache.TeacherCache(str(tmp_path), **kw).features(np.array([1, 0]))
   assert {k_: (v.shape[1:], v.dtype) for k_, v in real.items()} == teacher_cache.feature_spec(m, **kw)
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate'])
+def test_a_damaged_shard_is_refused_before_use_and_the_fix_rebuilds_only_it(built_cache, tmp_path,
+                                                                           damage):
+  root, m, _ = built_cache
+  out = tmp_path / 'cache'
+  shutil.copytree(root / 'cache', out)
+  shard = out / teacher_cache.shard_name(1)
+  if damage == 'flip':
+    flip_byte(shard, -100)  # inside the last record batch: a silently different target
+  else:
+    with open(shard, 'r+b') as f:
+      f.truncate(os.path.getsize(shard) // 2)
+  with pytest.raises(integrity.CorruptFileError) as e:
+    teacher_cache.TeacherCache(str(out))
+  sums = out / integrity.SUMS_FILE
+  assert str(e.value).startswith(f'{shard} is corrupt: this teacher cache file (')
+  assert str(e.value).endswith(
+      f'Delete it (rm {shard} {shard}.sha256 {sums}) and rerun the command that built it (python '
+      f'-m flaxdistil.cache_teacher --config ... --out {out}): only that shard is computed again.')
+  # Through the training setup the error keeps its type (exit code 5, not a config error).
+  c = cache_config(**{'teacher.cache': str(out), 'teacher.cache_top_k': 0})
+  with pytest.raises(integrity.CorruptFileError):
+    setup.build_run(c, str(root / 'work'))
+  for f in (shard, shard.with_name(shard.name + '.sha256'), sums):  # the fix
+    os.remove(f)
+  rebuilt, _ = build_cache(str(out), str(root / 'work'))
+  assert rebuilt['shards_built_this_run'] == 1
+  shards = lambda d: {k: v for k, v in integrity.read_sums(str(d)).items() if k.startswith('shard')}
+  assert shards(out) == shards(root / 'cache')  # the same bytes as the first build
+  teacher_cache.TeacherCache(str(out))  # verified again
+
+
+def test_a_damaged_manifest_and_unchanged_caches_read_once(built_cache, tmp_path):
+  root, _, _ = built_cache
+  out = tmp_path / 'cache'
+  shutil.copytree(root / 'cache', out)
+  first = teacher_cache.TeacherCache(str(out))
+  assert first.top_k == first.manifest['top_k']
+  # The second open finds every file unchanged (stamps) and hashes nothing.
+  report = integrity.verify(str(out), 'x', stamps=True)
+  assert report.hashed_bytes == 0 and report.stamped_bytes > 0
+  manifest = out / teacher_cache.MANIFEST
+  flip_byte(manifest, 20)
+  with pytest.raises(integrity.CorruptFileError) as e:
+    teacher_cache.TeacherCache(str(out))
+  assert str(e.value).startswith(f'{manifest} is corrupt')
+  assert f'Delete it (rm {manifest} {out / integrity.SUMS_FILE}) and rerun the command' in str(
+      e.value)
+  for f in (manifest, out / integrity.SUMS_FILE):  # the fix: the build writes both again
+    os.remove(f)
+  rebuilt, _ = build_cache(str(out), str(root / 'work'))
+  assert rebuilt['shards_built_this_run'] == 0 and rebuilt['complete']
+  teacher_cache.TeacherCache(str(out))

@@ -138,6 +138,10 @@ def test_main_cli_two_steps_then_resume_and_bad_input(tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 2
   assert 'max_position_embeddings=64' in r.stderr
+  r = subprocess.run(cmd + ['--config.num_train_steps=4', '--config.data.global_batch_size=32'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+  assert 'error: Refusing to resume: the config changed' in r.stderr
 
 
 @pytest.mark.slow

@@ -185,6 +185,21 @@ def test_step_changes_only_student_and_skips_nonfinite():
   assert int(new2['step']) == 2
 
 
+def test_an_update_that_overflows_is_skipped_though_loss_and_gradient_are_finite():
+  """Finite loss and gradients, non-finite new parameters (an update that overflows): skipped,
+  so no inf/NaN reaches the state, nor a checkpoint of it."""
+  import optax  # pylint: disable=g-import-not-at-top
+  tcfg, scfg, tparams, sparams, batch = _setup()
+  tx = optax.scale(np.inf)  # every non-zero gradient becomes an infinite update
+  step = _single_device(train_step.make_train_step(bert.MaskedLM(scfg), bert.MaskedLM(tcfg), tx,
+                                                   Objective(losses.DistillWeights()), 1),
+                        scfg, tcfg, tx)
+  new, m = step(step.init(sparams), step.teacher(tparams), batch)
+  assert np.isfinite(float(m['loss'])) and np.isfinite(float(m['grad_norm']))
+  assert not bool(m['finite']) and int(new['num_skipped']) == 1
+  assert_trees_close(new['params'], sparams, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_logits_on_masked_positions_only_gives_the_same_step():
   """max_predictions_per_seq only skips work: same loss and update as full logits."""

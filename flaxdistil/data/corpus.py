@@ -5,7 +5,13 @@ range of at most 32 MiB of a .txt file at a paragraph boundary, or one json/parq
 tokenised by one worker process into one shard: `shard-00000.npy`, the 1-D token stream of its
 documents, each non-empty document followed by one [SEP] (uint16 when the vocabulary fits, else
 int32), plus its token counts. A
-`manifest.json` written last lists the shards (documents, tokens, sha256) and is the "done" marker.
+`manifest.json` lists the shards (documents, tokens, sha256) and is the "done" marker; `SHA256SUMS`
+(`storage/integrity.py`), written right after it, covers every file a reader opens (the shards,
+`counts.npy`, the manifest), and `PackedDataset` checks them before it serves a row: a truncated or
+altered shard is refused (`CorruptFileError`, naming the file and the `rm` that rebuilds it), not
+trained on. A verified file is remembered by size, inode, mtime and ctime (`.sha256-verified`), so
+a run re-opening an unchanged cache does not read it all again. A build that runs out of space
+raises `DiskFullError` (directory, space needed) and keeps its finished shards.
 `PackedDataset` memory-maps the shards and cuts windows on read: row i is
 `[CLS] s[i*W:(i+1)*W] [SEP]` (W = T-2) over the concatenated stream s without its final [SEP], the
 last row padded. These are
@@ -39,6 +45,8 @@ from flaxdistil.data import documents
 from flaxdistil.data import progress
 from flaxdistil.data.documents import Unit
 from flaxdistil.storage import atomic
+from flaxdistil.storage import integrity
+from flaxdistil.storage import space
 
 _CACHE_VERSION = 2    # bump when the shard layout or document splitting changes
 log = logging.getLogger(__name__)
@@ -129,9 +137,18 @@ def wrap_windows(flat: np.ndarray, max_seq_length: int, cls_id: int, sep_id: int
   return out
 
 
+class _PlainWrites:
+  """A file seen through `write` alone, so that `np.save` writes chunks with `write` (a full disk
+  raises OSError(ENOSPC)) instead of `ndarray.tofile` (an errno-less "N requested and M
+  written")."""
+
+  def __init__(self, f):
+    self.write = f.write
+
+
 def _atomic_save(path: str, array: np.ndarray) -> None:
   with atomic.atomic_file(path) as fh:
-    np.save(fh, array)
+    np.save(_PlainWrites(fh), array)
 
 
 _WORKER: dict = {}
@@ -193,6 +210,8 @@ def _build_shard(out_dir: str, index: int, unit: Unit, sep_id: int, vocab_size: 
   _atomic_save(os.path.join(out_dir, name + '.counts.npy'), counts)
   meta = {'file': name + '.npy', 'unit': dataclasses.asdict(unit), 'num_documents': num_docs,
           'num_tokens': int(len(tokens)), 'sha256': hashlib.sha256(tokens.tobytes()).hexdigest(),
+          # of the whole .npy file (header too), for SHA256SUMS; hashed here, in parallel
+          'file_sha256': integrity.sha256_file(os.path.join(out_dir, name + '.npy')),
           'peak_rss_mb': _peak_rss_mb()}
   atomic.write_json(os.path.join(out_dir, name + '.json'), meta)
   return meta
@@ -262,86 +281,142 @@ def build_token_shards(units: Sequence[Unit], tokenizer, cache_dir: str, *, num_
   if not units:
     raise ValueError('No data files given; pass at least one .txt/.json/.jsonl/.parquet file.')
   out_dir = os.path.join(cache_dir, f'tokens-{cache_key(units, tokenizer, max_documents)}')
-  manifest_path = os.path.join(out_dir, 'manifest.json')
-  if os.path.exists(manifest_path):
+  if _complete(out_dir):
     return out_dir
-  os.makedirs(out_dir, exist_ok=True)
-  with _locked(out_dir + '.lock'):
-    if os.path.exists(manifest_path):  # another process built it while we waited
-      return out_dir
-    start = time.time()
-    plan_path = os.path.join(out_dir, 'plan.json')
-    plan = [dataclasses.asdict(u) for u in units]
-    if not os.path.exists(plan_path) or json.load(open(plan_path)) != plan:
-      for f in os.listdir(out_dir):  # another unit split: earlier shards do not line up
-        if f.startswith('shard-'):
-          os.remove(os.path.join(out_dir, f))
-      atomic.write_json(plan_path, plan)
-    done = {}
-    for i in range(len(units)):
-      meta_path = os.path.join(out_dir, f'shard-{i:05d}.json')
-      if os.path.exists(meta_path):
-        done[i] = json.load(open(meta_path))
-    todo = [i for i in range(len(units)) if i not in done]
-    # A bad file fails before any work (~1 s/GB), not when a worker reaches it.
-    for path in dict.fromkeys(units[i].path for i in todo if units[i].builder in ('text', 'json')):
-      if os.path.isfile(path):
-        documents.check_utf8(path)
-    if done:
-      log.info('Resuming token cache %s: %d/%d shards already built', out_dir, len(done), len(units))
-    sep_id, vocab_size = tokenizer.sep_token_id, len(tokenizer)
-    num_proc = num_proc or len(os.sched_getaffinity(0))
-    bar = progress.progress_bar(len(units), 'tokenise', 'unit', initial=len(done))
-    try:
-      if max_documents is not None or num_proc == 1 or len(todo) <= 1:
-        tok_backend, left = backend(tokenizer), max_documents
-        for i in range(len(units)):
-          if left is not None and left <= 0:
-            break
-          if i in todo:
-            done[i] = _build_shard(out_dir, i, units[i], sep_id, vocab_size, left, tok_backend)
-            bar.update(1)
-          left = None if left is None else left - done[i]['num_documents']
-      else:
-        ctx = multiprocessing.get_context('spawn')  # no fork: the parent may hold jax/XLA threads
-        with concurrent.futures.ProcessPoolExecutor(
-            min(num_proc, len(todo)), mp_context=ctx, initializer=_init_worker,
-            initargs=(tokenizer.backend_tokenizer.to_str(),)) as pool:
-          with _spawn_without_main():  # workers start at the first submit
-            futures = {pool.submit(_build_shard, out_dir, i, units[i], sep_id, vocab_size): i
-                       for i in todo}
-          try:
-            for fut in concurrent.futures.as_completed(futures):
-              done[futures[fut]] = fut.result()
-              bar.update(1)
-          except BaseException:
-            pool.shutdown(cancel_futures=True)  # report a bad file now, not after the whole corpus
-            raise
-    finally:
-      bar.close()
-    shards = [done[i] for i in sorted(done)]
-    total = sum(s['num_tokens'] for s in shards)
-    if total == 0:
-      raise ValueError(f'Empty dataset: no tokens after tokenizing {sorted({u.path for u in units})} '
-                       f'({sum(s["num_documents"] for s in shards)} documents); check that the files '
-                       'contain text (and max_documents > 0).')
-    counts = sum(np.load(os.path.join(out_dir, s['file'][:-4] + '.counts.npy')) for s in shards)
-    _atomic_save(os.path.join(out_dir, 'counts.npy'), counts)
-    data_hash = hashlib.sha256()  # of the whole stream as int32, so independent of the unit split
-    for s in shards:
-      tokens = np.load(os.path.join(out_dir, s['file']), mmap_mode='r')
-      for i in range(0, len(tokens), 1 << 24):
-        data_hash.update(np.ascontiguousarray(tokens[i:i + (1 << 24)], np.int32).tobytes())
-    data_hash = data_hash.hexdigest()
-    manifest = {'version': _CACHE_VERSION, 'tokenizer_sha256': tokenizer_hash(tokenizer),
-                'vocab_size': vocab_size, 'sep_token_id': sep_id, 'shards': shards,
-                'num_documents': sum(s['num_documents'] for s in shards), 'num_tokens': total,
-                'tokens_sha256': data_hash, 'build_seconds': round(time.time() - start, 2),
-                'num_proc': num_proc}
-    atomic.write_json(manifest_path, manifest)
-    log.info('Tokenised %d documents (%d tokens) into %d shards with %d processes in %.1fs: %s',
-             manifest['num_documents'], total, len(shards), num_proc, time.time() - start, out_dir)
+  needed = lambda: _space_needed(out_dir, units, len(tokenizer))
+  with space.reporting_disk_full(
+      cache_dir, f'the token cache {os.path.basename(out_dir)}', needed,
+      'rerun the same command: the shards already built are kept and the build goes on from the '
+      'first missing one.'):
+    os.makedirs(out_dir, exist_ok=True)
+    with _locked(out_dir + '.lock'):
+      if _complete(out_dir):  # another process built it while we waited
+        return out_dir
+      _build_locked(units, tokenizer, out_dir, num_proc, max_documents)
   return out_dir
+
+
+def _complete(out_dir: str) -> bool:
+  """A finished cache: its manifest, and the `SHA256SUMS` written after it (if it names one)."""
+  path = os.path.join(out_dir, 'manifest.json')
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      checksums = json.load(f).get('checksums')
+  except ValueError:  # damaged: PackedDataset reports it with the fix
+    return True
+  return not checksums or os.path.exists(os.path.join(out_dir, checksums))
+
+
+def _space_needed(out_dir: str, units: Sequence[Unit], vocab_size: int) -> int:
+  """About how many bytes the unbuilt shards of `out_dir` still need.
+
+  Token bytes per text byte from the shards built so far, else 0.5 (2-byte ids, ~4 characters
+  per WordPiece token); plus the per-shard token counts (8 bytes per vocabulary entry).
+  """
+  size = lambda u: (u.end if u.end >= 0 else os.path.getsize(u.path)) - u.start if (
+      os.path.isfile(u.path)) else 0
+  built, text_built, text_left, left = 0, 0, 0, 0
+  for i, u in enumerate(units):
+    shard = os.path.join(out_dir, f'shard-{i:05d}.npy')
+    if os.path.exists(os.path.join(out_dir, f'shard-{i:05d}.json')):
+      built += os.path.getsize(shard) if os.path.exists(shard) else 0
+      text_built += size(u)
+    else:
+      text_left += size(u)
+      left += 1
+  ratio = built / text_built if built and text_built else 0.5
+  return int(text_left * ratio) + (left + 1) * vocab_size * 8
+
+
+def _build_locked(units: list[Unit], tokenizer, out_dir: str, num_proc: int,
+                  max_documents: int | None) -> None:
+  """The build of `build_token_shards`, holding the key's lock."""
+  manifest_path = os.path.join(out_dir, 'manifest.json')
+  start = time.time()
+  plan_path = os.path.join(out_dir, 'plan.json')
+  plan = [dataclasses.asdict(u) for u in units]
+  if not os.path.exists(plan_path) or json.load(open(plan_path)) != plan:
+    for f in os.listdir(out_dir):  # another unit split: earlier shards do not line up
+      if f.startswith('shard-'):
+        os.remove(os.path.join(out_dir, f))
+    atomic.write_json(plan_path, plan)
+  done = {}
+  for i in range(len(units)):
+    meta_path = os.path.join(out_dir, f'shard-{i:05d}.json')
+    if os.path.exists(meta_path):
+      done[i] = json.load(open(meta_path))
+  todo = [i for i in range(len(units)) if i not in done]
+  # A bad file fails before any work (~1 s/GB), not when a worker reaches it.
+  for path in dict.fromkeys(units[i].path for i in todo if units[i].builder in ('text', 'json')):
+    if os.path.isfile(path):
+      documents.check_utf8(path)
+  if done:
+    log.info('Resuming token cache %s: %d/%d shards already built', out_dir, len(done), len(units))
+  sep_id, vocab_size = tokenizer.sep_token_id, len(tokenizer)
+  num_proc = num_proc or len(os.sched_getaffinity(0))
+  bar = progress.progress_bar(len(units), 'tokenise', 'unit', initial=len(done))
+  try:
+    if max_documents is not None or num_proc == 1 or len(todo) <= 1:
+      tok_backend, left = backend(tokenizer), max_documents
+      for i in range(len(units)):
+        if left is not None and left <= 0:
+          break
+        if i in todo:
+          done[i] = _build_shard(out_dir, i, units[i], sep_id, vocab_size, left, tok_backend)
+          bar.update(1)
+        left = None if left is None else left - done[i]['num_documents']
+    else:
+      ctx = multiprocessing.get_context('spawn')  # no fork: the parent may hold jax/XLA threads
+      with concurrent.futures.ProcessPoolExecutor(
+          min(num_proc, len(todo)), mp_context=ctx, initializer=_init_worker,
+          initargs=(tokenizer.backend_tokenizer.to_str(),)) as pool:
+        with _spawn_without_main():  # workers start at the first submit
+          futures = {pool.submit(_build_shard, out_dir, i, units[i], sep_id, vocab_size): i
+                     for i in todo}
+        try:
+          for fut in concurrent.futures.as_completed(futures):
+            done[futures[fut]] = fut.result()
+            bar.update(1)
+        except BaseException:
+          pool.shutdown(cancel_futures=True)  # report a bad file now, not after the whole corpus
+          raise
+  finally:
+    bar.close()
+  shards = [done[i] for i in sorted(done)]
+  total = sum(s['num_tokens'] for s in shards)
+  if total == 0:
+    raise ValueError(f'Empty dataset: no tokens after tokenizing {sorted({u.path for u in units})} '
+                     f'({sum(s["num_documents"] for s in shards)} documents); check that the files '
+                     'contain text (and max_documents > 0).')
+  counts = sum(np.load(os.path.join(out_dir, s['file'][:-4] + '.counts.npy')) for s in shards)
+  _atomic_save(os.path.join(out_dir, 'counts.npy'), counts)
+  data_hash = hashlib.sha256()  # of the whole stream as int32, so independent of the unit split
+  for s in shards:
+    tokens = np.load(os.path.join(out_dir, s['file']), mmap_mode='r')
+    if hashlib.sha256(np.ascontiguousarray(tokens)).hexdigest() != s['sha256']:
+      # a shard of an interrupted build changed before this resumed build got to it
+      for f in (s['file'], s['file'][:-4] + '.json', s['file'][:-4] + '.counts.npy'):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(os.path.join(out_dir, f))
+      raise integrity.CorruptFileError(
+          os.path.join(out_dir, s['file']), 'was damaged after it was built (its tokens do not '
+          'match the sha256 of its .json)', 'It was removed: rerun the same command to build '
+          'it again.')
+    for i in range(0, len(tokens), 1 << 24):
+      data_hash.update(np.ascontiguousarray(tokens[i:i + (1 << 24)], np.int32).tobytes())
+  data_hash = data_hash.hexdigest()
+  manifest = {'version': _CACHE_VERSION, 'tokenizer_sha256': tokenizer_hash(tokenizer),
+              'vocab_size': vocab_size, 'sep_token_id': sep_id, 'shards': shards,
+              'num_documents': sum(s['num_documents'] for s in shards), 'num_tokens': total,
+              'tokens_sha256': data_hash, 'build_seconds': round(time.time() - start, 2),
+              'num_proc': num_proc, 'checksums': integrity.SUMS_FILE}
+  atomic.write_json(manifest_path, manifest)
+  integrity.write_sums(out_dir, [s['file'] for s in shards] + ['counts.npy', 'manifest.json'],
+                       known={s['file']: s.get('file_sha256') for s in shards})
+  log.info('Tokenised %d documents (%d tokens) into %d shards with %d processes in %.1fs: %s',
+           manifest['num_documents'], total, len(shards), num_proc, time.time() - start, out_dir)
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -362,14 +437,14 @@ class PackedDataset:
 
   Raises:
     ValueError: `max_seq_length < 8`.
-    FileNotFoundError: `directory` has no `manifest.json` (or a shard is missing).
+    FileNotFoundError: `directory` has no `manifest.json`.
+    CorruptFileError: a shard, `counts.npy` or the manifest fails `SHA256SUMS` (`verify_cache`).
   """
 
   def __init__(self, directory: str, max_seq_length: int, *, cls_id: int, sep_id: int, pad_id: int):
     if max_seq_length < 8:
       raise ValueError(f'max_seq_length={max_seq_length} is too small; use >= 8 (typically 128 or 512).')
-    with open(os.path.join(directory, 'manifest.json')) as f:
-      self.manifest = json.load(f)
+    self.manifest = verify_cache(directory)
     self.directory, self.max_seq_length = directory, max_seq_length
     self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
     shards = [s for s in self.manifest['shards'] if s['num_tokens']]
@@ -429,6 +504,75 @@ class PackedDataset:
   def __array__(self, dtype=None, copy=None):
     out = self[np.arange(self._rows)]
     return out if dtype is None else out.astype(dtype)
+
+
+def _cache_fix(directory: str):
+  """`name -> fix` of a damaged token cache file: what to delete so that a rerun rebuilds it."""
+  directory = os.path.abspath(directory)
+
+  def fix(name: str) -> str:
+    if name.startswith('shard-') and name.endswith('.npy'):
+      base = os.path.join(directory, name[:-4])
+      return (f'Delete it and the manifest, then rerun the same command: that shard alone is '
+              f'tokenised again (rm {base}.npy {base}.json {base}.counts.npy '
+              f'{os.path.join(directory, "manifest.json")}), or rm -r {directory} to rebuild all.')
+    manifest, counts = (os.path.join(directory, f) for f in ('manifest.json', 'counts.npy'))
+    return (f'Delete the manifest and rerun the same command: it is written again from the shards '
+            f'(rm {manifest} {counts}), or rm -r {directory} to rebuild all.')
+  return fix
+
+
+def verify_cache(directory: str) -> dict:
+  """Checks a token cache before it is read; returns its manifest.
+
+  A cache with `SHA256SUMS` is checked against it (`integrity.verify`, remembering verified
+  files: an unchanged cache is not read again). One built before checksums existed is checked
+  against the per-shard sha256 of its manifest (tokens, dtype, length), every time.
+
+  Args:
+    directory: a token cache (`build_token_shards`).
+
+  Returns:
+    The parsed `manifest.json`.
+
+  Raises:
+    FileNotFoundError: no `manifest.json`.
+    CorruptFileError: a file is missing, truncated or altered, or the manifest is not JSON; the
+      message names the file and the `rm` after which a rerun rebuilds it.
+  """
+  fix = _cache_fix(directory)
+  path = os.path.join(directory, 'manifest.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{directory} is not a token cache: it has no manifest.json.')
+  summed = integrity.read_sums(directory) is not None
+  if summed:
+    integrity.verify(directory, fix, stamps=True, what='token cache file')
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except ValueError:
+    raise integrity.CorruptFileError(os.path.abspath(path), 'is not valid JSON',
+                                     fix('manifest.json')) from None
+  if manifest.get('checksums'):
+    if not summed:
+      integrity.verify(directory, fix)  # raises: SHA256SUMS missing
+    return manifest
+  for shard in manifest['shards']:  # built before SHA256SUMS: the tokens' own sha256
+    file = os.path.abspath(os.path.join(directory, shard['file']))
+    try:
+      tokens = np.load(file, mmap_mode='r')
+      ok = (tokens.dtype in (np.dtype(np.uint16), np.dtype(np.int32)) and tokens.ndim == 1
+            and len(tokens) == shard['num_tokens']
+            and hashlib.sha256(np.ascontiguousarray(tokens)).hexdigest() == shard['sha256'])
+    except (OSError, ValueError) as e:
+      if isinstance(e, FileNotFoundError):
+        raise integrity.CorruptFileError(file, 'is missing', fix(shard['file'])) from None
+      ok = False
+    if not ok:
+      raise integrity.CorruptFileError(
+          file, 'is corrupt: its tokens do not match the sha256 (or length) recorded in '
+          'manifest.json when it was built (it was truncated or changed since)', fix(shard['file']))
+  return manifest
 
 
 def open_packed(units: Sequence[Unit], tokenizer, max_seq_length: int, *, cache_dir: str,

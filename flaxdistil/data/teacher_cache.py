@@ -34,10 +34,14 @@ Layout of a cache directory:
                          and per `manifest['layers']` entry (stored in `hidden_dtype`):
                          `hidden_states_i [T*H]` (i = 0 embeddings, i = layer i's output),
                          `attentions_l` / `attention_scores_l [h*T*T]`, `values_l [h*T*d]`
+  shard-00000.arrow.sha256  the shard's sha256 (`sha256sum` line), written by its host after it
+  SHA256SUMS             every shard and the manifest (`storage/integrity.py`), written last
 Shard s holds cache positions [s*R, (s+1)*R) of the manifest's `rows` (indices into the packed
 data; for a 'masked' cache, sample indices) and is written by host `s % process_count` to a
 temporary file, then renamed: a killed build rerun with the same command skips finished shards
-and gives a bit-identical cache.
+and gives a bit-identical cache. `TeacherCache` checks `SHA256SUMS` before it maps a shard (a
+verified file is remembered by size, inode, mtime and ctime, so an unchanged cache is read once),
+so a truncated or altered shard is refused, naming the file and the rebuild, not trained on.
 """
 
 import hashlib
@@ -45,6 +49,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import ml_dtypes
 import numpy as np
@@ -52,6 +57,7 @@ import pyarrow as pa
 
 from flaxdistil.objectives import cached_teacher
 from flaxdistil.storage import atomic
+from flaxdistil.storage import integrity
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
@@ -251,7 +257,8 @@ def _list_column(x: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def write_shard(path: str, arrays: dict[str, np.ndarray]) -> int:
-  """Atomically writes one shard as an Arrow IPC file (`storage.atomic.atomic_file`).
+  """Atomically writes one shard as an Arrow IPC file (`storage.atomic.atomic_file`), then its
+  sha256 beside it (`<path>.sha256`, a `sha256sum` line; `SHA256SUMS` is made of these).
 
   Args:
     path: the shard's file (`shard_name`).
@@ -266,7 +273,51 @@ def write_shard(path: str, arrays: dict[str, np.ndarray]) -> int:
   table = pa.table(cols)
   with atomic.atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as w:
     w.write_table(table)
+  with atomic.atomic_file(path + '.sha256', 'w') as f:
+    f.write(f'{integrity.sha256_file(path)}  {os.path.basename(path)}\n')
   return os.path.getsize(path)
+
+
+def shard_sha256(directory: str, s: int) -> str:
+  """The sha256 of shard `s`: from its `.sha256` file if there is one, else hashed now."""
+  try:
+    with open(os.path.join(directory, shard_name(s) + '.sha256')) as f:
+      digest = f.read().split()[0]
+    if len(digest) == 64:
+      return digest
+  except (OSError, IndexError):
+    pass
+  return integrity.sha256_file(os.path.join(directory, shard_name(s)))
+
+
+def complete(directory: str, manifest: dict) -> bool:
+  """True when a build in `directory` has nothing left to do: `manifest` is complete, every
+  shard exists and so does the `SHA256SUMS` it names (if it names one)."""
+  if not manifest.get('complete'):
+    return False
+  shards = all(os.path.exists(os.path.join(directory, shard_name(s)))
+               for s in range(manifest['num_shards']))
+  sums = manifest.get('checksums')
+  return shards and (not sums or os.path.exists(os.path.join(directory, sums)))
+
+
+def cache_fix(directory: str):
+  """`name -> fix` of a damaged cache file: what to delete so that the build command redoes it."""
+  directory = os.path.abspath(directory)
+  sums = os.path.join(directory, integrity.SUMS_FILE)
+
+  def fix(name: str) -> str:
+    build = (f'rerun the command that built it (python -m flaxdistil.cache_teacher --config ... '
+             f'--out {directory})')
+    if name.startswith('shard-'):
+      shard = os.path.join(directory, name)
+      return (f'Delete it (rm {shard} {shard}.sha256 {sums}) and {build}: only that shard is '
+              'computed again.')
+    if name == integrity.SUMS_FILE:
+      return f'{build[0].upper()}{build[1:]}: the checksums are written again.'
+    return (f'Delete it (rm {os.path.join(directory, name)} {sums}) and {build}: the manifest and '
+            'checksums are written again, the shards are kept.')
+  return fix
 
 
 def read_shard(path: str, shapes: dict[str, tuple], dtypes: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -310,6 +361,8 @@ class TeacherCache:
       `teacher_{field}_{i}` batch entries in the `ModelOutput` layout).
 
   Raises:
+    CorruptFileError: a shard or the manifest fails `SHA256SUMS` (truncated, altered, missing);
+      the message names the file and what to delete before rerunning the build.
     ValueError: no/incomplete manifest, another format version, missing shards, k too large,
       hidden states or a needed intermediate layer not stored.
   """
@@ -320,8 +373,21 @@ class TeacherCache:
     if not os.path.exists(path):
       raise ValueError(f'teacher.cache={directory!r} has no {MANIFEST}; build it with '
                        f'`python -m flaxdistil.cache_teacher --config ... --out {directory}`.')
-    with open(path) as f:
-      self.manifest = m = json.load(f)
+    fix = cache_fix(directory)
+    if os.path.exists(os.path.join(directory, integrity.SUMS_FILE)):
+      integrity.verify(directory, fix, stamps=True, what='teacher cache file')
+    try:
+      with open(path) as f:
+        self.manifest = m = json.load(f)
+    except ValueError:
+      raise integrity.CorruptFileError(os.path.abspath(path), 'is not valid JSON',
+                                       fix(MANIFEST)) from None
+    if m.get('complete') and m.get('checksums') and not os.path.exists(
+        os.path.join(directory, m['checksums'])):
+      integrity.verify(directory, fix)  # raises: SHA256SUMS missing
+    if m.get('complete') and not m.get('checksums'):
+      logging.warning('teacher.cache=%r was built before caches had checksums: it cannot be '
+                      'verified; rebuild it to have it checked.', directory)
     if not m.get('complete'):
       raise ValueError(f'teacher.cache={directory!r} is an unfinished build; rerun the same '
                        '`python -m flaxdistil.cache_teacher` command to finish it.')

@@ -3,7 +3,9 @@ r"""Orbax checkpoint -> verified Hugging Face (and ONNX) directory: the export c
   python -m flaxdistil.export --workdir DIR [--step N] --out OUT_DIR [--dtype float32] [--onnx]
 
 Logs one line saying what was exported and verified, then prints the JSON report of
-`hf_export.export` on stdout (`path`, `max_abs_diff`, `step`, and with `--onnx` the ONNX report). Exit code 2 with a one-paragraph `error: ...` when nothing could be exported.
+`hf_export.export` on stdout (`path`, `max_abs_diff`, `step`, and with `--onnx` the ONNX report).
+Exit code 2 with a one-paragraph `error: ...` when nothing could be exported (4 when the disk is
+full, 5 when the checkpoint fails its checksums).
 """
 
 import json
@@ -15,6 +17,8 @@ from absl import logging
 
 from flaxdistil import console
 from flaxdistil.export import hf_export
+from flaxdistil.storage.integrity import CorruptFileError
+from flaxdistil.storage.space import DiskFullError
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +43,8 @@ def main(argv):
 
   Raises:
     app.UsageError: positional arguments, or no `--workdir` / `--out`.
-    SystemExit: code 2 when the export fails (`error: ...` on stderr).
+    SystemExit: code 2 when the export fails (`error: ...` on stderr; 4 disk full, 5 a
+      corrupt checkpoint).
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -51,6 +56,9 @@ def main(argv):
   try:
     report = hf_export.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                     overwrite=FLAGS.overwrite, onnx=FLAGS.onnx)
+  except (DiskFullError, CorruptFileError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
   except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

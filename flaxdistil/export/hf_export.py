@@ -27,6 +27,8 @@ from flaxdistil.model import bert
 from flaxdistil.model import hf_conversion
 from flaxdistil.model.bert import ModelConfig
 from flaxdistil.storage import atomic
+from flaxdistil.storage import integrity
+from flaxdistil.storage import space
 from flaxdistil.training import checkpointing
 
 _TORCH_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -110,8 +112,10 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
   bare encoder (``DistilBertModel``, last hidden states compared).
 
   Writes config.json, model.safetensors (tensors in ``dtype``), tokenizer files
-  (``AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained``) and
-  README.md (``model_card`` text, skipped if None) into a temporary directory
+  (``AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained``),
+  README.md (``model_card`` text, skipped if None) and ``SHA256SUMS`` over all
+  of them (``sha256sum -c`` format; every loader of ours checks it,
+  ``hf_conversion.verify_model_dir``) into a temporary directory
   beside ``out_dir`` (published 0644 files, 0755 directories). If ``verify``,
   loads it with ``torch_models.load_torch_model`` (the Auto class of
   ``config.architectures``, ``output_loading_info=True``: no
@@ -140,6 +144,8 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
 
   Raises:
     FileExistsError: out_dir exists and overwrite=False, or it is a file.
+    DiskFullError: no space for the files (nothing is left behind; the message names the
+      directory and about how much the export needs).
     ValueError: unknown dtype, tokenizer_path cannot be loaded, tokenizer larger
       than vocab_size or reloading with other special tokens, or verification failure.
   """
@@ -148,7 +154,11 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   out_dir = atomic.check_writable_target(out_dir, overwrite)
-  with atomic.atomic_directory(out_dir, overwrite) as tmp:
+  itemsize = np.dtype(np.float32).itemsize // (1 if dtype == 'float32' else 2)
+  needed = sum(np.size(x) for x in jax.tree_util.tree_leaves(params)) * itemsize + (4 << 20)
+  with space.reporting_disk_full(os.path.dirname(out_dir), f'the export {out_dir}', needed,
+                                 'run the export again: nothing was left in the output directory.'
+                                 ), atomic.atomic_directory(out_dir, overwrite) as tmp:
     hf_config = hf_conversion.config_to_hf(config, id2label)
     hf_config.dtype = dtype
     hf_config.save_pretrained(tmp)
@@ -161,6 +171,7 @@ def export_hf(params, config: ModelConfig, out_dir: str, *,
     if model_card is not None:
       with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
         f.write(model_card)
+    integrity.write_sums(tmp)  # before the check, which then reads the files through them
     max_diff = _verify_export(tmp, params, config, dtype, atol) if verify else None
   return {'path': out_dir, 'max_abs_diff': max_diff}
 
@@ -217,6 +228,8 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'flo
   Raises:
     FileNotFoundError: no checkpoint (for `step`) in `workdir`.
     FileExistsError: `out` exists and not `overwrite`.
+    CorruptFileError: the checkpoint fails its `SHA256SUMS` (`checkpointing.verify_step`).
+    DiskFullError: no space for the HF or the ONNX files (the message names the directory).
     ValueError: an unknown `dtype`, an unloadable tokenizer, or verification of the HF or the
       ONNX export failed.
     RuntimeError: checkpoints exist but none can be read, or the ONNX exporter failed. An
@@ -234,6 +247,11 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'flo
   if onnx:
     try:
       report['onnx'] = onnx_export.export_onnx(report['path'])
+    except space.DiskFullError as e:
+      raise space.DiskFullError(
+          f'{e} (the verified HF export is in place at {report["path"]}; retry the ONNX step '
+          f'alone with `python -m flaxdistil.export.onnx_export --hf {report["path"]}`)',
+          e.directory, e.needed, e.free) from e
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
       msg = (f'{e} (the verified HF export is in place at {report["path"]}; retry the ONNX '
              f'step alone with `python -m flaxdistil.export.onnx_export --hf {report["path"]}`)')

@@ -40,6 +40,8 @@ from flaxdistil.export.torch_models import load_torch_model
 from flaxdistil.model import bert
 from flaxdistil.model import hf_conversion
 from flaxdistil.storage import atomic
+from flaxdistil.storage import integrity
+from flaxdistil.storage import space
 
 ONNX_FILE = 'model.onnx'
 INT8_FILE = 'model_quantized.onnx'
@@ -124,8 +126,16 @@ def ort_session(path: str, num_threads: int = 0):
 
   Returns:
     The session on `CPUExecutionProvider`, logging errors only.
+
+  Raises:
+    CorruptFileError: `path` is listed in its directory's `SHA256SUMS` and fails it.
   """
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+  directory, name = os.path.split(os.path.abspath(path))
+  sums = integrity.read_sums(directory)
+  if sums is not None and name in sums:  # a published export (not the one being verified)
+    integrity.verify(directory, 'Export it again (python -m flaxdistil.export.onnx_export --hf '
+                     'HF_DIR --overwrite).', names=[name], what='ONNX model')
   opts = ort.SessionOptions()
   opts.intra_op_num_threads = num_threads
   opts.log_severity_level = 3  # warnings about unused initializers are noise here
@@ -245,6 +255,8 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
   Raises:
     FileNotFoundError: `hf_dir` missing or not a HF directory.
     FileExistsError: `out` exists and not `overwrite`.
+    CorruptFileError: `hf_dir` fails its `SHA256SUMS`.
+    DiskFullError: no space for the ONNX files (nothing is left behind).
     ValueError: unsupported model, weights that do not load cleanly, onnxruntime output
       differing from torch (or Flax) by more than `atol`, or a non-finite int8 output
       (nothing is written).
@@ -252,8 +264,12 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
   """
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
   out = atomic.check_writable_target(out or os.path.join(hf_dir, 'onnx'), overwrite)
-  model, output = load_torch_model(hf_dir)
-  with atomic.atomic_directory(out, overwrite) as tmp:  # files 0644, directories 0755
+  model, output = load_torch_model(hf_dir)  # checks hf_dir's SHA256SUMS first
+  # fp32 graph ~ the fp32 weights, int8 ~ 1/4 of them, and the quantizer's temporary copy
+  needed = int(sum(p.numel() for p in model.parameters()) * 4 * (2.5 if quantize else 1.2))
+  with space.reporting_disk_full(os.path.dirname(out), f'the ONNX export {out}', needed,
+                                 'run the ONNX export again: nothing was left in its output '
+                                 'directory.'), atomic.atomic_directory(out, overwrite) as tmp:
     fp32 = os.path.join(tmp, ONNX_FILE)
     _export_fp32(model, output, fp32, opset)
     feeds = verification_batch(model.config)
@@ -286,6 +302,7 @@ def export_onnx(hf_dir: str, out: str | None = None, *, quantize: bool = True,
       for name in _SIDE_FILES:
         if os.path.isfile(os.path.join(hf_dir, name)):
           shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
+    integrity.write_sums(tmp)  # checked by ort_session before a model is run
   return report
 
 
@@ -296,7 +313,8 @@ def main(argv=None):
     argv: arguments (without the program name); None reads `sys.argv`.
 
   Raises:
-    SystemExit: code 2 when the export fails (`error: ...` on stderr), argparse's on bad flags.
+    SystemExit: code 2 when the export fails (`error: ...` on stderr; 4 when the disk is full,
+      5 when the HF directory fails its `SHA256SUMS`), argparse's on bad flags.
   """
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--hf', required=True, help='transformers directory (python -m flaxdistil.export)')
@@ -312,6 +330,9 @@ def main(argv=None):
     report = export_onnx(args.hf, args.out, quantize=not args.no_int8, opset=args.opset,
                          atol=args.atol, overwrite=args.overwrite,
                          check_flax=not args.no_flax_check)
+  except (space.DiskFullError, integrity.CorruptFileError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
   except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

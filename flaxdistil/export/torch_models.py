@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from flaxdistil.model import hf_conversion
+
 
 def _attention_modules(model):
   """Per encoder layer `(attention, [query, key, value] attribute names, output owner, output
@@ -98,6 +100,8 @@ def load_torch_model(hf_dir: str, remove_pruned: bool = True):
     to read (`'logits'` or `'last_hidden_state'`).
 
   Raises:
+    CorruptFileError: `hf_dir` has a `SHA256SUMS` that a file fails
+      (`hf_conversion.verify_model_dir`).
     FileNotFoundError: `hf_dir` or its config.json is missing.
     ValueError: config.json is not a BERT / DistilBERT config, the weights do
       not load cleanly (missing / unexpected tensors), or pruned heads are not zero.
@@ -109,6 +113,7 @@ def load_torch_model(hf_dir: str, remove_pruned: bool = True):
   if not os.path.isfile(os.path.join(hf_dir, 'config.json')):
     raise FileNotFoundError(f'{hf_dir} has no config.json, so it is not a Hugging Face model '
                             'directory; export the run first with `python -m flaxdistil.export`.')
+  hf_conversion.verify_model_dir(hf_dir)
   config = transformers.AutoConfig.from_pretrained(hf_dir)
   if config.model_type not in ('bert', 'distilbert'):
     raise ValueError(f'{hf_dir}: model_type {config.model_type!r}; only BERT and DistilBERT '

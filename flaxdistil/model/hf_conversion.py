@@ -30,6 +30,7 @@ from flaxdistil.model import bert
 from flaxdistil.model import pruning
 from flaxdistil.model.bert import ModelConfig
 from flaxdistil.storage import hub
+from flaxdistil.storage import integrity
 
 _SUPPORTED = ('bert', 'distilbert')
 # Tensors present in common checkpoints that have no counterpart in our model:
@@ -598,6 +599,55 @@ def read_hf_config(path_or_name: str, *, with_mlm_head: bool | None = None) -> M
   return config_from_hf(hf_config, with_mlm_head=with_mlm_head, num_labels=num_labels)
 
 
+def verify_model_dir(model_dir: str) -> bool:
+  """Checks an exported model directory against its `SHA256SUMS` before it is loaded.
+
+  `export/hf_export.py` writes the checksums (and `onnx_export.py` those of `onnx/`); a
+  directory without them (a Hub snapshot, another tool's export) is loaded as it is.
+
+  Args:
+    model_dir: a Hugging Face model directory.
+
+  Returns:
+    True if verified, False if it has no `SHA256SUMS`.
+
+  Raises:
+    CorruptFileError: a listed file (`model.safetensors`, `config.json`, ...) is missing,
+      truncated or altered; the message names it and the fix (export again).
+  """
+  model_dir = os.path.abspath(model_dir)
+  return integrity.verify(
+      model_dir, f'Export the model again (python -m flaxdistil.export --workdir RUN --out '
+      f'{model_dir} --overwrite; the checkpoint it came from is not affected), or copy an intact '
+      'one.', required=False, what='exported file') is not None
+
+
+def nonfinite_params(params) -> str:
+  """Names the float leaves of `params` holding inf/NaN, e.g. 'encoder/layer_0/... (3 of 1024)'.
+
+  Args:
+    params: a nested dict of arrays (host numpy or device).
+
+  Returns:
+    '' when every value is finite, else up to 3 leaf paths with their counts.
+  """
+  bad = []
+
+  def walk(tree, path):
+    for k, v in tree.items():
+      if isinstance(v, dict):
+        walk(v, path + (str(k),))
+        continue
+      a = np.asarray(v)
+      if np.issubdtype(a.dtype, np.floating):
+        n = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if n:
+          bad.append(f'{"/".join(path + (str(k),))}: {n} of {a.size} values inf/NaN')
+
+  walk(params, ())
+  return '; '.join(bad[:3]) + (f'; and {len(bad) - 3} more' if len(bad) > 3 else '')
+
+
 def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
                   with_classifier: bool = True):
   """Loads a HF BERT/DistilBERT checkpoint -> (ModelConfig, float32 params).
@@ -621,6 +671,8 @@ def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
     them (float32 host numpy).
 
   Raises:
+    CorruptFileError: the directory has a ``SHA256SUMS`` (a flaxdistil export) that a file
+      fails (``verify_model_dir``).
     FileNotFoundError: directory, config.json or weights file missing, or Hub
       download failed (offline or unreachable: the message names
       ``teacher.path`` / ``student.path`` and a local directory as the fix).
@@ -629,6 +681,7 @@ def load_hf_model(path_or_name: str, *, with_mlm_head: bool | None = None,
       absent, or tensors not matching the config.
   """
   model_dir = _resolve_model_dir(path_or_name)
+  verify_model_dir(model_dir)
   hf_config = _read_config(model_dir)
   model_type = hf_config.get('model_type')
   if model_type not in _SUPPORTED:

@@ -12,8 +12,16 @@ and optimizer of the run that wrote it: what export and the scripts read.
 
 Atomicity is Orbax's: a step is written into a temporary directory and renamed
 when complete, so a run killed while saving leaves the previous checkpoint as
-the latest readable one. Restoring also falls back to older steps if the
-newest one cannot be read.
+the latest readable one. Integrity is ours: once Orbax has finalised a step,
+process 0 writes `<step>/SHA256SUMS` (`storage/integrity.py`; `sha256sum -c`
+reads it too), and every restore checks the step against it first, so a
+truncated or altered file is refused with `CorruptFileError` naming the file
+and the fix (delete that step) instead of being trained on. A step without
+`SHA256SUMS` (written before checksums existed, or a kill between the rename
+and the checksums) is restored unverified, with a warning; one that cannot be
+read falls back to older steps. A save that finds the disk full raises
+`DiskFullError` naming the directory, the space a checkpoint takes and the
+step a rerun resumes from (`Checkpoints`).
 """
 
 import json
@@ -24,11 +32,15 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxdistil.model import bert
 from flaxdistil.objectives import intermediate
+from flaxdistil.storage import integrity
+from flaxdistil.storage import space
 from flaxdistil.training import sharding
+from flaxdistil.training.errors import ConfigError
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -66,6 +78,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
          meta: Mapping[str, Any]) -> bool:
   """Starts (async) saving `state` and `meta` at `step`, whatever the manager's save interval.
 
+  The bare Orbax save (no checksums, no disk-full message): the train loop saves through
+  `Checkpoints`.
+
   Args:
     manager: from `make_manager`.
     step: the step number (the subdirectory name).
@@ -82,9 +97,85 @@ def save(manager: ocp.CheckpointManager, step: int, state: Mapping[str, Any],
       force=True)
 
 
+def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  """The finalised directory of `step`: `<workdir>/checkpoints/<step>`."""
+  return os.path.join(str(manager.directory), str(step))
+
+
+def write_step_sums(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Writes `<step>/SHA256SUMS` over every file of a finalised step (process 0 only).
+
+  Args:
+    manager: the manager that saved `step` (its save must have finished).
+    step: the step.
+
+  Returns:
+    True if written; False on other processes, or when the step is gone (deleted by
+    `max_to_keep`) or not finalised.
+
+  Raises:
+    OSError: a file cannot be read, or the checksums cannot be written (e.g. ENOSPC).
+  """
+  d = step_dir(manager, step)
+  if jax.process_index() != 0 or not os.path.isdir(d):
+    return False
+  integrity.write_sums(d)
+  return True
+
+
+def _older_step(steps, step: int) -> str:
+  older = [s for s in steps if s < step]
+  return (f'the newest older checkpoint is step {max(older)} (a rerun of the training command '
+          f'resumes from it; export it with --step {max(older)})') if older else (
+              'there is no older checkpoint (a rerun starts from step 0)')
+
+
+def verify_step(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Checks a step's files against its `SHA256SUMS` before it is restored.
+
+  With several processes each checks a share of the files and the verdicts are all-gathered,
+  so all processes raise (or go on) together.
+
+  Args:
+    manager: from `make_manager`.
+    step: the step about to be restored.
+
+  Returns:
+    True if verified, False if the step has no `SHA256SUMS` (restored unverified; logged).
+
+  Raises:
+    CorruptFileError: a file of the step is missing, truncated or altered; the message names
+      it and the fix (delete the step; the step a rerun would resume from).
+  """
+  d = step_dir(manager, step)
+  sums = integrity.read_sums(d)
+  if sums is None:
+    logging.warning('Checkpoint step %d has no %s (written before checksums existed, or the run '
+                    'was killed right after the save): restoring it unverified.', step,
+                    integrity.SUMS_FILE)
+    return False
+  fix = (f'Checkpoint step {step} is damaged: delete that step (rm -r {d}); '
+         f'{_older_step(manager.all_steps(), step)}.')
+  n, i = jax.process_count(), jax.process_index()
+  error = None
+  try:
+    integrity.verify(d, fix, names=sorted(sums)[i::n], what='checkpoint file')
+  except integrity.CorruptFileError as e:
+    error = e
+  if n > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    bad = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and bad.any():
+      error = integrity.CorruptFileError(
+          d, f'has a damaged file (found by process {int(np.argmax(bad))}; its log names it)', fix)
+  if error is not None:
+    raise error
+  return True
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    step: int | None = None, partial: bool = False):
-  """Restores step `step` (default: the newest readable one).
+  """Restores step `step` (default: the newest readable one), verified first (`verify_step`).
 
   Args:
     manager: from `make_manager`.
@@ -99,6 +190,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
 
   Raises:
     FileNotFoundError: `step` was given but is not in the directory.
+    CorruptFileError: the step to restore fails its checksums (no fallback to an older step:
+      the message says which step to delete).
     RuntimeError: checkpoints exist but none could be read.
   """
   steps = sorted(manager.all_steps(), reverse=True)
@@ -109,6 +202,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     steps = [step]
   errors = []
   for s in steps:
+    verify_step(manager, s)
     try:
       if partial:
         state_args = ocp.args.PyTreeRestore(
@@ -130,6 +224,98 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   return None
 
 
+class Checkpoints:
+  """The train loop's saves: Orbax's (async) save, then `SHA256SUMS`, and a full disk reported.
+
+  `save` starts a save (after finishing the previous one), `poll` (at log steps) finishes an
+  async save that completed in the background and raises its error now rather than at the
+  next save, `wait` finishes everything. A save that fails for lack of space raises
+  `DiskFullError` naming the checkpoint directory, the size of a checkpoint (the newest
+  complete one on disk, else the state's bytes), the free space, and the step a rerun resumes
+  from; the previous checkpoints are untouched (Orbax writes into a temporary directory, which
+  the next start removes).
+
+  Args:
+    manager: from `make_manager` (writable).
+    state_bytes: the train state's bytes in memory (all hosts), the size estimate before the
+      first checkpoint exists.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, state_bytes: int):
+    self.manager, self.state_bytes = manager, state_bytes
+    self._pending: list[int] = []   # saved steps whose SHA256SUMS is not written yet
+    self._saving: int | None = None  # the step of the save in flight
+
+  def _disk_full(self, step: int):
+    steps = [s for s in self.manager.all_steps() if s != step]
+    done = max(steps) if steps else None
+    needed = space.tree_bytes(step_dir(self.manager, done)) if done is not None else (
+        self.state_bytes)
+    resume = f'it resumes from step {done}' if done is not None else 'it starts from step 0'
+    return space.reporting_disk_full(
+        str(self.manager.directory), f'checkpoint step {step}', needed,
+        f'rerun the same command: {resume} (the newest complete checkpoint, intact), and '
+        f'repeats the steps since.')
+
+  def _finish(self) -> None:
+    """Waits for the save in flight, then writes the checksums of the finished steps."""
+    step = self._saving
+    if step is not None:
+      with self._disk_full(step):
+        self.manager.wait_until_finished()
+      self._saving = None
+    for s in self._pending:
+      with self._disk_full(s):
+        write_step_sums(self.manager, s)
+    self._pending = []
+
+  def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Saves `step` (async if the manager is); checksums follow once it is finalised.
+
+    Raises:
+      DiskFullError: this save, or the previous async one, ran out of space.
+    """
+    self._finish()
+    with self._disk_full(step):
+      save(self.manager, step, state, meta)
+    self._pending.append(step)
+    if self.manager.is_saving_in_progress():
+      self._saving = step
+    else:  # a synchronous save: finalised already
+      self._finish()
+
+  def poll(self) -> None:
+    """Finishes an async save that completed meanwhile; raises its error (e.g. disk full)."""
+    if self._saving is not None:
+      with self._disk_full(self._saving):
+        self.manager.check_for_errors()
+      if not self.manager.is_saving_in_progress():
+        self._finish()
+
+  def wait(self) -> None:
+    """Waits for every save and writes their checksums.
+
+    Raises:
+      DiskFullError: the save in flight ran out of space.
+    """
+    self._finish()
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """The finalised checkpoint steps of `workdir`, sorted (names only; no Orbax, no reads)."""
+  root = checkpoint_dir(workdir)
+  return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+
+
+def resume_hint(workdir: str) -> str:
+  """'They resume from step N, the newest complete checkpoint in DIR.' (or from step 0)."""
+  steps = complete_steps(workdir)
+  if not steps:
+    return f'They start from step 0 (no complete checkpoint in {checkpoint_dir(workdir)} yet).'
+  return (f'They resume from step {steps[-1]}, the newest complete checkpoint in '
+          f'{checkpoint_dir(workdir)}, and repeat the steps since.')
+
+
 def read_meta(workdir: str, step: int | None = None) -> dict | None:
   """The JSON metadata of a checkpoint step (default newest), without restoring arrays.
 
@@ -139,16 +325,24 @@ def read_meta(workdir: str, step: int | None = None) -> dict | None:
 
   Returns:
     The `meta` dict `save` wrote, or None when there is no such checkpoint.
+
+  Raises:
+    CorruptFileError: the metadata file fails the step's `SHA256SUMS`.
   """
   root = checkpoint_dir(workdir)
-  if not os.path.isdir(root):
-    return None
-  steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+  steps = complete_steps(workdir)[::-1]
   if step is not None:
     steps = [s for s in steps if s == step]
   for s in steps:
     path = os.path.join(root, str(s), 'meta', 'metadata')
     if os.path.exists(path):
+      sums = integrity.read_sums(os.path.join(root, str(s)))
+      if sums is not None and 'meta/metadata' in sums:  # read before any array: checked alone
+        integrity.verify(os.path.join(root, str(s)),
+                         f'Checkpoint step {s} is damaged: delete that step (rm -r '
+                         f'{os.path.join(root, str(s))}); '
+                         f'{_older_step(complete_steps(workdir), s)}.',
+                         names=['meta/metadata'], what='checkpoint file')
       with open(path) as f:
         return json.load(f)
   return None
@@ -160,8 +354,7 @@ def _restore_student(workdir: str, step: int | None, with_projection: bool):
   """`(ModelConfig, {'params', 'step'[, 'proj']}, meta)` restored onto one device."""
   meta = read_meta(workdir, step)
   if meta is None:
-    root = checkpoint_dir(workdir)
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    root, steps = checkpoint_dir(workdir), complete_steps(workdir)
     raise FileNotFoundError(f'no checkpoint{"" if step is None else f" for step {step}"} in {root}; '
                             f'available steps: {steps}.')
   scfg = bert.ModelConfig(**meta['fingerprint']['student_config'])
@@ -244,7 +437,8 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> No
       either side is not compared.
 
   Raises:
-    ValueError: listing each changed field with the saved and the new value.
+    ConfigError: (a ValueError; exit code 2 from the command line) listing each changed field
+      with the saved and the new value.
   """
   diffs = []
   for k in _BREAKING:
@@ -252,7 +446,7 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]) -> No
         current[k], sort_keys=True):
       diffs.append(f'  {k}: checkpoint has {saved[k]!r}, config now has {current[k]!r}')
   if diffs:
-    raise ValueError(
+    raise ConfigError(
         'Refusing to resume: the config changed in a way that would corrupt the run:\n' +
         '\n'.join(diffs) +
         '\nRestore the original settings, or start a new run in a fresh --workdir.')

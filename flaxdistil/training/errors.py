@@ -2,4 +2,10 @@
 
 
 class ConfigError(ValueError):
-  """A config or input problem; the message says how to fix it."""
+  """A config or input problem; the message says how to fix it.
+
+  Attributes:
+    exit_code: 2, the command lines' exit status for it.
+  """
+
+  exit_code = 2

@@ -20,7 +20,9 @@ class MetricWriter:
   """metrics.jsonl + TensorBoard events in the workdir; only process 0 writes.
 
   Records are appended (a resumed run continues the file), one JSON object a
-  line: `step`, `kind` ('train', 'eval', 'eval_teacher') and float scalars.
+  line: `step`, `kind` ('train', 'eval', 'eval_teacher') and float scalars. A
+  last line without its newline (a write cut short by a full disk or a kill) is
+  dropped when the file is opened again, so every line stays one JSON record.
   """
 
   def __init__(self, workdir: str):
@@ -28,7 +30,9 @@ class MetricWriter:
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _drop_torn_line(path)
+    self._jsonl = open(path, 'a')
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict, kind: str = 'train'):
@@ -55,6 +59,18 @@ class MetricWriter:
       self._tb.close()
 
 
+def _drop_torn_line(path: str) -> None:
+  """Truncates `path` after its last newline (nothing to do if it ends with one or is absent)."""
+  if not os.path.exists(path) or not os.path.getsize(path):
+    return
+  with open(path, 'rb+') as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b'\n':
+      return
+    f.seek(0)
+    f.truncate(f.read().rfind(b'\n') + 1)
+
+
 def _contribution(m: dict) -> dict:
   """One step's share of the interval sums; a skipped (non-finite) step adds nothing but a count."""
   finite = m['finite']
@@ -67,6 +83,7 @@ def _contribution(m: dict) -> dict:
       'nonfinite_steps': 1.0 - finite.astype(jnp.float32),
       'tokens': m['tokens'].astype(jnp.float32),
       'terms': {k: (keep(s), keep(c)) for k, (s, c) in m['terms'].items()},
+      'trailing_nonfinite': 1.0 - finite.astype(jnp.float32),  # non-finite steps at the end
   }
 
 
@@ -77,7 +94,9 @@ def _first(m):
 
 @jax.jit
 def _add(acc, m):
-  return jax.tree.map(jnp.add, acc, _contribution(m))
+  out = jax.tree.map(jnp.add, acc, _contribution(m))
+  out['trailing_nonfinite'] = jnp.where(m['finite'], 0.0, acc['trailing_nonfinite'] + 1.0)
+  return out
 
 
 class IntervalMeans:
@@ -95,12 +114,16 @@ class IntervalMeans:
     grad_norm: mean over steps; num_skipped: the run's total after the last
       step; nonfinite_steps: steps of the interval whose update was skipped
       (they count in no mean; an interval of only such steps gives NaN);
+    nonfinite_in_a_row: skipped steps in a row up to the interval's last step,
+      across intervals (also the attribute of that name, which a resumed run
+      sets from its checkpoint);
     num_steps, tokens: steps and non-padding tokens of the interval.
   """
 
   def __init__(self):
     self._acc = None
     self._num_skipped = None
+    self.nonfinite_in_a_row = 0
 
   def state(self) -> dict:
     """The partial interval's sums as JSON-able host values (a device sync), for checkpoints.
@@ -129,6 +152,7 @@ class IntervalMeans:
       self._acc = self._num_skipped = None
       return
     sums = dict(state['sums'], terms={k: tuple(v) for k, v in state['sums']['terms'].items()})
+    sums.setdefault('trailing_nonfinite', 0.0)  # saved before it existed
     put = lambda x, dtype: jax.device_put(np.asarray(x, dtype), sharding)
     self._acc = jax.tree.map(lambda x: put(x, np.float32), sums)
     self._num_skipped = put(state['num_skipped'], np.int32)
@@ -142,8 +166,9 @@ class IntervalMeans:
     """The interval's means (host floats), then starts a new interval.
 
     Returns:
-      `loss`, `loss_<term>`, `grad_norm`, `num_skipped`, `nonfinite_steps`, `num_steps`,
-      `tokens` (class docstring); a mean over no finite step is NaN.
+      `loss`, `loss_<term>`, `grad_norm`, `num_skipped`, `nonfinite_steps`,
+      `nonfinite_in_a_row`, `num_steps`, `tokens` (class docstring); a mean over no finite
+      step is NaN.
 
     Raises:
       ValueError: nothing was added since the last `pop`.
@@ -155,8 +180,13 @@ class IntervalMeans:
     div = lambda a, b: float(a) / float(b) if b else math.nan
     out = {'loss': div(acc['loss'], acc['weight'])}
     out.update({f'loss_{k}': div(s, c) for k, (s, c) in acc['terms'].items()})
+    if acc['finite_steps']:
+      self.nonfinite_in_a_row = int(acc['trailing_nonfinite'])
+    else:
+      self.nonfinite_in_a_row += int(acc['nonfinite_steps'])
     out.update(grad_norm=div(acc['grad_norm'], acc['finite_steps']), num_skipped=int(skipped),
                nonfinite_steps=int(acc['nonfinite_steps']),
+               nonfinite_in_a_row=self.nonfinite_in_a_row,
                num_steps=int(acc['finite_steps'] + acc['nonfinite_steps']),
                tokens=float(acc['tokens']))
     return out

@@ -17,6 +17,7 @@ from flaxdistil.data import glue
 from flaxdistil.data import input_pipeline
 from flaxdistil.data import masking
 from flaxdistil.data import teacher_cache
+from flaxdistil.storage.integrity import CorruptFileError
 from flaxdistil.training import sharding
 from flaxdistil.training.errors import ConfigError
 
@@ -63,6 +64,8 @@ def mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
   Raises:
     ConfigError: the data cannot be read or tokenised (missing files, an unsupported extension
       or non-UTF-8 file, a missing text column, an unknown dataset or split, no tokens).
+    CorruptFileError: a file of the token cache fails its checksum (`corpus.verify_cache`).
+    DiskFullError: no space left for the token cache.
   """
   d, gbs, vocab_size = config.data, config.data.global_batch_size, len(tokenizer)
   cache_dir = d.cache_dir or corpus.default_cache_dir()
@@ -80,6 +83,8 @@ def mlm_batches(config, tokenizer, scfg, train_files, eval_files, mesh, rules):
       packed_eval = input_pipeline.load_packed(eval_files, tokenizer, d.max_seq_length,
                                                cache_dir=cache_dir, num_proc=d.num_proc,
                                                text_column=d.text_column)
+  except CorruptFileError:
+    raise  # not a config problem: a damaged cache file, named with its fix
   except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
     raise ConfigError(str(e)) from e
   special_ids = sorted(set(tokenizer.all_special_ids))
@@ -141,6 +146,7 @@ def open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_te
     ConfigError: the cache is missing, unfinished or of another format, was built for another
       teacher / tokenizer / data / length, lacks what the objective reads (k, hidden states,
       layers), holds another masked stream, or stores logsumexp at another temperature.
+    CorruptFileError: a file of the cache fails its checksum (`TeacherCache`).
   """
   t, d = config.teacher, config.distill  # streaming, task and alpha_mse: checked by validate
   try:
@@ -148,6 +154,8 @@ def open_teacher_cache(config, tparams, packed, tokenizer_fp: str, inter, num_te
         t.cache, top_k=t.cache_top_k, hidden=bool(d.alpha_cos), logz=t.cache_tail_bucket,
         layers=teacher_cache.needed_layers(inter, num_teacher_layers))
     cache.check(teacher_cache.identity(tparams, packed, tokenizer_fp, config.data.max_seq_length))
+  except CorruptFileError:
+    raise  # a damaged shard, named with its fix
   except ValueError as e:
     raise ConfigError(str(e)) from e
   if cache.by_sample:  # the teacher saw this run's masked stream: the masking must be the same

@@ -20,6 +20,7 @@ from flaxdistil.objectives import intermediate
 from flaxdistil.objectives.objective import Objective
 from flaxdistil.objectives.objective import Projection
 from flaxdistil.storage import hub
+from flaxdistil.storage.integrity import CorruptFileError
 from flaxdistil.training.errors import ConfigError
 
 
@@ -99,9 +100,10 @@ def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0,
     False.
 
   Raises:
-    ConfigError: `teacher.path` is a missing local path or cannot be loaded, no teacher is
-      configured, or the teacher lacks the head the objective reads (an MLM head for
-      alpha_ce/alpha_mse, a `num_labels` classifier for alpha_ce on a task).
+    ConfigError: `teacher.path` is a missing local path, cannot be loaded or holds inf/NaN
+      weights, no teacher is configured, or the teacher lacks the head the objective reads
+      (an MLM head for alpha_ce/alpha_mse, a `num_labels` classifier for alpha_ce on a task).
+    CorruptFileError: `teacher.path` is an export that fails its `SHA256SUMS`.
   """
   t, dist = config.teacher, config.distill
   if not teacher_loaded(config, obj):
@@ -115,8 +117,14 @@ def load_teacher(config, obj: Objective, vocab_size: int, num_labels: int = 0,
         tcfg, tparams = hf_conversion.load_hf_model(t.path)
       else:
         tcfg, tparams = hf_conversion.read_hf_config(t.path), None
+    except CorruptFileError:
+      raise  # an exported teacher that fails its SHA256SUMS: named with the fix
     except (FileNotFoundError, ValueError, OSError) as e:
       raise ConfigError(f'Cannot load teacher from {t.path!r}: {e}') from e
+    bad = hf_conversion.nonfinite_params(tparams) if tparams is not None else ''
+    if bad:
+      raise ConfigError(f'teacher.path={t.path!r} has non-finite weights ({bad}): every step would '
+                        'be skipped. Use an intact teacher (re-export or re-download it).')
   elif t.random_init:
     tcfg = bert.ModelConfig(
         model_type='bert', vocab_size=vocab_size, hidden_size=t.hidden_size,
@@ -218,15 +226,25 @@ def load_pretrained_student(config, num_labels: int, weights: bool = True):
     `(ModelConfig, host numpy params)` of the checkpoint, or `(None, None)` for another init.
 
   Raises:
-    ConfigError: the checkpoint cannot be loaded or does not fit `student.model_type`.
+    ConfigError: the checkpoint cannot be loaded, does not fit `student.model_type` or holds
+      inf/NaN weights.
+    CorruptFileError: an export that fails its `SHA256SUMS`.
   """
   s = config.student
   if s.init != 'pretrained':
     return None, None
   try:
-    return student_init.load_pretrained_student(s.path, s.model_type, num_labels, weights)
+    pcfg, pparams = student_init.load_pretrained_student(s.path, s.model_type, num_labels,
+                                                         weights)
+  except CorruptFileError:
+    raise  # an exported student that fails its SHA256SUMS: named with the fix
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  bad = hf_conversion.nonfinite_params(pparams) if pparams is not None else ''
+  if bad:
+    raise ConfigError(f'student.path={s.path!r} has non-finite weights ({bad}); use an intact '
+                      'checkpoint (re-export or re-download it).')
+  return pcfg, pparams
 
 
 def init_student(config, scfg, tcfg, tparams, pretrained=(None, None)):

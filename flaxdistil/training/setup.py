@@ -228,6 +228,13 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
       raise ConfigError('teacher.cache stores top-k logits, not the full logits distill.alpha_mse '
                         'compares: set distill.alpha_mse=0 (or train online without teacher.cache).')
 
+  if config.optim.on_nonfinite not in ('skip', 'stop'):
+    raise ConfigError(f'optim.on_nonfinite={config.optim.on_nonfinite!r}: use "skip" (skip the '
+                      'update and count it) or "stop".')
+  if config.optim.max_consecutive_nonfinite < 0:
+    raise ConfigError(f'optim.max_consecutive_nonfinite={config.optim.max_consecutive_nonfinite}: '
+                      'use a count of steps >= 1, or 0 to never stop for skipped steps.')
+
   # Batch layout.
   gbs = d.global_batch_size
   hosts = jax.process_count() if num_processes is None else num_processes

@@ -14,6 +14,7 @@ Evaluation is in `evaluation.py`, what gets written in `metric_writers.py`, prin
 `checkpointing.py`.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,6 +26,9 @@ import jax
 import numpy as np
 
 from flaxdistil.model import bert
+from flaxdistil.storage import atomic
+from flaxdistil.storage import lock
+from flaxdistil.storage import space
 from flaxdistil.training import checkpointing
 from flaxdistil.training import evaluation
 from flaxdistil.training import metric_writers
@@ -99,11 +103,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Raises:
     ConfigError: (a ValueError, `training/errors.py`; `setup.ConfigError`) a bad config or
       input, with the fix.
-    ValueError: resuming with a config that changes shapes or data.
+    DirectoryLockedError: another live run holds `workdir` (`storage/lock.py`); nothing of
+      `workdir` was touched.
+    ConfigError: also when resuming with a config that changes shapes or data
+      (`checkpointing.check_compatible`).
+    CorruptFileError: the checkpoint to resume from, the token cache or the teacher cache
+      fails its checksums (the message names the file and the fix).
+    DiskFullError: no space left for a checkpoint or the run's logs (the message names the
+      directory, the space needed and the step a rerun resumes from).
     RuntimeError: checkpoints exist in `workdir` but none can be read.
-    FloatingPointError: a non-finite step with `optim.on_nonfinite='stop'`.
+    FloatingPointError: a non-finite step with `optim.on_nonfinite='stop'`, or
+      `optim.max_consecutive_nonfinite` non-finite steps in a row.
   """
   setup.prepare_workdir(workdir)
+  held = lock.hold(workdir, f'--workdir {os.path.abspath(workdir)}',
+                   'Wait for that run to end or stop it, or pass another --workdir.',
+                   jax.process_index())
+  try:
+    with space.reporting_disk_full(
+        workdir, "the run's logs (metrics.jsonl, TensorBoard, config.json, summary.json)", None,
+        'rerun the same command: it resumes from the newest complete checkpoint.'):
+      return _train_and_evaluate(config, workdir)
+  finally:
+    held.release()
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
+  """`train_and_evaluate` once `workdir` is locked."""
   run = setup.build_run(config, workdir)  # models, params (host), data, mesh
   manager = checkpointing.make_manager(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                        async_save=config.checkpoint.async_save)
@@ -112,7 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if latest is not None and latest >= num_steps:
     return _already_complete(run, manager, workdir, latest, num_steps)
   if jax.process_index() == 0:  # export and resumes read the run's config from here
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    with atomic.atomic_file(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
   mesh, rules, objective = run.mesh, run.rules, run.objective
   tx, schedule = optimizer.make_optimizer(config.optim, num_steps)
@@ -124,8 +150,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_shard, _ = sharding.model_param_layout(run.teacher_config, mesh, run.teacher_rules)
     t_params = jax.device_put(run.teacher_params, t_shard)
 
-  meta = lambda step, ev, interval: {'fingerprint': run.fingerprint, 'data_position': step,
-                                     'eval': ev, 'info': run.info, 'log_interval': interval}
+  meta = lambda step, ev, partial: {'fingerprint': run.fingerprint, 'data_position': step,
+                                    'eval': ev, 'info': run.info, 'log_interval': partial,
+                                    'nonfinite_in_a_row': interval.nonfinite_in_a_row}
   restored = checkpointing.restore_latest(manager, abstract_state)
   if restored is not None:
     state, saved = restored
@@ -163,7 +190,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                start_step + 1, stop_step, num_steps, config.log_every_steps)
   interval = metric_writers.IntervalMeans()
   interval.load(saved.get('log_interval', {}), state_shard['step'])  # resumed mid-interval
+  interval.nonfinite_in_a_row = int(saved.get('nonfinite_in_a_row', 0))
   log = train_log.TrainLog(writer, interval, num_steps, start_step=start_step)
+  ckpts = checkpointing.Checkpoints(manager, sum(x.size * x.dtype.itemsize
+                                                 for x in jax.tree.leaves(abstract_state)))
+  max_bad = int(config.optim.max_consecutive_nonfinite)
   batches = run.train_batches(start_step)
   preempt = _Preemption()
   last_eval = {}
@@ -187,22 +218,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stop_now = preempt.should_stop(sync_point=log_now or ckpt_now)
         if log_now:
           scalars = log.log(step, float(schedule(step - 1)))
+          ckpts.poll()  # an async save that failed (e.g. disk full) stops the run now
           if scalars['nonfinite_steps']:
-            logging.warning('%d non-finite loss/gradient step(s) up to step %d: updates skipped '
-                            '(%d skipped so far).', scalars['nonfinite_steps'], step,
-                            scalars['num_skipped'])
-            if config.optim.on_nonfinite == 'stop':
-              raise FloatingPointError(
-                  f'Non-finite loss or gradient up to step {step}; stopped with the last good '
-                  f'checkpoint in {manager.directory} (optim.on_nonfinite="stop").')
+            _check_nonfinite(config, scalars, step, max_bad, manager.directory)
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < num_steps:
           t_eval_start = time.time()
           last_eval = run_eval(step, state['params'], state.get('proj'))
           log.exclude(time.time() - t_eval_start)  # keep eval out of tokens/s
         if (step < num_steps and ckpt_now) or stop_now:
-          checkpointing.save(manager, step, state, meta(step, last_eval, interval.state()))
+          ckpts.save(step, state, meta(step, last_eval, interval.state()))
         if stop_now:
-          manager.wait_until_finished()
+          ckpts.wait()
           logging.warning('SIGTERM received: checkpoint for step %d written to %s. Resume with the '
                           'same command (same --workdir).', step, manager.directory)
           log.close()
@@ -212,11 +238,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.close()
     if step == num_steps:
       last_eval = run_eval(step, state['params'], state.get('proj'))
-      checkpointing.save(manager, step, state, meta(step, last_eval, {}))
+      ckpts.save(step, state, meta(step, last_eval, {}))
+    ckpts.wait()
+  except BaseException:
+    # Let a save in flight finish (the last good checkpoint of a 'stop'); its own failure must
+    # not hide the error that got us here.
+    with contextlib.suppress(Exception):
+      ckpts.wait()
+    raise
   finally:
     log.close()
     batches.close()
-    manager.wait_until_finished()
     preempt.restore()
     writer.close()
 
@@ -231,12 +263,35 @@ def train_and_evaluate(config, workdir: str) -> dict:
              'train_tokens_per_sec': log.tokens_per_sec,
              'train_seconds': time.time() - t_start, 'num_skipped': int(state['num_skipped'])}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
+    atomic.write_json(os.path.join(workdir, 'summary.json'), summary)
     plots.write_curves(workdir)
   logging.info('%s at step %d/%d. %s', 'Done' if summary['done'] else 'Stopped (steps_per_run)',
                step, num_steps, train_log.output_locations(workdir, manager.directory))
   return summary
+
+
+def _check_nonfinite(config, scalars: dict, step: int, max_bad: int, ckpt_dir) -> None:
+  """Warns about the interval's skipped steps; raises when the run must stop.
+
+  Raises:
+    FloatingPointError: `optim.on_nonfinite='stop'`, or `max_bad` (> 0) steps in a row were
+      non-finite: a run that only ever skips its updates would train on without learning.
+  """
+  logging.warning('%d non-finite loss/gradient step(s) up to step %d: updates skipped '
+                  '(%d skipped so far).', scalars['nonfinite_steps'], step, scalars['num_skipped'])
+  if config.optim.on_nonfinite == 'stop':
+    raise FloatingPointError(
+        f'Non-finite loss or gradient up to step {step}; stopped with the last good '
+        f'checkpoint in {ckpt_dir} (optim.on_nonfinite="stop").')
+  in_a_row = scalars['nonfinite_in_a_row']
+  if max_bad and in_a_row >= max_bad:
+    raise FloatingPointError(
+        f'The last {in_a_row} steps (up to step {step}) all had a non-finite loss, gradient or '
+        f'update, so all were skipped (optim.on_nonfinite="skip") and the student has not '
+        f'changed since step {step - in_a_row}: stopped instead of training on '
+        f'(optim.max_consecutive_nonfinite={max_bad}). Check the teacher (teacher.path or '
+        f'teacher.cache) and the data for inf/NaN, or lower optim.learning_rate; the last good '
+        f'checkpoint is in {ckpt_dir}.')
 
 
 def _already_complete(run: setup.Run, manager, workdir: str, latest: int, num_steps: int) -> dict:
@@ -259,8 +314,7 @@ def _already_complete(run: setup.Run, manager, workdir: str, latest: int, num_st
     summary = {'step': latest, 'done': True, 'student': saved.get('eval', {}), 'teacher': {},
                'train_tokens_per_sec': None, 'train_seconds': None, 'num_skipped': None}
     if jax.process_index() == 0:
-      with open(path, 'w') as f:
-        json.dump(summary, f, indent=1)
+      atomic.write_json(path, summary)
   logging.info('The run in %s is complete (checkpoint at step %d, num_train_steps=%d): nothing to '
                'train; metrics.jsonl and summary.json are unchanged. Raise '
                '--config.num_train_steps to train on, or pass a new --workdir. %s', workdir, latest,

@@ -83,7 +83,8 @@ class TrainLog:
     self.writer.write(step, scalars)
     eta = (self.num_steps - step) / scalars['steps_per_sec']
     console = {k: v for k, v in scalars.items()
-               if k not in ('num_steps', 'tokens', 'nonfinite_steps', 'num_skipped')}
+               if k not in ('num_steps', 'tokens', 'nonfinite_steps', 'num_skipped',
+                             'nonfinite_in_a_row')}
     logging.info('step %d/%d %s%s | ETA %s', step, self.num_steps, fmt(console),
                  ' (first interval: includes compilation, tokens/s is not steady-state)'
                  if self.first else '', time.strftime('%H:%M:%S', time.gmtime(eta)))

@@ -122,9 +122,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx: optax.Gra
       `[B, T]` is processed as A microbatches of `B/A` in a `lax.scan`, and
       each microbatch loss is normalised by the *global* token counts, so the
       summed gradient equals the one-big-batch gradient up to rounding.
-    skip_nonfinite: a non-finite loss or gradient leaves params and optimizer
-      state unchanged and increments `num_skipped` (the host decides whether
-      to stop, `optim.on_nonfinite`).
+    skip_nonfinite: a non-finite loss, gradient or updated parameter leaves params and
+      optimizer state unchanged and increments `num_skipped` (the host decides whether
+      to stop, `optim.on_nonfinite` and `optim.max_consecutive_nonfinite`).
 
   Returns:
     `train_step(state, teacher_params, batch) -> (state, metrics)`, pure, to jit
@@ -142,8 +142,9 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx: optax.Gra
   The metrics (float32 scalars, replicated): `loss` (the step's total
   objective, nats), `loss_<term>` (each term's mean over its own count:
   tokens, masked tokens or examples), `grad_norm` (before clipping), `finite`
-  (bool), `num_skipped` (int32, run total), `tokens` (non-padding tokens in the
-  global batch) and `terms` (`{term: (sum, count)}`, for exact interval means).
+  (bool: loss, gradient norm and updated parameters all finite), `num_skipped`
+  (int32, run total), `tokens` (non-padding tokens in the global batch) and
+  `terms` (`{term: (sum, count)}`, for exact interval means).
   """
   grad_fn = jax.value_and_grad(make_loss_fn(student, teacher, objective), has_aux=True)
 
@@ -174,9 +175,14 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, tx: optax.Gra
         (jnp.arange(num_microbatches), mbs))
 
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state['opt_state'], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
+    # Finite loss and gradients can still give an overflowing update (an absurd learning rate):
+    # the new parameters are checked too, so a skipped step never leaves inf/NaN behind for a
+    # checkpoint (one fused pass over the parameters, next to the update itself).
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.all(jnp.asarray([jnp.isfinite(x).all()
+                                     for x in jax.tree.leaves(new_trainable)])))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     if skip_nonfinite:
       new_trainable, new_opt = keep(new_trainable, trainable), keep(new_opt, state['opt_state'])
