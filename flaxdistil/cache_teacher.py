@@ -209,6 +209,7 @@ def build(config, out: str, workdir: str, num_rows: int = 0, rows_per_shard: int
   shards_n = sharding.num_batch_shards(mesh, rules)
   bs = batch_size or config.data.eval_batch_size
   plan['batch_size'] = bs = max(shards_n, bs - bs % shards_n)
+  plan = json.loads(json.dumps(plan))  # as the manifest reads back (tuples as lists)
   os.makedirs(out, exist_ok=True)
   with lock.hold(out, f'--out {os.path.abspath(out)}', 'Wait for that build to end or stop it, '
                  'or pass another --out.', jax.process_index()), space.reporting_disk_full(

@@ -27,7 +27,6 @@ and local directories for teacher.path / data.tokenizer.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags

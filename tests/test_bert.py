@@ -368,6 +368,7 @@ def test_mlm_hidden_and_vocab_projection_rebuild_logits(bert_params):
   np.testing.assert_allclose(out.mlm_hidden @ emb.T + bias, logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', [False, True])
 def test_scan_layers_same_outputs_and_grads_as_unrolled(bert_params, remat):
   ids, mask = _inputs()
@@ -391,6 +392,7 @@ def test_scan_layers_same_outputs_and_grads_as_unrolled(bert_params, remat):
       jax.tree.structure(bert_params))
 
 
+@pytest.mark.slow
 def test_scan_layers_dropout_and_the_unrolled_fallback(bert_params):
   ids, mask = _inputs()
   cfg = _cfg(scan_layers=True)

@@ -32,6 +32,7 @@ def test_main_export_and_onnx_export_import_in_one_process():
   assert r.stdout.split() == ['/tmp/w', '20']
 
 
+@pytest.mark.slow
 def test_export_cli_flags_and_errors():  # fast tier: the export command line itself
   r = _run('-m', 'flaxdistil.export', '--helpshort')
   for flag in ('--workdir', '--out', '--step', '--dtype', '--overwrite', '--onnx'):

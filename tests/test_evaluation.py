@@ -113,6 +113,7 @@ CLS = bert.ModelConfig(model_type='distilbert', vocab_size=40, hidden_size=16,
                        max_position_embeddings=16, num_labels=2, with_mlm_head=False)
 
 
+@pytest.mark.slow
 def test_task_metrics_f1_from_summed_counts_and_padding_rows_count_nowhere():
   rng = np.random.default_rng(1)
   model = bert.MaskedLM(CLS)

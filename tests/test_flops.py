@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flaxdistil.model import bert
 from flaxdistil.model import flops
@@ -38,6 +39,7 @@ def test_shapes_heads_and_microbatches():
   assert flops.layer_matmul_params(narrow) == 4 * 768 ** 2 + 2 * 768 * 1024
 
 
+@pytest.mark.slow
 def test_forward_flops_equal_the_compiled_programs_matmuls():
   cfg = bert.ModelConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3,
                          num_attention_heads=4, intermediate_size=48, max_position_embeddings=16)

@@ -119,6 +119,7 @@ def test_onnx_failure_keeps_the_verified_hf_export_and_says_how_to_retry(trained
   assert (out / 'model.safetensors').is_file() and not (out / 'onnx').exists()
 
 
+@pytest.mark.slow
 def test_export_of_a_specific_and_a_missing_step(trained, tmp_path):
   rep = hf_export.export(str(trained), str(tmp_path / 'hf'), step=6)
   assert rep['step'] == 6

@@ -145,6 +145,7 @@ def test_every_term_is_exactly_zero_for_identical_models_and_positive_otherwise(
                                    'output_attention_scores': False, 'output_values': False}
 
 
+@pytest.mark.slow
 def test_values_match_numpy_reference_formulas():
   """Normalisation: MSE = mean over real elements; KL rows averaged over heads."""
   b = _batch()

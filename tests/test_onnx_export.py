@@ -108,7 +108,8 @@ def test_without_int8(tmp_path, mlm_export, monkeypatch):
                       lambda model, output, path, opset: os.link(fixture_report['onnx'], path))
   report = onnx_export.export_onnx(hf, str(tmp_path / 'fp32_only'), quantize=False)
   assert 'int8' not in report
-  assert sorted(os.listdir(tmp_path / 'fp32_only')) == ['config.json', onnx_export.ONNX_FILE]
+  assert sorted(os.listdir(tmp_path / 'fp32_only')) == ['SHA256SUMS', 'config.json',
+                                                          onnx_export.ONNX_FILE]
 
 
 def test_bad_inputs(tmp_path, mlm_export):
@@ -149,6 +150,7 @@ def test_flax_disagreement_is_an_error(tmp_path, mlm_export, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_pruned_model_exports_its_smaller_layers(tmp_path):
   """A head- and FFN-pruned export (zero heads in the file) becomes an ONNX graph without those
   heads, equal to the unpruned-layout torch model that plain transformers loads."""

@@ -47,6 +47,7 @@ def _optim(**kw):
   return optim
 
 
+@pytest.mark.slow
 def test_weight_decay_reaches_only_the_masked_leaves():
   # Zero gradients: AdamW's update is the decay alone, -lr * weight_decay * param.
   optim = _optim(warmup_steps=0, weight_decay=0.1, learning_rate=1e-2)

@@ -36,6 +36,7 @@ def pruned(trained, tmp_path_factory):
   return out, report
 
 
+@pytest.mark.slow
 def test_prune_writes_a_smaller_verified_model_and_recovers_it(trained, pruned):
   out, report = pruned
   assert report['source']['step'] == 6 and report['fractions'] == {'heads': 0.5, 'ffn': 0.25}
@@ -63,6 +64,7 @@ def test_prune_writes_a_smaller_verified_model_and_recovers_it(trained, pruned):
   assert json.load(open(os.path.join(out, prune.REPORT)))['eval'] == report['eval']
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_steps_and_other_fractions_are_refused(trained, pruned,
                                                                       monkeypatch):
   out, report = pruned
@@ -74,12 +76,14 @@ def test_a_rerun_skips_finished_steps_and_other_fractions_are_refused(trained, p
     prune.prune_run(trained, out, heads=0.25, ffn=0.25)
 
 
+@pytest.mark.slow
 def test_pruning_nothing_keeps_the_function(trained, tmp_path):
   report = prune.prune_step(trained, str(tmp_path), heads=0.0, ffn=0.0, importance_batches=1)
   assert report['params']['after'] == report['params']['before']
   assert report['eval']['pruned'] == report['eval']['source']
 
 
+@pytest.mark.slow
 def test_recovery_config_continues_from_the_export(trained):
   c = prune.recovery_config(prune.load_run_config(trained), '/x/pruned_hf', 40, 1e-4)
   assert (c.student.init, c.student.path, c.student.intermediate_size) == (

@@ -110,6 +110,7 @@ def test_sigkill_loses_at_most_steps_since_checkpoint(tmp_path, uninterrupted):
   assert got == full
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_ignored(tmp_path, uninterrupted):
   full_wd, _ = uninterrupted
   import shutil
@@ -231,6 +232,7 @@ def test_unknown_config_key_is_rejected_by_cli(tmp_path):
   assert r.returncode != 0 and 'alpha_foo' in r.stderr
 
 
+@pytest.mark.slow
 def test_export_target_that_exists(tmp_path, uninterrupted):
   full_wd, _ = uninterrupted
   (tmp_path / 'out').mkdir()

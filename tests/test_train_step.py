@@ -159,6 +159,7 @@ def test_chunked_vocab_step_on_masked_positions_equals_dense():
   assert_trees_close(params, ref_params)
 
 
+@pytest.mark.slow
 def test_step_changes_only_student_and_skips_nonfinite():
   tcfg, scfg, tparams, sparams, batch = _setup()
   optim = tiny_config().optim
@@ -274,6 +275,7 @@ def test_task_step_sharded_and_accumulated_equal_single_device():
     assert_trees_close(params, ref_params)  # rtol=2e-5, atol=2e-6
 
 
+@pytest.mark.slow
 def test_scan_layers_step_equals_unrolled_step(single_device):
   # config.scan_layers only changes how the layers are compiled: same losses and update, also
   # with accumulation and the jit wiring of the train loop (`jit_run_step`).
