@@ -25,13 +25,13 @@ def row(report: dict) -> str:
   if 'rows' in report:  # --search: the best row carries the estimate; its memory total only
     best = report['best']
     if best is None:
-      return f"| {report['target']['name']} (search) | nothing fits | | | | | | | | |"
+      return f"| {report['target']['name']} (search) | nothing fits | | | | | | | | | |"
     est = best['estimate']
     return (f"| {report['target']['name']} (search pick) | {best['layout']} | "
             f"{best['microbatch_per_device']} x {best['num_microbatches']} | {best['variant']} | "
             f"{best['memory_total'] / GIB:.2f} | yes | {est['step_time_s'] * 1e3:,.0f} | "
             f"{est['tokens_per_s_per_chip']:,.0f} | {est['mfu'] * 100:.1f}% | "
-            f"{sum(r['compiles'] for r in report['rows'])} compiles, "
+            f"{est['run_hours']:.1f} | {sum(r['compiles'] for r in report['rows'])} compiles, "
             f"{sum(r['compile_seconds'] for r in report['rows']):,.0f} s |")
   c, m, est = report['config'], report['memory'], report.get('estimate')
   options = ', '.join(x for x in (
@@ -45,21 +45,22 @@ def row(report: dict) -> str:
   if not report['fits']:
     return (f"| {report['target']['name']} | {_mesh(c['mesh_shape'])} | "
             f"{c['microbatch_per_device']} x {c['num_microbatches']} | {options} | {hbm} | no | "
-            f"| | | {compile_s} |")
+            f"| | | | {compile_s} |")
   return (f"| {report['target']['name']} | {_mesh(c['mesh_shape'])} | "
           f"{c['microbatch_per_device']} x {c['num_microbatches']} | {options} | {hbm} | yes | "
           f"{est['step_time_s'] * 1e3:,.0f} | {est['tokens_per_s_per_chip']:,.0f} | "
-          f"{est['mfu'] * 100:.1f}% | {compile_s} |" if est else
+          f"{est['mfu'] * 100:.1f}% | {est['run_hours']:.1f} | {compile_s} |" if est else
           f"| {report['target']['name']} | {_mesh(c['mesh_shape'])} | "
           f"{c['microbatch_per_device']} x {c['num_microbatches']} | {options} | {hbm} | yes | "
-          f"| | | {compile_s} |")
+          f"| | | | {compile_s} |")
 
 
 def table(reports: list[dict]) -> str:
   """The markdown table of `reports` (header first)."""
   lines = ['| target | mesh | microbatch/device x microbatches | options | HBM/chip GiB (sum of '
-           'kinds / chip) | fits | est. step ms | est. tokens/s/chip | est. MFU | compile |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           'kinds / chip) | fits | est. step ms | est. tokens/s/chip | est. MFU | est. run h '
+           '(num_train_steps) | compile |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   return '\n'.join(lines + [row(r) for r in reports])
 
 
