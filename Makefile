@@ -12,7 +12,8 @@
 # need no CUDA; `make TORCH=torch==2.13.0 ...` takes PyPI's CUDA build instead), TORCH_INDEX
 # (where the CPU build comes from when no local wheelhouse serves it), WORKDIR (runs/demo),
 # TESTS (what pytest collects, default tests; e.g. TESTS=tests/test_losses.py), PYTEST_ARGS (extra
-# pytest arguments, e.g. PYTEST_ARGS=--durations=40).
+# pytest arguments, e.g. PYTEST_ARGS=--durations=40), JOBS (pytest-xdist workers, default auto = one
+# per CPU; a test file stays on one worker, so its module fixtures are built once; JOBS=0 runs serially).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,6 +22,8 @@ TORCH ?= $(if $(filter Darwin,$(shell uname -s)),torch==2.13.0,torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TESTS ?= tests
 PYTEST_ARGS ?=
+JOBS ?= auto
+XDIST := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
@@ -34,10 +37,10 @@ demo: $(VENV)/.demo
 	$(RUN_ENV) $(PY) -m flaxdistil.export --workdir $(WORKDIR) --out $(WORKDIR)/export --overwrite
 
 test: $(VENV)/.test
-	$(RUN_ENV) $(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q $(XDIST) $(TESTS) $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.test
-	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(TESTS) $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(XDIST) $(TESTS) $(PYTEST_ARGS)
 
 lint: $(VENV)/.test
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check --select F,I .
