@@ -223,9 +223,17 @@ def plan_compile_check(ctx: Ctx) -> list[str]:
     raise Skip('flaxdistil.train_compile does not exist yet (issue 19); pass --compile_check_cmd '
                'to run another compile-only check')
   c = (ctx.results['steps'].get('recipe_4096') or {}).get('choice') or recipe_choice(ctx)
+  # The machine has no Hub and no tokenizer files: a WordPiece vocab.txt of bert-base-uncased's
+  # size gives the step its shapes (train_compile reads no data).
+  tok_dir = os.path.join(ctx.work, 'vocab30522')
+  os.makedirs(tok_dir, exist_ok=True)
+  with open(os.path.join(tok_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
+    f.write('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
+                      + [f'w{i}' for i in range(30522 - 5)]) + '\n')
   return [sys.executable, '-m', 'flaxdistil.train_compile', '--config',
           os.path.join(ROOT, 'configs', 'distilbert.py'), '--config.dtype=bfloat16',
           '--config.teacher.path=', '--config.teacher.random_init=True',
+          f'--config.data.tokenizer={tok_dir}',
           f'--config.data.global_batch_size={ctx.shapes.recipe_batch}',
           f'--config.optim.num_microbatches={ctx.shapes.recipe_batch // c["microbatch"]}',
           f'--config.distill.vocab_chunk_size={c["vocab_chunk_size"]}',

@@ -38,8 +38,9 @@ class QuietLibraries(logging.Filter):
     raises instead, so TPU/GPU problems still show;
   - orbax's warnings that a read-only manager (export) disables saving, and
     the quantizer's advice to pre-process the model (an image-model recipe);
-  - orbax's error tracebacks of a save that found the disk full: the command
-    reports that itself, once, with the space needed and the fix.
+  - orbax's (and asyncio's) error tracebacks of a save that found the disk
+    full, and orbax's error that a damaged step's metadata does not parse: the
+    command reports those itself, once, with the fix.
   """
 
   _QUIET_INFO_PATHS = ('/orbax/', '/onnxscript/', '/onnx_ir/', '/onnxruntime/quantization/')
@@ -47,10 +48,14 @@ class QuietLibraries(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     """True to emit `record`, False to drop it (the rules of the class docstring)."""
     if record.levelno >= logging.ERROR:
-      # A save that found the disk full: orbax logs the traceback, the command reports it in one
-      # paragraph (`storage.space.DiskFullError`).
-      return not ('/orbax/' in record.pathname and record.exc_info
-                  and space.is_disk_full(record.exc_info[1]))
+      # A save that found the disk full: orbax (and asyncio, for its unawaited write tasks) logs
+      # the traceback; the command reports it in one paragraph (`storage.space.DiskFullError`).
+      if (('/orbax/' in record.pathname or record.name == 'asyncio') and record.exc_info
+          and space.is_disk_full(record.exc_info[1])):
+        return False
+      # A damaged step's metadata: orbax logs that it cannot parse it, then our checksum check
+      # names the file and the fix (`storage.integrity.CorruptFileError`).
+      return not ('/orbax/' in record.pathname and 'Failed to json parse' in str(record.msg))
     msg = str(record.msg)
     if record.levelno >= logging.WARNING:
       return not (('/orbax/' in record.pathname and 'read_only' in msg.replace(' ', '_'))

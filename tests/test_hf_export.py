@@ -61,7 +61,7 @@ def test_export_cli_with_onnx_loads_in_transformers_and_fill_mask_matches_flax(t
   onnx = report['onnx']
   assert onnx['path'] == str(out / 'onnx') and onnx['max_abs_diff'] <= 1e-4
   assert onnx['max_abs_diff_flax'] <= 1e-4 and onnx['int8_top1_agreement'] > 0
-  assert sorted(os.listdir(out / 'onnx')) == ['model.onnx', 'model_quantized.onnx']
+  assert sorted(os.listdir(out / 'onnx')) == ['SHA256SUMS', 'model.onnx', 'model_quantized.onnx']
   _assert_readable(out)  # model.safetensors included (safetensors writes it 0600)
   # The console: the JSON report on stdout, and no library chatter (orbax restore, ONNX
   # optimiser passes, quantizer) or progress bars on stderr.

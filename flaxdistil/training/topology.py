@@ -244,13 +244,16 @@ def prepare_compile_only_tpu(target: Target) -> None:
   Call before the TPU plugin is first initialised. Without a local TPU, libtpu probes the
   machine's metadata, warns that it cannot find the accelerator type and worker hostnames, and
   takes an exclusive lock (`/tmp/libtpu_lockfile`) that stops a second compile running at the
-  same time; the defaults set here (only where unset) skip all three. On a TPU VM nothing is set.
+  same time; the values set here skip all three (`TPU_ACCELERATOR_TYPE` always, the others only
+  where unset). On a TPU VM nothing is set.
   """
   if target.platform != 'tpu' or has_local_tpu():
     return
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', target.accelerator_type)
+  # Set, not defaulted: a value inherited from an earlier target's compile (a parent process that
+  # compiled for another slice) would describe the wrong chip layout to libtpu.
+  os.environ['TPU_ACCELERATOR_TYPE'] = target.accelerator_type
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
 
 
