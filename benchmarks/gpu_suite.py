@@ -233,7 +233,7 @@ def plan_compile_check(ctx: Ctx) -> list[str]:
   return [sys.executable, '-m', 'flaxdistil.train_compile', '--config',
           os.path.join(ROOT, 'configs', 'distilbert.py'), '--config.dtype=bfloat16',
           '--config.teacher.path=', '--config.teacher.random_init=True',
-          f'--config.data.tokenizer={tok_dir}',
+          f'--config.data.tokenizer={tok_dir}', '--config.data.synthetic=True',
           f'--config.data.global_batch_size={ctx.shapes.recipe_batch}',
           f'--config.optim.num_microbatches={ctx.shapes.recipe_batch // c["microbatch"]}',
           f'--config.distill.vocab_chunk_size={c["vocab_chunk_size"]}',

@@ -315,8 +315,8 @@ def test_corrupt_token_shard_is_refused_and_the_fix_rebuilds_it(tmp_path, uninte
   p = _main(wd, *args)
   out = p.communicate(timeout=600)[0]
   assert p.returncode == 0, out[-3000:]
-  train_cache = next(d for d in cache.glob('tokens-*')
-                     if 'train.txt' in (d / 'plan.json').read_text())
+  train_cache = next(d for d in cache.glob('tokens-*')  # not the tokens-<key>.lock files
+                     if d.is_dir() and 'train.txt' in (d / 'plan.json').read_text())
   shard = train_cache / 'shard-00000.npy'
   flip_byte(shard, -10)  # one token near the end: the case that used to train silently
   p = _main(wd, *args)

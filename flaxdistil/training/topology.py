@@ -194,7 +194,9 @@ def parse_target(name: str, num_slices: int = 1) -> Target:
   product = {'v5e': 'v5litepod'}.get(gen, gen)
   return Target(name=name, platform='tpu', topology_name=f'{prefix}:' + 'x'.join(map(str, shape)),
                 chips=chips * num_slices, chip=CHIPS[gen], chip_config_name=chip_config,
-                chips_per_host_bounds=(2, 2, 1), wrap=wrap, num_slices=num_slices,
+                # a host holds up to 2 x 2 chips; a smaller slice (v5e-1, v5e-2) is all one host
+                chips_per_host_bounds=(min(2, shape[0]), min(2, shape[1]), 1), wrap=wrap,
+                num_slices=num_slices,
                 accelerator_type=f'{product}-{count}')
 
 
