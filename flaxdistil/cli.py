@@ -305,6 +305,13 @@ def exit_on_error(config=None) -> Iterator[None]:
     code = EXIT_NONFINITE if isinstance(e, FloatingPointError) else e.exit_code
     hint = hub_hint(config, e) if config is not None and isinstance(e, ConfigError) else ''
     print(f'error: {e}' + (f'\nfix: {hint}' if hint else ''), file=sys.stderr)
+    if isinstance(e, DiskFullError):
+      # Orbax's writer threads of the failed save outlive it; at interpreter shutdown they print
+      # 'Event loop is closed' tracebacks under the paragraph. Every write is atomic (nothing
+      # half-written remains), so leave without that shutdown.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)  # pylint: disable=protected-access
     sys.exit(code)
   except Exception:
     if _WATCHDOG is not None:
