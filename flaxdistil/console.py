@@ -56,9 +56,6 @@ class QuietLibraries(logging.Filter):
       # A damaged step's metadata: orbax logs that it cannot parse it, then our checksum check
       # names the file and the fix (`storage.integrity.CorruptFileError`).
       return not ('/orbax/' in record.pathname and 'Failed to json parse' in str(record.msg))
-    if record.exc_info and isinstance(record.exc_info[1], RuntimeError) and (
-        str(record.exc_info[1]) == 'Event loop is closed'):
-      return False  # orbax's writer threads after a failed save ended its event loop
     msg = str(record.msg)
     if record.levelno >= logging.WARNING:
       return not (('/orbax/' in record.pathname and 'read_only' in msg.replace(' ', '_'))
