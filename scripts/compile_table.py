@@ -42,18 +42,13 @@ def row(report: dict) -> str:
                                      else '')
   cpu = report.get('compile_cpu_seconds')
   compile_s = f"{report['compile_seconds']:,.0f} s" + (f' ({cpu:,.0f} s CPU)' if cpu else '')
-  if not report['fits']:
-    return (f"| {report['target']['name']} | {_mesh(c['mesh_shape'])} | "
-            f"{c['microbatch_per_device']} x {c['num_microbatches']} | {options} | {hbm} | no | "
-            f"| | | | {compile_s} |")
-  return (f"| {report['target']['name']} | {_mesh(c['mesh_shape'])} | "
-          f"{c['microbatch_per_device']} x {c['num_microbatches']} | {options} | {hbm} | yes | "
-          f"{est['step_time_s'] * 1e3:,.0f} | {est['tokens_per_s_per_chip']:,.0f} | "
-          f"{est['mfu'] * 100:.1f}% | {est['run_hours']:.1f} | {compile_s} |" if est else
-          f"| {report['target']['name']} | {_mesh(c['mesh_shape'])} | "
-          f"{c['microbatch_per_device']} x {c['num_microbatches']} | {options} | {hbm} | yes | "
-          f"| | | | {compile_s} |")
-
+  head = (f"| {report['target']['name']} | {_mesh(c['mesh_shape'])} | "
+          f"{c['microbatch_per_device']} x {c['num_microbatches']} | {options} | {hbm} | "
+          f"{'yes' if report['fits'] else 'no'} | ")
+  if report['fits'] and est:
+    return (head + f"{est['step_time_s'] * 1e3:,.0f} | {est['tokens_per_s_per_chip']:,.0f} | "
+            f"{est['mfu'] * 100:.1f}% | {est['run_hours']:.1f} | {compile_s} |")
+  return head + f"| | | | {compile_s} |"
 
 def table(reports: list[dict]) -> str:
   """The markdown table of `reports` (header first)."""
