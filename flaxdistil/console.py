@@ -3,7 +3,8 @@
 - `setup(log_file)`: one clean line per log record on stderr (no absl prefix such as
   `I1201 19:05:15.585633 140123 metric_writers.py:180]`; warnings start with `warning: `), written
   through `tqdm.write` so that lines scroll above a live progress bar (`data/progress.py`), with
-  library chatter filtered out (`QuietLibraries`); and, given `log_file` (`<workdir>/log.txt`),
+  library chatter filtered out (`QuietLibraries`), and `sys.stderr` without the tracebacks of a
+  failed async save's closed event loop (`ClosedLoopTracebacks`); and, given `log_file` (`<workdir>/log.txt`),
   every record, chatter included, with absl's full prefix, in that file.
 - `summary_table(summary)`: the end-of-run table of `train.train_and_evaluate`'s summary (rich).
 
@@ -14,8 +15,10 @@ replaces; library users who never call `setup` keep their logging as it was.
 
 import io
 import logging
+import atexit
 import os
 import sys
+import threading
 
 import rich.box
 import rich.console
@@ -65,6 +68,75 @@ class QuietLibraries(logging.Filter):
     return not (record.name.startswith('jax') and msg.startswith('Unable to initialize backend'))
 
 
+class ClosedLoopTracebacks:
+  """`sys.stderr` less the tracebacks of writes that complete after orbax's save loop closed.
+
+  When an async checkpoint save fails (a full disk), orbax's event loop closes while tensorstore
+  still has writes in flight; as each completes, its callback's `loop.call_soon_threadsafe`
+  raises `RuntimeError: Event loop is closed`, which the C++ side prints straight to
+  `sys.stderr` (not through logging), a dozen times, seconds before the command reports the
+  failed save in its one paragraph. Such a traceback (every frame in asyncio, that exact last
+  line) is dropped here; anything else, other tracebacks included, passes through unchanged.
+  Other attributes (`isatty`, `fileno`, `encoding`...) are the wrapped stream's.
+  """
+
+  _HEAD = 'Traceback (most recent call last):'
+  _TAIL = 'RuntimeError: Event loop is closed'
+
+  def __init__(self, stream):
+    self._stream = stream
+    self._held = ''  # a traceback being written (until its exception line), or a header's start
+    self._in_block = False
+    self._lock = threading.Lock()
+    atexit.register(self._write_pending)
+
+  def write(self, text: str) -> int:
+    with self._lock:
+      self._held += text
+      self._write_held()
+    return len(text)
+
+  def _write_held(self) -> None:
+    while True:
+      if not self._in_block:
+        start = self._held.find(self._HEAD)
+        if start < 0:
+          # Hold back only what could be the start of a header (written in pieces).
+          keep = next((k for k in range(min(len(self._HEAD) - 1, len(self._held)), 0, -1)
+                       if self._held.endswith(self._HEAD[:k])), 0)
+          self._stream.write(self._held[:len(self._held) - keep])
+          self._held = self._held[len(self._held) - keep:]
+          return
+        self._stream.write(self._held[:start])
+        self._held, self._in_block = self._held[start:], True
+      lines = self._held.split('\n')
+      # lines[0] is the header, lines[-1] not complete yet: the traceback ends at the first
+      # complete line that is not indented (the exception's line).
+      end = next((n for n in range(1, len(lines) - 1) if not lines[n].startswith(' ')), None)
+      if end is None:
+        return
+      frames = [ln for ln in lines[1:end] if ln.lstrip().startswith('File ')]
+      if not (lines[end] == self._TAIL and frames and all('/asyncio/' in f for f in frames)):
+        self._stream.write('\n'.join(lines[:end + 1]) + '\n')
+      self._held, self._in_block = '\n'.join(lines[end + 1:]), False
+
+  def flush(self) -> None:
+    with self._lock:
+      if not self._in_block:  # a held header start that no traceback followed is plain text
+        self._stream.write(self._held)
+        self._held = ''
+    self._stream.flush()
+
+  def _write_pending(self) -> None:
+    with self._lock:
+      if self._held:
+        self._stream.write(self._held)
+        self._held, self._in_block = '', False
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 class ConsoleFormatter(logging.Formatter):
   """The message alone; `warning: ` / `error: ` before records of those levels (and tracebacks)."""
 
@@ -101,6 +173,8 @@ def setup(log_file: str | None = None) -> None:
       must exist. None: the console only.
   """
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if not isinstance(sys.stderr, ClosedLoopTracebacks):
+    sys.stderr = ClosedLoopTracebacks(sys.stderr)
   root = logging.getLogger()
   absl_handler = absl_logging.get_absl_handler()
   if absl_handler in root.handlers:

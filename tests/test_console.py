@@ -78,6 +78,32 @@ def test_setup_replaces_absls_prefix_on_the_console_and_logs_everything_to_a_fil
   assert any(ln.startswith('W') and 'disk almost full' in ln for ln in log.splitlines())
 
 
+_CLOSED_LOOP = (
+    'Traceback (most recent call last):\n'
+    '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in call_soon_threadsafe\n'
+    '    self._check_closed()\n'
+    '  File "/usr/lib/python3.11/asyncio/base_events.py", line 519, in _check_closed\n'
+    "    raise RuntimeError('Event loop is closed')\n"
+    'RuntimeError: Event loop is closed\n')
+
+
+@pytest.mark.parametrize('piece', [1, 7, 10_000])  # written char by char, in pieces, at once
+def test_stderr_drops_closed_loop_tracebacks_and_keeps_everything_else(piece):
+  import io  # pylint: disable=g-import-not-at-top
+  other = _CLOSED_LOOP.replace('Event loop is closed', 'something else').replace('asyncio', 'ours')
+  chained = _CLOSED_LOOP.replace('RuntimeError: Event loop is closed', 'ValueError: bad')
+  text = ('step 1/4 |##  | ETA 00:01\r' + _CLOSED_LOOP + 'step 2/4\n' + other + _CLOSED_LOOP
+          + _CLOSED_LOOP + chained + 'error: No space left on device\n' + 'Traceback (most')
+  out = io.StringIO()
+  stream = console.ClosedLoopTracebacks(out)
+  for i in range(0, len(text), piece):
+    assert stream.write(text[i:i + piece]) == len(text[i:i + piece])
+  stream._write_pending()  # what atexit does: an unfinished block is not lost
+  assert out.getvalue() == ('step 1/4 |##  | ETA 00:01\rstep 2/4\n' + other + chained
+                            + 'error: No space left on device\n' + 'Traceback (most')
+  assert stream.getvalue() == out.getvalue()  # other attributes are the wrapped stream's
+
+
 def test_summary_table_compares_teacher_and_student_before_and_after():
   summary = {'step': 150, 'num_train_steps': 150, 'train_seconds': 192.4,
              'train_tokens_per_sec': 1234.5, 'teacher': {},
