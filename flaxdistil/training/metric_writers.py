@@ -10,10 +10,30 @@ console lines are `train_log.py`'s.
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def _tensorboardx_summary_writer():
+  """`tensorboardX.SummaryWriter`, imported without importing torch when torch is not loaded.
+
+  tensorboardX's writer module tries `import torch` at import time only to accept torch tensors
+  (we log floats); on CPU that import is ~2 s of every training command's start. Marking torch
+  unimportable for that one import makes tensorboardX fall back to numpy, as without torch; the
+  mark is removed at once, so a later `import torch` (export in the same process) is unaffected.
+  """
+  if 'torch' in sys.modules or 'tensorboardX.writer' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -29,7 +49,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    SummaryWriter = _tensorboardx_summary_writer()  # pylint: disable=invalid-name
     path = os.path.join(workdir, 'metrics.jsonl')
     _drop_torn_line(path)
     self._jsonl = open(path, 'a')
