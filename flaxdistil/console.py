@@ -13,9 +13,9 @@ console is set up inside `absl.app.run`'s main, after absl installed its own han
 replaces; library users who never call `setup` keep their logging as it was.
 """
 
+import atexit
 import io
 import logging
-import atexit
 import os
 import sys
 import threading
