@@ -86,7 +86,6 @@ class ClosedLoopTracebacks:
   def __init__(self, stream):
     self._stream = stream
     self._held = ''  # a traceback being written (until its exception line), or a header's start
-    self._in_block = False
     self._lock = threading.Lock()
     atexit.register(self._write_pending)
 
@@ -95,6 +94,11 @@ class ClosedLoopTracebacks:
       self._held += text
       self._write_held()
     return len(text)
+
+  @property
+  def _in_block(self) -> bool:
+    """A traceback is being held (a header's start alone is shorter than the header)."""
+    return self._held.startswith(self._HEAD)
 
   def _write_held(self) -> None:
     while True:
@@ -108,7 +112,7 @@ class ClosedLoopTracebacks:
           self._held = self._held[len(self._held) - keep:]
           return
         self._stream.write(self._held[:start])
-        self._held, self._in_block = self._held[start:], True
+        self._held = self._held[start:]
       lines = self._held.split('\n')
       # lines[0] is the header, lines[-1] not complete yet: the traceback ends at the first
       # complete line that is not indented (the exception's line).
@@ -118,7 +122,7 @@ class ClosedLoopTracebacks:
       frames = [ln for ln in lines[1:end] if ln.lstrip().startswith('File ')]
       if not (lines[end] == self._TAIL and frames and all('/asyncio/' in f for f in frames)):
         self._stream.write('\n'.join(lines[:end + 1]) + '\n')
-      self._held, self._in_block = '\n'.join(lines[end + 1:]), False
+      self._held = '\n'.join(lines[end + 1:])
 
   def flush(self) -> None:
     with self._lock:
@@ -131,7 +135,7 @@ class ClosedLoopTracebacks:
     with self._lock:
       if self._held:
         self._stream.write(self._held)
-        self._held, self._in_block = '', False
+        self._held = ''
 
   def __getattr__(self, name):
     return getattr(self._stream, name)

@@ -50,6 +50,7 @@ def row(report: dict) -> str:
             f"{est['mfu'] * 100:.1f}% | {est['run_hours']:.1f} | {compile_s} |")
   return head + f"| | | | {compile_s} |"
 
+
 def table(reports: list[dict]) -> str:
   """The markdown table of `reports` (header first)."""
   lines = ['| target | mesh | microbatch/device x microbatches | options | HBM/chip GiB (sum of '

@@ -48,8 +48,7 @@ def load_tokenizer(path_or_name: str):
       tok = transformers.AutoTokenizer.from_pretrained(path)
   except Exception as e:  # noqa: BLE001 - re-raised below with a fix if no fallback works
     error = e
-  if os.path.isdir(path) and (tok is None or missing(tok)) and any(
-      os.path.exists(os.path.join(path, f)) for f in ('vocab.txt', 'tokenizer.json')):
+  if (tok is None or missing(tok)) and _has_tokenizer_files(path):
     try:
       tok = transformers.BertTokenizerFast.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
@@ -70,8 +69,7 @@ def _bert_class(path: str) -> bool:
   """True for a local tokenizer dir that AutoTokenizer would load as (or fall back to) BERT's:
   `tokenizer_config.json` names BertTokenizer(Fast), or no class and `config.json` (if any) is
   a BERT's (AutoTokenizer picks the tokenizer of the model type then)."""
-  if not os.path.isdir(path) or not any(
-      os.path.exists(os.path.join(path, f)) for f in ('vocab.txt', 'tokenizer.json')):
+  if not _has_tokenizer_files(path):
     return False
   try:
     name = _read_json(os.path.join(path, 'tokenizer_config.json')).get('tokenizer_class')
@@ -80,6 +78,12 @@ def _bert_class(path: str) -> bool:
     return False  # AutoTokenizer's own error (or fallback) names the problem
   return name in ('BertTokenizer', 'BertTokenizerFast') or (
       name is None and model_type in (None, 'bert'))
+
+
+def _has_tokenizer_files(path: str) -> bool:
+  """A local directory holding a BERT WordPiece vocab.txt or a `tokenizers` tokenizer.json."""
+  return os.path.isdir(path) and any(
+      os.path.exists(os.path.join(path, f)) for f in ('vocab.txt', 'tokenizer.json'))
 
 
 def _read_json(path: str) -> dict:
