@@ -19,9 +19,8 @@ import pytest
 
 # LLVM at optimisation level 0 for the CPU programs of tests and their subprocesses: the tests'
 # models are tiny, so XLA's compile is most of their time (a tiny train step: 9.9 s at the
-# default level, 5.5 s at 0; a cold tiny run 29 -> 21 s, measured once with a training job beside
-# it: a rough ratio) and the generated code's speed is not
-# what they test. The level changes how fast the code runs, not what it computes (no fast-math:
+# default level, 5.5 s at 0; a cold tiny run 29 -> 21 s, measured once with a training job
+# beside it: a rough ratio) and the generated code's speed is not what they test. The level changes how fast the code runs, not what it computes (no fast-math:
 # torch parity, sharded == single-device and bit-exact resumes hold as before); runs outside the
 # tests keep XLA's default.
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
