@@ -77,6 +77,8 @@ class ClosedLoopTracebacks:
   `sys.stderr` (not through logging), a dozen times, seconds before the command reports the
   failed save in its one paragraph. Such a traceback (every frame in asyncio, that exact last
   line) is dropped here; anything else, other tracebacks included, passes through unchanged.
+  Text is held per writing thread: the traceback comes in pieces from a tensorstore thread while
+  the training thread goes on logging, so one thread's lines never land inside another's block.
   Other attributes (`isatty`, `fileno`, `encoding`...) are the wrapped stream's.
   """
 
@@ -85,57 +87,62 @@ class ClosedLoopTracebacks:
 
   def __init__(self, stream):
     self._stream = stream
-    self._held = ''  # a traceback being written (until its exception line), or a header's start
+    self._held = {}  # thread id -> a traceback being written (until its exception line) or a
+    #                  header's start
     self._lock = threading.Lock()
     atexit.register(self._write_pending)
 
   def write(self, text: str) -> int:
+    tid = threading.get_ident()
     with self._lock:
-      self._held += text
-      self._write_held()
+      self._held[tid] = self._held.get(tid, '') + text
+      self._write_held(tid)
     return len(text)
 
-  @property
-  def _in_block(self) -> bool:
+  def _in_block(self, tid: int) -> bool:
     """A traceback is being held (a header's start alone is shorter than the header)."""
-    return self._held.startswith(self._HEAD)
+    return self._held.get(tid, '').startswith(self._HEAD)
 
-  def _write_held(self) -> None:
+  def _write_held(self, tid: int) -> None:
+    held = self._held[tid]
     while True:
-      if not self._in_block:
-        start = self._held.find(self._HEAD)
+      if not held.startswith(self._HEAD):
+        start = held.find(self._HEAD)
         if start < 0:
           # Hold back only what could be the start of a header (written in pieces).
-          keep = next((k for k in range(min(len(self._HEAD) - 1, len(self._held)), 0, -1)
-                       if self._held.endswith(self._HEAD[:k])), 0)
-          self._stream.write(self._held[:len(self._held) - keep])
-          self._held = self._held[len(self._held) - keep:]
-          return
-        self._stream.write(self._held[:start])
-        self._held = self._held[start:]
-      lines = self._held.split('\n')
+          keep = next((k for k in range(min(len(self._HEAD) - 1, len(held)), 0, -1)
+                       if held.endswith(self._HEAD[:k])), 0)
+          self._stream.write(held[:len(held) - keep])
+          held = held[len(held) - keep:]
+          break
+        self._stream.write(held[:start])
+        held = held[start:]
+      lines = held.split('\n')
       # lines[0] is the header, lines[-1] not complete yet: the traceback ends at the first
       # complete line that is not indented (the exception's line).
       end = next((n for n in range(1, len(lines) - 1) if not lines[n].startswith(' ')), None)
       if end is None:
-        return
+        break
       frames = [ln for ln in lines[1:end] if ln.lstrip().startswith('File ')]
       if not (lines[end] == self._TAIL and frames and all('/asyncio/' in f for f in frames)):
         self._stream.write('\n'.join(lines[:end + 1]) + '\n')
-      self._held = '\n'.join(lines[end + 1:])
+      held = '\n'.join(lines[end + 1:])
+    if held:
+      self._held[tid] = held
+    else:
+      self._held.pop(tid, None)
 
   def flush(self) -> None:
     with self._lock:
-      if not self._in_block:  # a held header start that no traceback followed is plain text
-        self._stream.write(self._held)
-        self._held = ''
+      for tid in [t for t in self._held if not self._in_block(t)]:
+        self._stream.write(self._held.pop(tid))  # a header start no traceback followed: text
     self._stream.flush()
 
   def _write_pending(self) -> None:
     with self._lock:
-      if self._held:
-        self._stream.write(self._held)
-        self._held = ''
+      for held in self._held.values():
+        self._stream.write(held)
+      self._held.clear()
 
   def __getattr__(self, name):
     return getattr(self._stream, name)

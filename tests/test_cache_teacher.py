@@ -126,7 +126,8 @@ def test_offline_run_at_k_equal_vocab_equals_online_run_with_original_input(buil
                                  'teacher.cache_top_k': 0})
   for a, b in zip(online, offline):
     for k in ('loss', 'loss_ce', 'loss_mlm', 'loss_cos', 'grad_norm'):
-      np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=k)
+      # atol: loss_ce near 0.008 differs by float32 summation order alone (2e-7 seen, rtol 2.5e-5)
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)
   if max_predictions:  # today's default, the teacher seeing the masked input, is another objective
     masked = _step_metrics(root, over)
     assert not np.isclose(masked[0]['loss_ce'], online[0]['loss_ce'], rtol=1e-2)

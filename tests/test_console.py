@@ -104,6 +104,35 @@ def test_stderr_drops_closed_loop_tracebacks_and_keeps_everything_else(piece):
   assert stream.getvalue() == out.getvalue()  # other attributes are the wrapped stream's
 
 
+def test_stderr_drops_a_closed_loop_traceback_while_another_thread_logs_between_its_pieces():
+  """What failed in test_reliability's disk-full run: a tensorstore thread prints the traceback
+  line by line while the training thread logs its step lines in between."""
+  import io  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  out = io.StringIO()
+  stream = console.ClosedLoopTracebacks(out)
+  pieces = _CLOSED_LOOP.splitlines(keepends=True)
+  turn = [threading.Event() for _ in range(2 * len(pieces) + 1)]
+
+  def tensorstore():
+    for n, piece in enumerate(pieces):
+      turn[2 * n].wait()
+      stream.write(piece)
+      turn[2 * n + 1].set()
+
+  t = threading.Thread(target=tensorstore)
+  t.start()
+  for n in range(len(pieces)):
+    turn[2 * n].set()
+    turn[2 * n + 1].wait()
+    stream.write(f'step {n}/9 loss=1.0\n')
+  t.join()
+  stream.write('error: No space left on device\n')
+  stream.flush()
+  assert out.getvalue() == ''.join(f'step {n}/9 loss=1.0\n' for n in range(len(pieces))) + (
+      'error: No space left on device\n')
+
+
 def test_summary_table_compares_teacher_and_student_before_and_after():
   summary = {'step': 150, 'num_train_steps': 150, 'train_seconds': 192.4,
              'train_tokens_per_sec': 1234.5, 'teacher': {},

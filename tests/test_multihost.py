@@ -14,9 +14,6 @@ from flaxdistil.training import checkpointing
 from conftest import ROOT
 from conftest import subprocess_env
 
-ARGS = ['--config', 'configs/tiny.py', '--config.num_train_steps=4', '--config.eval_every_steps=0',
-        '--config.log_every_steps=2', '--config.checkpoint.async_save=False']
-
 
 def _free_port():
   with socket.socket() as s:
@@ -28,27 +25,26 @@ def _env(devices):
   return subprocess_env(devices, JAX_PLATFORMS='cpu')
 
 
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory):
+  """One uninterrupted 2-process run of LOST (16 steps): (workdir, [out of process 0, 1])."""
+  wd = tmp_path_factory.mktemp('two') / 'multi'
+  return wd, _finish(_launch(wd, _free_port()))
+
+
 @pytest.mark.slow
-def test_two_processes_train_the_same_model_as_one(tmp_path):
-  port = _free_port()
-  multi = [subprocess.Popen(
-      [sys.executable, '-m', 'flaxdistil.main', *ARGS, '--workdir', str(tmp_path / 'multi'),
-       f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+def test_two_processes_train_the_same_model_as_one(tmp_path, two_processes):
+  wd, outs = two_processes
   single = subprocess.run(
-      [sys.executable, '-m', 'flaxdistil.main', *ARGS, '--workdir', str(tmp_path / 'single')],
+      [sys.executable, '-m', 'flaxdistil.main', *LOST, '--workdir', str(tmp_path / 'single')],
       cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
-  outs = [p.communicate(timeout=600)[0] for p in multi]
   assert single.returncode == 0, single.stderr[-3000:]
-  for p, out in zip(multi, outs):
-    assert p.returncode == 0, out[-3000:]
   assert 'process 0/2, 2 local / 4 global devices' in outs[0]
   # Only process 0 writes logs.
-  assert os.path.exists(tmp_path / 'multi' / 'metrics.jsonl')
-  _, p_multi, _, step_m = checkpointing.load_student(str(tmp_path / 'multi'))
+  assert os.path.exists(wd / 'metrics.jsonl')
+  _, p_multi, _, step_m = checkpointing.load_student(str(wd))
   _, p_single, _, step_s = checkpointing.load_student(str(tmp_path / 'single'))
-  assert step_m == step_s == 4
+  assert step_m == step_s == 16
   import jax
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_multi),
                           jax.tree_util.tree_leaves(p_single)):
@@ -121,9 +117,9 @@ def _wait_for_step(workdir, step, procs):
 
 
 @pytest.mark.slow
-def test_a_lost_process_stops_the_other_in_bounded_time_and_a_relaunch_resumes_exactly(tmp_path):
+def test_a_lost_process_stops_the_other_in_bounded_time_and_a_relaunch_resumes_exactly(
+    tmp_path, two_processes):
   import time
-  _finish(_launch(tmp_path / 'ref', _free_port()))
   wd = tmp_path / 'w'
   procs = _launch(wd, _free_port())
   _wait_for_step(wd, 6, procs)  # past the checkpoint of step 4
@@ -144,7 +140,7 @@ def test_a_lost_process_stops_the_other_in_bounded_time_and_a_relaunch_resumes_e
   outs = _finish(_launch(wd, _free_port()))  # the same command, both processes
   assert f'at step {latest}.' in outs[0].split('Resumed from')[1].splitlines()[0]
   _, got, _, step = checkpointing.load_student(str(wd))
-  _, want, _, _ = checkpointing.load_student(str(tmp_path / 'ref'))
+  _, want, _, _ = checkpointing.load_student(str(two_processes[0]))  # uninterrupted
   assert step == 16
   import jax
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):

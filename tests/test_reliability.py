@@ -89,10 +89,22 @@ def test_sigterm_checkpoints_and_resume_is_bit_exact(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigkill_loses_at_most_steps_since_checkpoint(tmp_path, uninterrupted):
+def test_a_second_run_is_refused_and_sigkill_loses_at_most_steps_since_checkpoint(tmp_path,
+                                                                                 uninterrupted):
+  """One live run serves both: a second run on its workdir is refused before any work while the
+  first trains on unharmed; then SIGKILL, and the restart ends identical to the uninterrupted run."""
   full_wd, full_params = uninterrupted
   p = _main(tmp_path)
-  _wait_for_step(tmp_path, 19, p)
+  _wait_for_step(tmp_path, 5, p)
+  t0 = time.time()
+  second = _main(tmp_path)
+  out = second.communicate(timeout=300)[0]
+  assert second.returncode == 6, out[-3000:]
+  err = _error_line(out)
+  assert err.startswith(f'error: --workdir {tmp_path} is in use by pid {p.pid} on host ')
+  assert 'Wait for that run to end or stop it, or pass another --workdir.' in err
+  assert 'Training steps' not in out and time.time() - t0 < 120  # refused before any work
+  _wait_for_step(tmp_path, 19, p)  # the first run goes on
   p.kill()  # SIGKILL: no handler runs, possibly in the middle of a save
   p.communicate()
   # Its workdir lock is left behind, naming the dead run, but the kernel dropped the flock.
@@ -383,17 +395,23 @@ def test_corrupt_checkpoint_is_refused_and_deleting_the_step_resumes_exactly(tmp
   _same_params(checkpointing.load_student(str(wd))[1], full_params)
 
 
-@pytest.mark.slow
-def test_corrupt_export_is_refused_before_use(tmp_path, uninterrupted):
-  full_wd, _ = uninterrupted
-  import shutil
-  r = _export(full_wd, tmp_path / 'hf')
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory, uninterrupted):
+  """The uninterrupted run exported by the CLI (HF only): one export for the tests below."""
+  out = tmp_path_factory.mktemp('export') / 'hf'
+  r = _export(uninterrupted[0], out)
   assert r.returncode == 0, r.stderr[-3000:]
+  return out
+
+
+@pytest.mark.slow
+def test_corrupt_export_is_refused_before_use(tmp_path, exported):
+  import shutil
   from flaxdistil.export.torch_models import load_torch_model
   from flaxdistil.model import hf_conversion
   for damage in ('flip', 'truncate'):
     d = tmp_path / damage
-    shutil.copytree(tmp_path / 'hf', d)
+    shutil.copytree(exported, d)
     weights = d / 'model.safetensors'
     if damage == 'flip':
       flip_byte(weights, -10)  # the last weight's lowest bits: loads fine, silently different
@@ -416,11 +434,9 @@ def test_corrupt_export_is_refused_before_use(tmp_path, uninterrupted):
 
 
 @pytest.mark.slow
-def test_disk_full_during_the_hf_and_onnx_export(tmp_path, uninterrupted):
+def test_disk_full_during_the_hf_and_onnx_export(tmp_path, uninterrupted, exported):
   full_wd, _ = uninterrupted
-  ref = tmp_path / 'ref'
-  r = _export(full_wd, ref)
-  assert r.returncode == 0, r.stderr[-3000:]
+  ref = exported
   hf_pages = _pages(ref)
   with small_filesystem(tmp_path / 'fs', hf_pages // 2) as fs:
     out = tmp_path / 'fs' / 'model'
@@ -446,26 +462,6 @@ def test_disk_full_during_the_hf_and_onnx_export(tmp_path, uninterrupted):
     assert r.returncode == 0, r.stderr[-3000:]
     integrity.verify(str(out / 'onnx'), 'x')
     assert json.loads(r.stdout)['max_abs_diff'] < 1e-4
-
-
-@pytest.mark.slow
-def test_a_second_run_on_one_workdir_is_refused_and_the_first_is_unharmed(tmp_path,
-                                                                          uninterrupted):
-  full_wd, full_params = uninterrupted
-  first = _main(tmp_path)
-  _wait_for_step(tmp_path, 5, first)
-  t0 = time.time()
-  second = _main(tmp_path)
-  out = second.communicate(timeout=300)[0]
-  assert second.returncode == 6, out[-3000:]
-  err = _error_line(out)
-  assert err.startswith(f'error: --workdir {tmp_path} is in use by pid {first.pid} on host ')
-  assert 'Wait for that run to end or stop it, or pass another --workdir.' in err
-  assert 'Training steps' not in out and time.time() - t0 < 120  # refused before any work
-  out = first.communicate(timeout=600)[0]
-  assert first.returncode == 0, out[-3000:]
-  assert _losses(tmp_path) == _losses(full_wd)  # neither run damaged the first one's files
-  _same_params(checkpointing.load_student(str(tmp_path))[1], full_params)
 
 
 # ----------------------------------------------------------------------------- non-finite values
