@@ -407,6 +407,7 @@ def exported(tmp_path_factory, uninterrupted):
 @pytest.mark.slow
 def test_corrupt_export_is_refused_before_use(tmp_path, exported):
   import shutil
+
   from flaxdistil.export.torch_models import load_torch_model
   from flaxdistil.model import hf_conversion
   for damage in ('flip', 'truncate'):
