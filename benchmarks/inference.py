@@ -75,6 +75,22 @@ def time_calls(fn, n: int, warmup: int) -> list[float]:
   return out
 
 
+def model_names(dirs: list[str]) -> list[str]:
+  """A table name per model dir: its basename, or as many trailing path parts as tell it apart.
+
+  `runs/prune/a_p0.5/recovered_hf` and `runs/prune/a_p0.75/recovered_hf` become
+  `a_p0.5/recovered_hf` and `a_p0.75/recovered_hf`; a dir given twice keeps its full path.
+  """
+  parts = [os.path.abspath(d).strip(os.sep).split(os.sep) for d in dirs]
+  names = []
+  for p in parts:
+    k = 1
+    while k < len(p) and sum(q[-k:] == p[-k:] for q in parts) > 1:
+      k += 1
+    names.append('/'.join(p[-k:]))
+  return names
+
+
 def make_random_model(name: str, root: str) -> str:
   """Saves a random-weight `*ForSequenceClassification` with `RANDOM_SHAPES[name]` under root."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -232,7 +248,7 @@ def main(argv=None):
     models.append((n, make_random_model(n, args.work_dir)))
     models += [(f'{n}-pruned{round(f * 100)}', make_pruned_random_model(n, f, args.work_dir))
                for f in fractions]
-  models += [(os.path.basename(os.path.abspath(d)), d) for d in args.models]
+  models += list(zip(model_names(args.models), args.models))
   if not models:
     ap.error('give --models DIR [DIR ...] and/or --random_shapes.')
   for _, d in models:

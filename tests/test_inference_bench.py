@@ -29,6 +29,13 @@ def _row(name, params, p50, seq_s):
   return r
 
 
+def test_model_names_tell_equal_basenames_apart():
+  names = inference.model_names(['runs/p/a_p0.5/recovered_hf', 'runs/p/a_p0.75/recovered_hf',
+                                 'runs/a_hf', '/x/teacher_hf'])
+  assert names == ['a_p0.5/recovered_hf', 'a_p0.75/recovered_hf', 'a_hf', 'teacher_hf']
+  assert len(set(inference.model_names(['a/m', 'b/m', 'b/m']))) == 2  # the same dir twice
+
+
 def test_ratio_table_against_reference():
   args = type('A', (), {'batch_size': 32, 'seq_len': 128, 'latency_runs': 5,
                         'throughput_batches': 2})()
